@@ -1,0 +1,310 @@
+"""Hugging Face Qwen3 checkpoints → (Qwen3Config, nnx.State).
+
+A checkpoint is a local directory with ``config.json`` and either ``model.safetensors`` or
+``model.safetensors.index.json`` (sharded), or a hub id resolved with ``huggingface_hub``
+when the user is online. Tensors are memory-mapped from the safetensors files and put on
+their device one at a time (reshape only; the model keeps HF's ``[out, in]`` layout), so
+peak host memory is one tensor, not the model. Every checkpoint tensor must be used exactly
+once and every parameter found, with the shape the config implies; anything the model does
+not implement is refused with a message that says what.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from gradalign_jax.models import qwen3
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "F64": np.float64}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded as Qwen3; the message says what and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------
+# Paths and config
+
+
+def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
+  """A local directory for ``path_or_hub_id`` (downloading through huggingface_hub if needed)."""
+  path = os.path.expanduser(str(path_or_hub_id))
+  if os.path.isdir(path):
+    return path
+  looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(path_or_hub_id)) is not None
+  if os.path.exists(path) or not looks_like_hub_id:
+    raise CheckpointError(
+        f"checkpoint {path_or_hub_id!r} is not a directory; pass a local Hugging Face "
+        "checkpoint directory (config.json + model.safetensors) or a hub id like 'Qwen/Qwen3-0.6B'")
+  try:
+    import huggingface_hub  # optional: only for hub ids
+  except ImportError as e:
+    raise CheckpointError(
+        f"{path_or_hub_id!r} is not a local directory and huggingface_hub is not installed; "
+        "install it (pip install 'gradalign_jax[hub]') or pass a local checkpoint directory") from e
+  try:
+    return huggingface_hub.snapshot_download(
+        str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+  except Exception as e:  # offline, unknown repo, gated repo...
+    raise CheckpointError(
+        f"could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+        "check the id and your connection, or pass a local checkpoint directory") from e
+
+
+def config_from_dict(raw: dict, *, dtype: str = "float32", matmul_precision: str = "default",
+                     source: str = "config.json") -> qwen3.Qwen3Config:
+  """Qwen3Config from a Hugging Face ``config.json`` dict (transformers 4 or 5 form).
+
+  Defaults for absent fields are transformers' Qwen3Config defaults (head_dim 128,
+  rope_theta 10000, rms_norm_eps 1e-6, untied head, no attention bias).
+  """
+  model_type = raw.get("model_type")
+  archs = raw.get("architectures") or []
+  if model_type != "qwen3" or (archs and "Qwen3ForCausalLM" not in archs):
+    hint = " (Qwen3 mixture-of-experts is not supported)" if model_type == "qwen3_moe" else ""
+    raise CheckpointError(
+        f"{source}: model_type={model_type!r}, architectures={archs} is not a dense Qwen3 "
+        f"checkpoint{hint}; gradalign_jax loads model_type 'qwen3' / Qwen3ForCausalLM only")
+  if raw.get("use_sliding_window"):
+    raise CheckpointError(f"{source}: use_sliding_window=true is not supported "
+                          "(every layer must use full attention)")
+  layer_types = raw.get("layer_types") or []
+  if any(t != "full_attention" for t in layer_types):
+    raise CheckpointError(f"{source}: layer_types {sorted(set(layer_types))} are not supported; "
+                          "only 'full_attention' layers are implemented")
+  if raw.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (silu only)")
+
+  rope_theta = raw.get("rope_theta")
+  rope = raw.get("rope_parameters") or raw.get("rope_scaling")
+  if rope:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise CheckpointError(
+          f"{source}: rope type {rope_type!r} (rope scaling) is not implemented; only the default "
+          "RoPE is. Remove rope_scaling to run without context extension.")
+    rope_theta = rope.get("rope_theta", rope_theta)
+  try:
+    heads = int(raw["num_attention_heads"])
+    return qwen3.Qwen3Config(
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        intermediate_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or 128),
+        rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+        dtype=dtype,
+        matmul_precision=matmul_precision,
+    )
+  except KeyError as e:
+    raise CheckpointError(f"{source} has no field {e.args[0]!r}, which a Qwen3 config needs") from e
+
+
+def load_config(ckpt_dir: str, *, dtype: str = "float32",
+                matmul_precision: str = "default") -> qwen3.Qwen3Config:
+  path = os.path.join(ckpt_dir, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"checkpoint at {ckpt_dir} has no config.json")
+  with open(path) as f:
+    try:
+      raw = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+  return config_from_dict(raw, dtype=dtype, matmul_precision=matmul_precision, source=path)
+
+
+# ---------------------------------------------------------------------------------------
+# safetensors, memory-mapped
+
+
+def _read_safetensors_header(path: str) -> tuple[int, dict]:
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  return 8 + n, header
+
+
+def safetensors_index(ckpt_dir: str) -> dict[str, tuple[str, int, dict]]:
+  """{tensor name: (file, data offset, header entry)} over a single or sharded checkpoint."""
+  single = os.path.join(ckpt_dir, "model.safetensors")
+  index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = [os.path.join(ckpt_dir, name) for name in sorted(set(weight_map.values()))]
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+      raise CheckpointError(f"checkpoint at {ckpt_dir}: shard(s) {missing} listed in "
+                            "model.safetensors.index.json are missing")
+  else:
+    raise CheckpointError(f"checkpoint at {ckpt_dir} has no model.safetensors or "
+                          "model.safetensors.index.json")
+  tensors = {}
+  for path in files:
+    start, header = _read_safetensors_header(path)
+    for name, entry in header.items():
+      if name in tensors:
+        raise CheckpointError(f"tensor {name} appears in two shards ({tensors[name][0]}, {path})")
+      tensors[name] = (path, start, entry)
+  return tensors
+
+
+def _memmap(path: str, start: int, entry: dict) -> np.ndarray:
+  if entry["dtype"] not in _ST_DTYPES:
+    raise CheckpointError(f"{path}: tensor dtype {entry['dtype']} is not supported "
+                          f"({sorted(_ST_DTYPES)} are)")
+  dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
+  begin, end = entry["data_offsets"]
+  shape = tuple(entry["shape"])
+  if end - begin != dtype.itemsize * int(np.prod(shape)):
+    raise CheckpointError(f"{path}: a tensor's byte range does not match its shape {shape}")
+  if not shape or 0 in shape:
+    return np.zeros(shape, dtype)
+  return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Name mapping
+
+
+def hf_name(parts: tuple) -> str:
+  """HF tensor name of an NNX parameter path, e.g. ('layers', 3, 'self_attn', 'q_proj')."""
+  if parts == ("embed_tokens",):
+    return "model.embed_tokens.weight"
+  if parts == ("lm_head",):
+    return "lm_head.weight"
+  if parts == ("norm", "weight"):
+    return "model.norm.weight"
+  if parts[0] == "layers":
+    i, *rest = parts[1:]
+    prefix = f"model.layers.{i}."
+    if rest[-1] in ("q_bias", "k_bias", "v_bias", "o_bias"):
+      return prefix + f"self_attn.{rest[-1][0]}_proj.bias"
+    if rest[-1] == "weight":  # norms
+      return prefix + ".".join(rest)
+    return prefix + ".".join(rest) + ".weight"
+  raise KeyError(parts)
+
+
+def hf_shape(parts: tuple, shape: tuple) -> tuple:
+  """The HF tensor shape of a parameter: heads are merged into one axis there."""
+  last = parts[-1]
+  if last in ("q_proj", "k_proj", "v_proj"):  # [N, H, D] here, [N*H, D] there
+    return (shape[0] * shape[1], shape[2])
+  if last == "o_proj":  # [D, N, H] here, [D, N*H] there
+    return (shape[0], shape[1] * shape[2])
+  if last in ("q_bias", "k_bias", "v_bias"):
+    return (shape[0] * shape[1],)
+  return tuple(shape)
+
+
+def _key_parts(path) -> tuple:
+  out = []
+  for k in path:
+    key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+    if key != "value":
+      out.append(key)
+  return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _cache_key(ckpt_dir: str, cfg: qwen3.Qwen3Config, tensors: dict) -> str:
+  h = hashlib.sha1()
+  h.update(json.dumps([os.path.abspath(ckpt_dir), cfg.dtype]).encode())
+  for path in sorted({t[0] for t in tensors.values()}):
+    st = os.stat(path)
+    h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+  return h.hexdigest()[:16]
+
+
+def load_pretrained(path_or_hub_id: str, dtype: str = "float32", *,
+                    matmul_precision: str = "default",
+                    sharding: Callable[[tuple, tuple], jax.sharding.Sharding | None] | None = None,
+                    cache_dir: str | None = None) -> tuple[qwen3.Qwen3Config, nnx.State]:
+  """Loads a Qwen3 checkpoint: ``cfg, params = load_pretrained(path, dtype="float32")``.
+
+  Args:
+    path_or_hub_id: local HF checkpoint directory, or a hub id (needs huggingface_hub, online).
+    dtype: weight dtype, "float32" | "bfloat16" | "float16"; logits are fp32 regardless.
+    matmul_precision: "default" | "high" | "highest" (use "highest" for fp32 parity on GPU/TPU).
+    sharding: optional ``f(param_path, shape) -> Sharding`` placing each tensor as it is read.
+    cache_dir: optional directory for an orbax cache of the converted params; the second load
+      of the same checkpoint and dtype restores from it.
+  Returns:
+    (Qwen3Config, nnx.State) for ``models.forward`` / ``qwen3.bind``.
+  """
+  ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
+  cfg = load_config(ckpt_dir, dtype=dtype, matmul_precision=matmul_precision)
+  tensors = safetensors_index(ckpt_dir)
+  abstract = qwen3.abstract_params(cfg)
+  place = (lambda parts, x: jax.device_put(x, sharding(parts, x.shape))) if sharding else (
+      lambda parts, x: jax.device_put(x))
+
+  cache_path = None
+  if cache_dir is not None:
+    cache_path = os.path.abspath(os.path.join(cache_dir, _cache_key(ckpt_dir, cfg, tensors)))
+    if os.path.isdir(cache_path):
+      import orbax.checkpoint as ocp
+      with ocp.StandardCheckpointer() as ckptr:
+        return cfg, ckptr.restore(cache_path, abstract)
+
+  used = set()
+
+  def load_one(path, leaf):
+    parts = _key_parts(path)
+    name = hf_name(parts)
+    if name not in tensors:
+      raise CheckpointError(f"checkpoint at {ckpt_dir} has no tensor {name} "
+                            f"(needed for {'.'.join(map(str, parts))})")
+    used.add(name)
+    array = _memmap(*tensors[name])
+    expected = hf_shape(parts, leaf.shape)
+    if tuple(array.shape) != expected:
+      raise CheckpointError(
+          f"checkpoint at {ckpt_dir}: {name} has shape {list(array.shape)} but config.json "
+          f"implies {list(expected)}; is config.json the one these weights were saved with?")
+    array = np.asarray(array).reshape(leaf.shape).astype(leaf.dtype, copy=False)
+    return place(parts, array)
+
+  params = jax.tree_util.tree_map_with_path(load_one, abstract)
+  unused = sorted(set(tensors) - used)
+  if cfg.tie_word_embeddings and "lm_head.weight" in unused:
+    # Some exporters write the tied head anyway; it must then equal the embedding.
+    emb, head = (np.asarray(_memmap(*tensors[n])) for n in ("model.embed_tokens.weight",
+                                                            "lm_head.weight"))
+    if emb.shape != head.shape or not np.array_equal(emb, head):
+      raise CheckpointError(f"checkpoint at {ckpt_dir}: tie_word_embeddings=true but "
+                            "lm_head.weight differs from model.embed_tokens.weight")
+    unused.remove("lm_head.weight")
+  if unused:
+    raise CheckpointError(
+        f"checkpoint at {ckpt_dir} has {len(unused)} tensor(s) the Qwen3 model does not use, "
+        f"e.g. {unused[:5]}; is config.json (num_hidden_layers, attention_bias, "
+        "tie_word_embeddings) the one these weights were saved with?")
+  if cache_path is not None:
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(cache_path, params)
+  return cfg, params
