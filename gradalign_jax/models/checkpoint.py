@@ -11,6 +11,7 @@ not implement is refused with a message that says what.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -232,7 +233,7 @@ def _key_parts(path) -> tuple:
 
 def _cache_key(ckpt_dir: str, cfg: qwen3.Qwen3Config, tensors: dict) -> str:
   h = hashlib.sha1()
-  h.update(json.dumps([os.path.abspath(ckpt_dir), cfg.dtype]).encode())
+  h.update(json.dumps([os.path.abspath(ckpt_dir), dataclasses.asdict(cfg)]).encode())
   for path in sorted({t[0] for t in tensors.values()}):
     st = os.stat(path)
     h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -1,0 +1,145 @@
+"""Checkpoint loading: bad inputs are refused with a message naming the problem and fix;
+the orbax cache of converted params round-trips."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from gradalign_jax import models
+from gradalign_jax.models import checkpoint as ckpt_lib
+
+
+def _edit_config(path, **changes):
+  cfg_path = os.path.join(path, "config.json")
+  with open(cfg_path) as f:
+    raw = json.load(f)
+  for k, v in changes.items():
+    if v is None:
+      raw.pop(k, None)
+    else:
+      raw[k] = v
+  with open(cfg_path, "w") as f:
+    json.dump(raw, f)
+
+
+BAD_CONFIGS = {
+    "llama": (dict(model_type="llama", architectures=["LlamaForCausalLM"]), "not a dense Qwen3"),
+    "moe": (dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"]),
+            "mixture-of-experts"),
+    "sliding_window": (dict(use_sliding_window=True), "use_sliding_window"),
+    "layer_types": (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
+    "yarn": (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
+             "rope type 'yarn'"),
+    "missing_field": (dict(hidden_size=None), "no field 'hidden_size'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_unsupported_configs_are_refused(name, hf_checkpoint):
+  changes, message = BAD_CONFIGS[name]
+  path, _ = hf_checkpoint()
+  _edit_config(path, **changes)
+  with pytest.raises(models.CheckpointError, match=message):
+    models.load_pretrained(path)
+
+
+def test_missing_path(tmp_path):
+  with pytest.raises(models.CheckpointError, match="is not a directory"):
+    models.load_pretrained(str(tmp_path / "nowhere" / "ckpt"))
+
+
+def test_missing_config(tmp_path):
+  with pytest.raises(models.CheckpointError, match="has no config.json"):
+    models.load_pretrained(str(tmp_path))
+
+
+def test_missing_weights(hf_checkpoint):
+  path, _ = hf_checkpoint()
+  os.remove(os.path.join(path, "model.safetensors"))
+  with pytest.raises(models.CheckpointError, match="no model.safetensors or"):
+    models.load_pretrained(path)
+
+
+def test_missing_shard(hf_checkpoint):
+  path, _ = hf_checkpoint(max_shard_size="20KB")
+  shard = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[-1]
+  os.remove(os.path.join(path, shard))
+  with pytest.raises(models.CheckpointError, match="missing"):
+    models.load_pretrained(path)
+
+
+def test_shape_mismatch(hf_checkpoint):
+  path, _ = hf_checkpoint()
+  _edit_config(path, intermediate_size=80)
+  with pytest.raises(models.CheckpointError, match=r"mlp\.\w+_proj\.weight has shape"):
+    models.load_pretrained(path)
+
+
+def test_transposed_tensor_is_caught(hf_checkpoint):
+  """A tensor of the right size but wrong orientation must not load silently."""
+  path, _ = hf_checkpoint(hidden_size=64, intermediate_size=96)
+  st = os.path.join(path, "model.safetensors")
+  tensors = load_file(st)
+  name = "model.layers.0.mlp.down_proj.weight"
+  tensors[name] = np.ascontiguousarray(tensors[name].T)
+  save_file(tensors, st)
+  with pytest.raises(models.CheckpointError, match="down_proj.weight has shape"):
+    models.load_pretrained(path)
+
+
+def test_unused_and_missing_tensors(hf_checkpoint):
+  path, _ = hf_checkpoint(num_hidden_layers=2)
+  _edit_config(path, num_hidden_layers=1)
+  with pytest.raises(models.CheckpointError, match="does not use"):
+    models.load_pretrained(path)
+  _edit_config(path, num_hidden_layers=3)
+  with pytest.raises(models.CheckpointError, match="no tensor model.layers.2"):
+    models.load_pretrained(path)
+
+
+def test_unknown_dtype(hf_checkpoint):
+  path, _ = hf_checkpoint()
+  with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+    models.load_pretrained(path, dtype="float8")
+
+
+def test_hub_id_without_network(monkeypatch):
+  """A hub id that cannot be fetched says so (no network in tests: the download is stubbed)."""
+  hub = pytest.importorskip("huggingface_hub")
+
+  def offline(*args, **kwargs):
+    raise OSError("offline")
+
+  monkeypatch.setattr(hub, "snapshot_download", offline)
+  with pytest.raises(models.CheckpointError, match="could not fetch 'Qwen/Qwen3-0.6B'"):
+    models.load_pretrained("Qwen/Qwen3-0.6B")
+
+
+def test_orbax_cache_roundtrip(hf_checkpoint, tmp_path, monkeypatch):
+  path, _ = hf_checkpoint()
+  cache = str(tmp_path / "cache")
+  cfg, first = models.load_pretrained(path, cache_dir=cache)
+  assert len(os.listdir(cache)) == 1
+
+  def no_reads(*args):
+    raise AssertionError("the second load read safetensors instead of the cache")
+
+  monkeypatch.setattr(ckpt_lib, "_memmap", no_reads)
+  cfg2, second = models.load_pretrained(path, cache_dir=cache)
+  assert cfg2 == cfg
+  import jax
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bf16_checkpoint_loads(hf_checkpoint, tmp_path):
+  """A checkpoint stored in bf16 (as real Qwen3 ships) memory-maps and upcasts exactly."""
+  path, model = hf_checkpoint()
+  import torch
+  model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+  cfg, params = models.load_pretrained(str(tmp_path / "bf16"), dtype="float32")
+  emb = model.model.embed_tokens.weight.float().detach().numpy()
+  np.testing.assert_array_equal(np.asarray(params["embed_tokens"][...]), emb)
