@@ -24,29 +24,11 @@ FLAGS = flags.FLAGS
 
 def write_random_checkpoint(path: str, seed: int) -> str:
   """A random tiny Qwen3 in HF layout (config.json + model.safetensors), without torch."""
-  from safetensors.numpy import save_file
-
-  from gradalign_jax.models import qwen3
-  from gradalign_jax.models.checkpoint import hf_name, hf_shape, _key_parts
-  import jax
+  from gradalign_jax.models import checkpoint, qwen3
 
   cfg = qwen3.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6)
-  params = qwen3.init_params(cfg, seed)
-  tensors = {}
-  for path_, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    parts = _key_parts(path_)
-    tensors[hf_name(parts)] = np.asarray(leaf).reshape(hf_shape(parts, leaf.shape))
-  os.makedirs(path, exist_ok=True)
-  save_file(tensors, os.path.join(path, "model.safetensors"))
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
-               "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-               "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-               "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
-               "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": False}, f, indent=2)
-  return path
+  return checkpoint.save_pretrained(cfg, qwen3.init_params(cfg, seed), path)
 
 
 def main(argv):

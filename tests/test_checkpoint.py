@@ -143,3 +143,26 @@ def test_bf16_checkpoint_loads(hf_checkpoint, tmp_path):
   cfg, params = models.load_pretrained(str(tmp_path / "bf16"), dtype="float32")
   emb = model.model.embed_tokens.weight.float().detach().numpy()
   np.testing.assert_array_equal(np.asarray(params["embed_tokens"][...]), emb)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_loads_in_transformers(tmp_path, tied):
+  """Our writer's output is a real HF checkpoint: transformers loads it to the same logits."""
+  torch = pytest.importorskip("torch")
+  from transformers import Qwen3ForCausalLM
+
+  from gradalign_jax.models import qwen3
+  from conftest import hf_logits
+
+  cfg = qwen3.Qwen3Config(vocab_size=90, hidden_size=32, intermediate_size=48, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=12, rope_theta=3e4,
+                          tie_word_embeddings=tied)
+  params = qwen3.init_params(cfg, seed=5)
+  path = ckpt_lib.save_pretrained(cfg, params, str(tmp_path / "ours"))
+  hf = Qwen3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+  tokens = np.random.default_rng(0).integers(0, 90, (2, 40), dtype=np.int32)
+  ours = np.asarray(models.forward(cfg, params, tokens))
+  np.testing.assert_allclose(ours, hf_logits(hf, tokens), rtol=1e-4, atol=1e-5)
+  cfg2, params2 = models.load_pretrained(path)
+  assert cfg2 == cfg
+  np.testing.assert_array_equal(np.asarray(models.forward(cfg2, params2, tokens)), ours)

@@ -309,3 +309,37 @@ def load_pretrained(path_or_hub_id: str, dtype: str = "float32", *,
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(cache_path, params)
   return cfg, params
+
+
+def save_pretrained(cfg: qwen3.Qwen3Config, params: nnx.State, path: str,
+                    extra_config: dict | None = None) -> str:
+  """Writes ``params`` as a Hugging Face Qwen3 checkpoint (config.json + model.safetensors).
+
+  The inverse of ``load_pretrained``: transformers' Qwen3ForCausalLM loads the result, and
+  so does this library, through the same path as any real checkpoint. Tensors are stored in
+  ``cfg.dtype``; ``extra_config`` adds fields to config.json (e.g. eos_token_id).
+  """
+  from safetensors.numpy import save_file
+
+  tensors = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    parts = _key_parts(key_path)
+    tensors[hf_name(parts)] = np.ascontiguousarray(
+        np.asarray(leaf).reshape(hf_shape(parts, leaf.shape)))
+  raw = {
+      "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta, "rope_scaling": None,
+      "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
+      "max_position_embeddings": cfg.max_position_embeddings, "use_sliding_window": False,
+      "torch_dtype": cfg.dtype,
+  }
+  raw.update(extra_config or {})
+  os.makedirs(path, exist_ok=True)
+  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(raw, f, indent=2)
+  return path
