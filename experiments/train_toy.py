@@ -1,0 +1,183 @@
+"""Trains the bundled toy models on the synthetic task and saves them in Hugging Face layout.
+
+Three Qwen3 models of different sizes learn chains of arithmetic mod 10
+(``gradalign_jax/tasks/synthetic.py``): two students, meant to be right 30–80% of the time
+when sampled at T=1 so that both correct and incorrect rollouts are plentiful, and a larger
+teacher that is clearly better. Some training prompts carry a demonstration as an earlier
+chat turn (the same question solved correctly, the same question solved wrongly, or another
+question), so the models learn to use in-context demonstrations, which is what privileged
+teacher contexts give them.
+
+A student's training stops early once the probability it gives the reference solution
+(a lower bound on its sampled accuracy) reaches ``--student_cap``, so it stays imperfect.
+
+  python -m experiments.train_toy --out=assets/toy
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+flags.DEFINE_string("out", "assets/toy", "where the three checkpoints and the tokenizer go")
+flags.DEFINE_list("models", ["student_small", "student_large", "teacher"], "which to train")
+flags.DEFINE_integer("batch", 64, "sequences per step")
+flags.DEFINE_integer("seed", 0, "data and init seed")
+flags.DEFINE_float("student_cap", 0.55, "stop a student once its mean reference-solution "
+                   "probability on held-out questions reaches this")
+flags.DEFINE_integer("eval_every", 100, "steps between evaluations")
+FLAGS = flags.FLAGS
+
+# Two length buckets: prompts with a demonstration turn are about twice as long, and
+# attention cost grows with length², so they are batched apart.
+PLAIN_LEN, DEMO_LEN = 80, 144
+DEMO_BATCH_FRACTION = 0.35
+
+# name: (architecture, max steps, peak learning rate, early-stop cap or None)
+MODELS = {
+    "student_small": (dict(hidden_size=48, intermediate_size=128, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=12), 1500, 3e-3, "cap"),
+    "student_large": (dict(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4,
+                           num_kv_heads=2, head_dim=24), 1500, 3e-3, "cap"),
+    "teacher": (dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=8,
+                     num_kv_heads=4, head_dim=16), 1500, 2e-3, None),
+}
+VOCAB_SIZE = 64  # padded past the tokenizer's ids, as real Qwen3 pads its vocabulary
+
+
+def training_text(task, tok, ex, rng, other, with_demo):
+  """(prompt, target) for one example; a demo batch carries a demonstration turn: the same
+  question solved (4 in 7), the same question solved wrongly (1 in 7), or another question."""
+  from gradalign_jax.tasks import synthetic
+
+  demo = None
+  if with_demo:
+    r = rng.random()
+    if r < 4 / 7:
+      demo = [{"role": "user", "content": ex.question},
+              {"role": "assistant", "content": ex.solution}]
+    elif r < 5 / 7:
+      demo = [{"role": "user", "content": ex.question},
+              {"role": "assistant", "content": synthetic.wrong_solution(ex, rng)}]
+    else:
+      demo = [{"role": "user", "content": other.question},
+              {"role": "assistant", "content": other.solution}]
+  return task.prompt(tok, ex, demonstration=demo), ex.solution
+
+
+def make_batch(task, tok, rng, batch):
+  """tokens int32[B, L] (right-padded) and a loss mask over target tokens."""
+  from gradalign_jax.tasks import synthetic
+
+  with_demo = rng.random() < DEMO_BATCH_FRACTION
+  length = DEMO_LEN if with_demo else PLAIN_LEN
+  exs = [synthetic.make_example(rng, int(rng.integers(task.min_steps, task.max_steps + 1)), "")
+         for _ in range(2 * batch)]
+  tokens = np.full((batch, length), tok.pad_token_id, np.int32)
+  mask = np.zeros((batch, length), np.float32)
+  for i in range(batch):
+    prompt, target = training_text(task, tok, exs[i], rng, exs[batch + i], with_demo)
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    t = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    seq = p + t
+    if len(seq) > length:
+      raise AssertionError(f"training sequence of {len(seq)} tokens exceeds the {length} bucket")
+    tokens[i, :len(seq)] = seq
+    mask[i, len(p):len(seq)] = 1.0
+  return tokens, mask
+
+
+def reference_probability(cfg, params, task, tok, examples):
+  """Mean over examples of P(reference solution + EOS | prompt) under the model (T=1)."""
+  import jax
+  import jax.numpy as jnp
+
+  from gradalign_jax import models
+
+  tokens = np.full((len(examples), PLAIN_LEN), tok.pad_token_id, np.int32)
+  target = np.zeros((len(examples), PLAIN_LEN), bool)  # positions whose next token is scored
+  for i, ex in enumerate(examples):
+    p = tok(task.prompt(tok, ex), add_special_tokens=False)["input_ids"]
+    t = tok(ex.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    tokens[i, :len(p) + len(t)] = p + t
+    target[i, len(p) - 1:len(p) + len(t) - 1] = True
+  logp = jax.nn.log_softmax(models.forward(cfg, params, jnp.asarray(tokens)), axis=-1)
+  next_logp = jnp.take_along_axis(logp[:, :-1], jnp.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
+  seq_logp = jnp.sum(jnp.where(jnp.asarray(target[:, :-1]), next_logp, 0.0), axis=1)
+  return float(jnp.mean(jnp.exp(seq_logp)))
+
+
+def train_one(name, task, tok, out_dir):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from gradalign_jax.models import checkpoint, qwen3
+
+  arch, steps, lr, stop = MODELS[name]
+  cfg = qwen3.Qwen3Config(vocab_size=VOCAB_SIZE, rope_theta=10_000.0,
+                          max_position_embeddings=512, **arch)
+  params = qwen3.init_params(cfg, seed=FLAGS.seed)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 100, steps, lr * 0.05)
+  opt = optax.adamw(schedule, weight_decay=0.01)
+  opt_state = opt.init(params)
+
+  def loss_fn(params, tokens, mask):
+    logits = qwen3.bind(cfg, params)(tokens[:, :-1])[0]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
+  @jax.jit
+  def step(params, opt_state, tokens, mask):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng([FLAGS.seed, hash(name) % 1000])
+  held_out = task.generate(32, seed=10_000 + FLAGS.seed)
+  t0, history = time.perf_counter(), []
+  for i in range(1, steps + 1):
+    tokens, mask = make_batch(task, tok, rng, FLAGS.batch)
+    params, opt_state, loss = step(params, opt_state, tokens, mask)
+    if i % FLAGS.eval_every == 0 or i == steps:
+      p_ref = reference_probability(cfg, params, task, tok, held_out)
+      history.append({"step": i, "loss": float(loss), "p_reference": p_ref,
+                      "seconds": time.perf_counter() - t0})
+      logging.info("%s step %d loss %.4f p_ref %.3f (%.0fs)", name, i, float(loss), p_ref,
+                   time.perf_counter() - t0)
+      if stop == "cap" and p_ref >= FLAGS.student_cap:
+        break
+  path = os.path.join(out_dir, name)
+  checkpoint.save_pretrained(cfg, params, path, extra_config={
+      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+  from gradalign_jax.tasks import synthetic
+  synthetic.write_tokenizer(path)
+  with open(os.path.join(path, "training.json"), "w") as f:
+    json.dump({"model": name, "params": cfg.num_params(), "config": dataclasses.asdict(cfg),
+               "batch": FLAGS.batch, "seed": FLAGS.seed, "history": history}, f, indent=2)
+  return history[-1]
+
+
+def main(argv):
+  del argv
+  from gradalign_jax import models
+  from gradalign_jax.tasks import synthetic
+
+  tok_dir = synthetic.write_tokenizer(os.path.join(FLAGS.out, "tokenizer"))
+  tok = models.load_tokenizer(tok_dir)
+  if len(tok) > VOCAB_SIZE:
+    raise SystemExit(f"tokenizer has {len(tok)} ids > VOCAB_SIZE={VOCAB_SIZE}")
+  task = synthetic.SyntheticTask()
+  for name in FLAGS.models:
+    if name not in MODELS:
+      raise SystemExit(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    last = train_one(name, task, tok, FLAGS.out)
+    print(f"{name}: {last}")
+
+
+if __name__ == "__main__":
+  app.run(main)
