@@ -212,13 +212,18 @@ def math_equal(predicted: str, reference: str) -> bool:
 
   Equal after ``normalize_latex``, or the same exact number (``0.5`` = ``\\frac{1}{2}`` =
   ``1/2``, ``10`` = ``10.0``, ``1,000`` = ``1000``). Tuples and intervals compare element by
-  element with the same brackets; a bare comma list ("all solutions") compares as a multiset.
+  element with the same brackets; a bare comma list ("all solutions") and a set ``\\{...\\}``
+  compare as multisets.
   """
   a, b = normalize_latex(predicted), normalize_latex(reference)
   if not a or not b:
     return False
   if a == b or same_number(a, b):
     return True
+  if a.startswith("\\{") and a.endswith("\\}") and b.startswith("\\{") and b.endswith("\\}"):
+    a, b = a[2:-2], b[2:-2]  # sets: compare as the bare lists below (any order)
+    if a == b:
+      return True
   brackets = "([", ")]"
   if (len(a) > 1 and len(b) > 1 and a[0] in brackets[0] and a[-1] in brackets[1]
       and (a[0], a[-1]) == (b[0], b[-1])):

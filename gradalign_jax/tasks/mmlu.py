@@ -2,8 +2,8 @@
 
 Schema: ``question``, ``subject``, ``choices`` (4 strings), ``answer`` (0–3, or a letter);
 also the column form ``input``, ``A``–``D``, ``target``. The verifier takes the last explicit
-choice of the final section: "The answer is (B)", "Answer: B", ``\\boxed{B}``, "**B**", or a
-last line that is the letter ("B", "(B)", "B) Paris"). A capital letter in running text
+choice of the final section: "The answer is (B)", "Answer: B", ``\\boxed{B}``, "**B**",
+"B is correct", or a last line that is the letter ("B", "(B)", "B) Paris"). A capital letter in running text
 ("A good approach") is not a choice.
 """
 
@@ -15,15 +15,18 @@ from gradalign_jax.tasks import answers
 from gradalign_jax.tasks.base import Example, RecordError, Task, get_field, get_text
 
 LETTERS = "ABCD"
-_LETTER = re.compile(r"^\(?([A-D])\)?(?:[.):]|\s*$|\s+(?:is\b|[-–—]))")
+_LETTER = re.compile(r"^\(?([A-D])\)?(?:[.):,;]|\s*$|\s+[-–—])")
 _BOLD = re.compile(r"\*\*\s*\(?([A-D])\)?(?:[.):][^*\n]*)?\s*\*\*")
+# "C is correct", "(C) is the best answer", "C is the answer"; not "A is incorrect"
+_IS_CORRECT = re.compile(
+    r"(?<![\w(])\(?([A-D])\)?\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b")
 
 
 def _letter_of(text: str) -> str | None:
-  """The choice letter a short answer text starts with ('(B)', 'B.', 'B) Paris', '\\text{B}')."""
-  s = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", text).strip()
-  s = re.sub(r"^(?:[*_$\s]|(?i:option|choice|letter)\b)+", "", s).strip()
-  m = _LETTER.match(s)
+  """The choice letter a short answer text gives ('(B)', 'B.', 'B) Paris', 'Paris (B)')."""
+  s = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", text).replace("*", "").strip()
+  s = re.sub(r"^(?:[_$\s]|(?i:option|choice|letter)\b)+", "", s).strip()
+  m = _LETTER.match(s) or re.search(r"\(([A-D])\)", s)
   return m.group(1) if m else None
 
 
@@ -72,8 +75,8 @@ class MMLUTask(Task):
       found.append((pos, _letter_of(content)))
     for pos, rest in answers.answer_statements(text):
       found.append((pos, _letter_of(rest)))
-    for m in _BOLD.finditer(text):
-      found.append((m.start(), m.group(1)))
+    for pattern in (_BOLD, _IS_CORRECT):
+      found.extend((m.start(), m.group(1)) for m in pattern.finditer(text))
     lines = [(m.start(), m.group(0)) for m in re.finditer(r"[^\n]+", text) if m.group(0).strip()]
     if lines:
       pos, line = lines[-1]
