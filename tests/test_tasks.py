@@ -113,6 +113,9 @@ def test_loader_meta_and_limit(tmp_path):
              {"input": "2+2?", "A": "3", "B": "4", "C": "5", "D": "6", "target": "B"}]
   mmlu = tasks.get_task("mmlu").load(write_rows(tmp_path / "l.json", letters, "json"))
   assert [e.answer for e in mmlu] == ["B", "B"] and mmlu[1].meta == {"choices": ["3", "4", "5", "6"]}
+  boolq = [dict(BOOLQ_ROWS[0], answer="False"), dict(BOOLQ_ROWS[0], answer=1)]
+  assert [e.answer for e in tasks.get_task("boolq").load(write_rows(tmp_path / "b.json", boolq,
+                                                                    "json"))] == ["no", "yes"]
   assert tasks.get_task("gsm8k").load(write_rows(tmp_path / "g.jsonl", GSM8K_ROWS, "jsonl"),
                                       limit=0) == []
 
@@ -164,6 +167,8 @@ MALFORMED_CASES = [
      r"boolq\.json row 0: field 'answer' must be true/false"),
     ("not-a-record", "boolq", "json", [["a list", "not a dict"]],
      r"boolq\.json row 0: expected a JSON object"),
+    ("null-field", "gsm8k", "jsonl", [GSM8K_ROWS[0], {"question": None, "answer": "#### 1"}],
+     r"gsm8k\.jsonl row 1: field 'question' is null"),
 ]
 
 
@@ -323,6 +328,7 @@ GSM8K_VERIFY = [
      True),
     ("last-number", "In May she sold 24, so altogether 72", "72", True),
     ("decimal-equal", "The answer is 72.0", "72", True),
+    ("answer-isnt", "The answer isn't 70; adding again gives 72.", "72", True),
     ("negative", "The temperature drops to -5 degrees.", "-5", True),
     ("wrong", "She sold 48 + 24 = 70 clips.", "72", False),
     ("empty", "", "72", False),
@@ -339,6 +345,8 @@ MATH_VERIFY = [
     ("boxed-in-thinking-only", "<think>\n\\boxed{5}\n</think>\n\nThe answer is 6.", "5", False),
     ("answer-is-fallback", "Therefore, the final answer is $\\frac{1}{2}$. I hope it is correct.",
      "\\frac{1}{2}", True),
+    ("answer-is-display-math", "The answer is $$\\frac12$$", "\\frac{1}{2}", True),
+    ("answer-is-paren-math", "The answer is \\(0.5\\).", "\\frac{1}{2}", True),
     ("trailing-text", "\\boxed{x = 3}\n\nLet me know if you want more detail on step 2.", "3", True),
     ("degrees", "\\boxed{30^\\circ}", "30", True),
     ("units", "\\boxed{12\\text{ cm}^2}", "12", True),
@@ -361,6 +369,7 @@ AIME_VERIFY = [
     ("boxed-not-integer", "\\boxed{204.5}", "204", False),
     ("qwen-final-answer-block", "**Final Answer**\n\\[\n\\boxed{033}\n\\]", "33", True),
     ("bold-answer", "Hence the answer is **204**.", "204", True),
+    ("boxed-equation", "$\\boxed{m+n=204}$", "204", True),
     ("decimal-not-integer", "The answer is 204.5", "204", False),
     ("thinking-only", "<think>\nThe answer is 204.\n</think>\n\nThe answer is 240.", "204", False),
     ("unterminated", "<think>\nThe answer is 204", "204", False),
@@ -381,6 +390,10 @@ MMLU_VERIFY = [
     ("letter-is-correct", "Oxygen is only 21%, so I think B is correct.", "B", True),
     ("letter-is-incorrect", "A is incorrect.", "A", False),
     ("answer-is-text-then-letter", "The answer is Nitrogen (B).", "B", True),
+    ("json-answer-field", '{"answer": "B"}', "B", True),
+    ("ends-with-option-listing", "Check each:\nA. Oxygen: 21%\nB. Nitrogen: 78%\nC. Argon\nD. CO2",
+     "D", False),
+    ("bare-letter-after-listing", "Check each:\nA. Oxygen: 21%\nB. Nitrogen: 78%\n\nB", "B", True),
     ("last-line-letter-paren", "Oxygen is 21%.\nNitrogen is 78%.\n\nB) Nitrogen", "B", True),
     ("last-line-bare", "B", "B", True),
     ("last-explicit-wins", "The answer is (A).\n\nWait, recheck: the answer is (B).", "B", True),

@@ -85,10 +85,11 @@ def last_boxed(text: str) -> str | None:
   return boxed[-1] if boxed else None
 
 
-# "The answer is X", "Final answer: X", "**Answer:** X" — the last such statement.
+# "The answer is X", "Final answer: X", "**Answer:** X", '"answer": "X"' — the last such one.
 _ANSWER_IS = re.compile(
-    r"(?i:(?:final\s+answer|answer|correct\s+(?:option|choice))(?:\s+to\s+[^.:\n]{0,60}?)?\s*(?:\*\*)?\s*"
-    r"(?:is|would\s+be|should\s+be|=|:)\s*(?:\*\*)?:?)[ \t]*(?P<rest>[^\n]*)")
+    r"(?i:\b(?:final\s+answer|answer|correct\s+(?:option|choice))(?:\s+to\s+[^.:\n]{0,60}?)?"
+    r"[\"']?\s*(?:\*\*)?\s*(?:is\b|would\s+be|should\s+be|=|:)\s*(?:\*\*)?:?)[ \t]*(?P<rest>[^\n]*)")
+_MATH_DELIMITED = re.compile(r"^(?:\$+|\\\(|\\\[)(.+?)(?:\$+|\\\)|\\\])")
 
 
 def answer_statements(text: str) -> list[tuple[int, str]]:
@@ -97,13 +98,17 @@ def answer_statements(text: str) -> list[tuple[int, str]]:
 
 
 def last_answer_statement(text: str) -> str | None:
-  """The rest of the line after the last "answer is" / "answer:" (sentence end cut)."""
+  """The rest of the line after the last "answer is" / "answer:" (sentence end cut).
+
+  An answer in math delimiters (``$...$``, ``$$...$$``, ``\\(...\\)``) is what they enclose.
+  """
   statements = [rest for _, rest in answer_statements(text) if rest]
   if not statements:
     return None
   rest = statements[-1]
-  if rest.startswith("$") and rest.count("$") >= 2:  # "$\frac{1}{2}$." → inside the math
-    return rest[1:rest.index("$", 1)].strip() or None
+  delimited = _MATH_DELIMITED.match(rest)
+  if delimited:
+    return delimited.group(1).strip() or None
   rest = re.sub(r"\.(\s.*)?$", "", rest)  # cut at the sentence end (not a decimal point)
   return rest.strip().strip("*").strip() or None
 

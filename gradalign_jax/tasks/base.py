@@ -47,6 +47,8 @@ def get_field(row: dict, *names: str, required: bool = True) -> tuple[str | None
       return name, row[name]
   if required:
     wanted = " or ".join(repr(n) for n in names)
+    if any(n in row for n in names):
+      raise RecordError(f"field {wanted} is null; fill it in or drop the record")
     raise RecordError(f"has no field {wanted} (fields: {sorted(row)}); is this the right task "
                       "for this file?")
   return None, None

@@ -32,7 +32,7 @@ class BoolQTask(Task):
     name, raw = get_field(row, "answer", "label")
     if isinstance(raw, bool):
       answer = "yes" if raw else "no"
-    elif name == "label" and raw in (0, 1):
+    elif isinstance(raw, int) and raw in (0, 1):
       answer = "yes" if raw == 1 else "no"
     elif isinstance(raw, str) and raw.strip().lower() in _WORDS:
       answer = _WORDS[raw.strip().lower()]

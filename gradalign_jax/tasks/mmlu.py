@@ -15,7 +15,7 @@ from gradalign_jax.tasks import answers
 from gradalign_jax.tasks.base import Example, RecordError, Task, get_field, get_text
 
 LETTERS = "ABCD"
-_LETTER = re.compile(r"^\(?([A-D])\)?(?:[.):,;]|\s*$|\s+[-–—])")
+_LETTER = re.compile(r"""^\(?([A-D])\)?(?:[.):,;"'}\]]|\s*$|\s+[-–—])""")
 _BOLD = re.compile(r"\*\*\s*\(?([A-D])\)?(?:[.):][^*\n]*)?\s*\*\*")
 # "C is correct", "(C) is the best answer", "C is the answer"; not "A is incorrect"
 _IS_CORRECT = re.compile(
@@ -25,7 +25,7 @@ _IS_CORRECT = re.compile(
 def _letter_of(text: str) -> str | None:
   """The choice letter a short answer text gives ('(B)', 'B.', 'B) Paris', 'Paris (B)')."""
   s = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", text).replace("*", "").strip()
-  s = re.sub(r"^(?:[_$\s]|(?i:option|choice|letter)\b)+", "", s).strip()
+  s = re.sub(r"^(?:[_$\s\"']|(?i:option|choice|letter)\b)+", "", s).strip()
   m = _LETTER.match(s) or re.search(r"\(([A-D])\)", s)
   return m.group(1) if m else None
 
@@ -77,10 +77,14 @@ class MMLUTask(Task):
       found.append((pos, _letter_of(rest)))
     for pattern in (_BOLD, _IS_CORRECT):
       found.extend((m.start(), m.group(1)) for m in pattern.finditer(text))
-    lines = [(m.start(), m.group(0)) for m in re.finditer(r"[^\n]+", text) if m.group(0).strip()]
+    lines = [(m.start(), m.group(0).strip("#>*_ \t"))
+             for m in re.finditer(r"[^\n]+", text) if m.group(0).strip()]
     if lines:
+      # a last line "B" or "B) Nitrogen" is a choice, unless it ends a listing of the options
       pos, line = lines[-1]
-      found.append((pos, _letter_of(line.lstrip("#> "))))
+      listing = len(lines) > 1 and _letter_of(lines[-2][1]) not in (None, _letter_of(line))
+      if re.fullmatch(r"\(?[A-D]\)?\.?", line) or not listing:
+        found.append((pos, _letter_of(line)))
     found = [(pos, letter) for pos, letter in found if letter]
     return max(found)[1] if found else None
 
