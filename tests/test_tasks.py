@@ -5,10 +5,12 @@ import json
 import os
 import sys
 import types
+from fractions import Fraction
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from gradalign_jax import tasks
 from gradalign_jax.tasks import answers
@@ -112,7 +114,8 @@ def test_loader_meta_and_limit(tmp_path):
   letters = [dict(MMLU_ROWS[1], answer=" b "),  # a letter, and lukaemon/mmlu's columns
              {"input": "2+2?", "A": "3", "B": "4", "C": "5", "D": "6", "target": "B"}]
   mmlu = tasks.get_task("mmlu").load(write_rows(tmp_path / "l.json", letters, "json"))
-  assert [e.answer for e in mmlu] == ["B", "B"] and mmlu[1].meta == {"choices": ["3", "4", "5", "6"]}
+  assert [e.answer for e in mmlu] == ["B", "B"]
+  assert mmlu[1].meta == {"choices": ["3", "4", "5", "6"]}
   boolq = [dict(BOOLQ_ROWS[0], answer="False"), dict(BOOLQ_ROWS[0], answer=1)]
   assert [e.answer for e in tasks.get_task("boolq").load(write_rows(tmp_path / "b.json", boolq,
                                                                     "json"))] == ["no", "yes"]
@@ -134,7 +137,12 @@ def test_json_variants_and_shard_directory(tmp_path):
   shards.mkdir()
   write_rows(shards / "test-00001-of-00002.parquet", GSM8K_ROWS[1:], "parquet")
   write_rows(shards / "test-00000-of-00002.parquet", GSM8K_ROWS[:1], "parquet")
-  assert [e.answer for e in task.load(str(shards))] == ["72", "144000"]
+  loaded = task.load(str(shards))
+  assert [(e.id, e.answer) for e in loaded] == [("gsm8k-0", "72"), ("gsm8k-1", "144000")]
+  write_rows(shards / "test-00001-of-00002.parquet", [{"question": "q"}], "parquet")
+  with pytest.raises(tasks.TaskDataError, match=r"test-00001-of-00002\.parquet row 0: has no "
+                                                r"field 'answer'"):
+    task.load(str(shards))
 
 
 # (task, fmt, rows, message regex)
@@ -202,7 +210,8 @@ def test_bad_sources(tmp_path):
 
 def test_hf_source_without_datasets(monkeypatch):
   monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError
-  with pytest.raises(tasks.TaskDataError, match="needs the 'datasets' library.*pip install datasets"):
+  with pytest.raises(tasks.TaskDataError,
+                     match="needs the 'datasets' library.*pip install datasets"):
     tasks.get_task("gsm8k").load("hf:openai/gsm8k:main:test")
 
 
@@ -220,7 +229,8 @@ def test_hf_source_with_datasets(monkeypatch):
   assert [e.answer for e in examples] == ["D"]
   tasks.get_task("mmlu").load("hf:cais/mmlu:test")
   assert calls == [("cais/mmlu", "all", "test"), ("cais/mmlu", None, "test")]
-  with pytest.raises(tasks.TaskDataError, match="could not load 'hf:offline/none:test'.*no network"):
+  with pytest.raises(tasks.TaskDataError,
+                     match="could not load 'hf:offline/none:test'.*no network"):
     tasks.get_task("mmlu").load("hf:offline/none:test")
 
 
@@ -316,7 +326,8 @@ GSM8K_VERIFY = [
     ("thinking-then-boxed", THINK + "48 + 24 = 72, so \\boxed{72}", "72", True),
     ("answer-only-in-thinking", "<think>\nIt is 72.\n</think>\n\nI am not sure.", "72", False),
     ("unterminated-thinking", "<think>\n48 + 24 = 72 so the answer is 72", "72", False),
-    ("several-boxed-last-wins", "At first \\boxed{70}, but recounting gives \\boxed{72}.", "72", True),
+    ("several-boxed-last-wins", "At first \\boxed{70}, but recounting gives \\boxed{72}.", "72",
+     True),
     ("several-boxed-wrong-last", "\\boxed{72} ... no wait, \\boxed{70}.", "72", False),
     ("commas-and-dollars", "Total cost: 1,200 * 120 = $144,000.", "144000", True),
     ("boxed-with-dollar-and-unit", "\\boxed{\\$144,000 \\text{ dollars}}", "144000", True),
@@ -347,7 +358,8 @@ MATH_VERIFY = [
      "\\frac{1}{2}", True),
     ("answer-is-display-math", "The answer is $$\\frac12$$", "\\frac{1}{2}", True),
     ("answer-is-paren-math", "The answer is \\(0.5\\).", "\\frac{1}{2}", True),
-    ("trailing-text", "\\boxed{x = 3}\n\nLet me know if you want more detail on step 2.", "3", True),
+    ("trailing-text", "\\boxed{x = 3}\n\nLet me know if you want more detail on step 2.", "3",
+     True),
     ("degrees", "\\boxed{30^\\circ}", "30", True),
     ("units", "\\boxed{12\\text{ cm}^2}", "12", True),
     ("thousands", "\\boxed{1,\\!000}", "1000", True),
@@ -405,6 +417,7 @@ MMLU_VERIFY = [
     ("options-listed-no-choice", "A. Oxygen is 21%\nB. Nitrogen is 78%\nThey are both gases.",
      "B", False),
     ("answer-is-not", "The answer is not A.", "A", False),
+    ("answer-is-not-paren", "The answer is not (A).", "A", False),
     ("unterminated", "<think>\nThe answer is (B)", "B", False),
     ("wrong", "The answer is (C).", "B", False),
 ]
@@ -502,3 +515,60 @@ def test_prompt_contents_and_demonstration(qwen_tok, tmp_path):
   assert boolq.user_message(ex) == (
       "Passage: Persian, also known by its endonym Farsi, is spoken in Iran and Afghanistan.\n\n"
       "Question: Do iran and afghanistan speak the same language?\n\nAnswer with yes or no.")
+
+
+# ---------------------------------------------------------------------------------------
+# Properties (hypothesis): numbers however written, and symmetry of math_equal
+
+ANSWER_POOL = ["\\frac{1}{2}", "0.5", "1/2", "10", "10.0", "1,000", "1000", "(1,2)", "(2,1)",
+               "[1,2)", "3,-1", "-1,3", "\\sqrt{3}", "2\\sqrt3", "x=5", "5", "\\text{B}", "B",
+               "90^\\circ", "\\{1,2\\}", "\\{2,1\\}", "\\frac{\\pi}{2}", ""]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(-10**7, 10**7), st.sampled_from(["\\boxed{{{}}}", "The answer is ${}.",
+                                                     "#### {}", "So she pays {} in total"]))
+def test_gsm8k_number_formats(n, template):
+  task = tasks.get_task("gsm8k")
+  ex = task.parse_record({"question": "q", "answer": f"steps\n#### {n:,}"}, 0)
+  assert ex.answer == str(n)
+  assert task.verify(template.format(f"{n:,}"), ex)
+  assert task.verify(template.format(str(n)), ex)
+  assert not task.verify(template.format(str(n + 1)), ex)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(-999, 999), st.integers(1, 999))
+def test_fraction_forms(p, q):
+  x = Fraction(p, q)
+  for text in (f"\\frac{{{p}}}{{{q}}}", f"\\dfrac{{{p}}}{{{q}}}", f"{p}/{q}"):
+    assert answers.to_number(answers.normalize_latex(text)) == x
+    assert answers.math_equal(text, f"{x.numerator}/{x.denominator}")
+  if all(f in (2, 5) for f in _prime_factors(x.denominator)):
+    assert answers.math_equal(f"\\frac{{{p}}}{{{q}}}", str(float(x)))
+
+
+def _prime_factors(n):
+  out, f = [], 2
+  while n > 1:
+    while n % f == 0:
+      out.append(f)
+      n //= f
+    f += 1
+  return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(ANSWER_POOL), st.sampled_from(ANSWER_POOL))
+def test_math_equal_symmetric(a, b):
+  assert answers.math_equal(a, b) == answers.math_equal(b, a)
+  assert answers.math_equal(a, a) == bool(a)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 999), st.sampled_from(["{:03d}", "{}"]))
+def test_aime_leading_zeros(n, fmt):
+  ex = tasks.get_task("aime").parse_record({"problem": "p", "answer": fmt.format(n)}, 0)
+  assert ex.answer == str(n)
+  assert tasks.get_task("aime").verify(f"$\\boxed{{{n:03d}}}$", ex)
+  assert not tasks.get_task("aime").verify(f"$\\boxed{{{n + 1}}}$", ex)

@@ -88,7 +88,8 @@ def last_boxed(text: str) -> str | None:
 # "The answer is X", "Final answer: X", "**Answer:** X", '"answer": "X"' — the last such one.
 _ANSWER_IS = re.compile(
     r"(?i:\b(?:final\s+answer|answer|correct\s+(?:option|choice))(?:\s+to\s+[^.:\n]{0,60}?)?"
-    r"[\"']?\s*(?:\*\*)?\s*(?:is\b|would\s+be|should\s+be|=|:)\s*(?:\*\*)?:?)[ \t]*(?P<rest>[^\n]*)")
+    r"[\"']?\s*(?:\*\*)?\s*(?:is\b|would\s+be|should\s+be|=|:)\s*(?:\*\*)?:?)"
+    r"[ \t]*(?P<rest>[^\n]*)")
 _MATH_DELIMITED = re.compile(r"^(?:\$+|\\\(|\\\[)(.+?)(?:\$+|\\\)|\\\])")
 
 

@@ -2,8 +2,9 @@
 
 A source is a local file (``.jsonl``, ``.json``, ``.parquet``), a directory of such files
 (read in sorted order, as Hugging Face exports its shards), or ``hf:<dataset>[:<config>]:<split>``
-read through the optional ``datasets`` library. Rows are numbered from 0 within their file,
-the same index that names an example without an id field (``"<task>-<row>"``).
+read through the optional ``datasets`` library. Error messages number rows from 0 within their
+file; an example without an id field is named ``"<task>-<i>"`` with ``i`` its place in the
+whole source (the same number for a single file).
 """
 
 from __future__ import annotations
@@ -79,20 +80,23 @@ class Task:
     if limit is not None and limit < 0:
       raise ValueError(f"limit must be >= 0 or None, got {limit}")
     examples = []
-    for where, index, row in iter_records(source):
+    # `row` (within its file) locates errors; `index` (within the source) makes default ids,
+    # so the shards of a directory do not repeat "<task>-0".
+    for index, (where, row_in_file, row) in enumerate(iter_records(source)):
       if limit is not None and len(examples) >= limit:
         break
       if not isinstance(row, dict):
-        raise TaskDataError(f"{where} row {index}: expected a JSON object (a dict of fields), "
-                            f"got {type(row).__name__}")
+        raise TaskDataError(f"{where} row {row_in_file}: expected a JSON object (a dict of "
+                            f"fields), got {type(row).__name__}")
       try:
         examples.append(self.parse_record(row, index))
       except RecordError as e:
-        raise TaskDataError(f"{where} row {index}: {e}") from None
+        raise TaskDataError(f"{where} row {row_in_file}: {e}") from None
     return examples
 
   def parse_record(self, row: dict, index: int) -> Example:
-    """One Example from one raw row; raises RecordError naming the bad field."""
+    """One Example from one raw row (``index``: its place in the source, from 0); raises
+    RecordError naming the bad field."""
     raise NotImplementedError
 
   def example_id(self, row: dict, index: int) -> str:
@@ -258,8 +262,8 @@ def _iter_hf(source: str) -> Iterator[tuple[str, int, Any]]:
     import datasets  # optional: only for hf: sources
   except ImportError:
     raise TaskDataError(f"{source!r} needs the 'datasets' library, which is not installed; "
-                        "pip install datasets (and be online), or pass a local "
-                        ".jsonl/.json/.parquet export") from None
+                        "pip install datasets (or gradalign_jax[datasets]) and be online, or "
+                        "pass a local .jsonl/.json/.parquet export") from None
   try:
     rows = datasets.load_dataset(dataset, config, split=split)
   except Exception as e:  # offline, unknown dataset/config/split, gated dataset...

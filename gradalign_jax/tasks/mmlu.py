@@ -3,8 +3,9 @@
 Schema: ``question``, ``subject``, ``choices`` (4 strings), ``answer`` (0–3, or a letter);
 also the column form ``input``, ``A``–``D``, ``target``. The verifier takes the last explicit
 choice of the final section: "The answer is (B)", "Answer: B", ``\\boxed{B}``, "**B**",
-"B is correct", or a last line that is the letter ("B", "(B)", "B) Paris"). A capital letter in running text
-("A good approach") is not a choice.
+"B is correct", or a last line that is the letter ("B", "(B)", "B) Paris") unless that line
+ends a listing of the options. A capital letter in running text ("A good approach") is not a
+choice.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def _letter_of(text: str) -> str | None:
   """The choice letter a short answer text gives ('(B)', 'B.', 'B) Paris', 'Paris (B)')."""
   s = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", text).replace("*", "").strip()
   s = re.sub(r"^(?:[_$\s\"']|(?i:option|choice|letter)\b)+", "", s).strip()
-  m = _LETTER.match(s) or re.search(r"\(([A-D])\)", s)
+  m = _LETTER.match(s)
+  if m is None and not re.search(r"\bnot\b|n't\b", s):  # "Nitrogen (B)", not "not (A)"
+    m = re.search(r"\(([A-D])\)\W*$", s)
   return m.group(1) if m else None
 
 
