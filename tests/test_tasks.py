@@ -294,6 +294,9 @@ def test_boxed_answers(text, expected):
     ("$x = 5$", "5", True),
     ("90^\\circ", "90", True),
     ("12\\text{ cm}", "12", True),
+    ("12 \\text{cm}^2", "12", True),
+    ("\\text{(C)}", "(C)", True),
+    ("\\text{east}", "\\text{west}", False),
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
     ("(3, 0.5)", "(3, \\frac{1}{2})", True),
     ("[2, 5)", "[2,5)", True),
@@ -403,6 +406,18 @@ MMLU_VERIFY = [
     ("letter-is-incorrect", "A is incorrect.", "A", False),
     ("answer-is-text-then-letter", "The answer is Nitrogen (B).", "B", True),
     ("json-answer-field", '{"answer": "B"}', "B", True),
+    ("qwen-thinking-then-bold-option-list",
+     "<think>\nThe hyoid... I think it's C? No, second and third arches. So D.\n</think>\n\n"
+     "The hyoid bone develops from the **second and third pharyngeal arches**.\n\n"
+     "**Answer: D**\n\n**Why not the others:**\n"
+     "- **A.** The first arch forms the mandible and malleus.\n"
+     "- **B.** The first and second arches contribute to the ear ossicles.\n"
+     "- **C.** The second arch alone forms only the lesser horns.", "D", True),
+    ("bold-answer-then-explanation-with-letter",
+     "The correct answer is **D. The second and third pharyngeal arches**.\n\n"
+     "**Explanation:** The second arch (C) gives the lesser horns.", "D", True),
+    ("bold-letter-is-correct", "**B** is correct: nitrogen is 78%.", "B", True),
+    ("bold-letter-first-line", "**B**\n\nNitrogen makes up 78% of the atmosphere.", "B", True),
     ("ends-with-option-listing", "Check each:\nA. Oxygen: 21%\nB. Nitrogen: 78%\nC. Argon\nD. CO2",
      "D", False),
     ("bare-letter-after-listing", "Check each:\nA. Oxygen: 21%\nB. Nitrogen: 78%\n\nB", "B", True),

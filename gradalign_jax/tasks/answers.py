@@ -157,8 +157,9 @@ def same_number(a: str, b: str) -> bool:
 
 _REMOVE = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\$", "$",
            r"\%", "%", "^{\\circ}", "^\\circ", "°")
-# "5\text{ cm}^2": a space-led text at the end is a unit
-_UNIT_TEXT = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{\s+[^{}]*\}(?:\^\{?\d\}?)?\s*\.?\s*$")
+# "5\text{ cm}^2", "5 \text{inches}": a space-led text, or words after a number, ending the answer
+_UNIT_TEXT = re.compile(r"(?:\\(?:text|textbf|mbox|mathrm)\{\s+[^{}]*\}|(?<=[\d}])\s*"
+                        r"\\(?:text|mbox|mathrm)\{[A-Za-z ]+\})(?:\^\{?\d\}?)?\s*\.?\s*$")
 _TEXT = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
 
 

@@ -20,7 +20,8 @@ _LETTER = re.compile(r"""^\(?([A-D])\)?(?:[.):,;"'}\]]|\s*$|\s+[-–—])""")
 _BOLD = re.compile(r"\*\*\s*\(?([A-D])\)?(?:[.):][^*\n]*)?\s*\*\*")
 # "C is correct", "(C) is the best answer", "C is the answer"; not "A is incorrect"
 _IS_CORRECT = re.compile(
-    r"(?<![\w(])\(?([A-D])\)?\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b")
+    r"(?<![\w(])\(?([A-D])\)?(?:\*\*)?\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b")
+_LIST_ITEM = re.compile(r"\s*(?:[-*+•]|\d+[.)])?\s*")
 
 
 def _letter_of(text: str) -> str | None:
@@ -78,8 +79,14 @@ class MMLUTask(Task):
       found.append((pos, _letter_of(content)))
     for pos, rest in answers.answer_statements(text):
       found.append((pos, _letter_of(rest)))
-    for pattern in (_BOLD, _IS_CORRECT):
-      found.extend((m.start(), m.group(1)) for m in pattern.finditer(text))
+    for m in _BOLD.finditer(text):
+      line_start = text.rfind("\n", 0, m.start()) + 1
+      line_end = len(text) if text.find("\n", m.end()) < 0 else text.find("\n", m.end())
+      # "- **A.** The first arch forms..." labels an option in a list; it is not a choice
+      if not (_LIST_ITEM.fullmatch(text[line_start:m.start()])
+              and re.search(r"\w", text[m.end():line_end])):
+        found.append((m.start(), m.group(1)))
+    found.extend((m.start(), m.group(1)) for m in _IS_CORRECT.finditer(text))
     lines = [(m.start(), m.group(0).strip("#>*_ \t"))
              for m in re.finditer(r"[^\n]+", text) if m.group(0).strip()]
     if lines:
