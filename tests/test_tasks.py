@@ -587,3 +587,16 @@ def test_aime_leading_zeros(n, fmt):
   assert ex.answer == str(n)
   assert tasks.get_task("aime").verify(f"$\\boxed{{{n:03d}}}$", ex)
   assert not tasks.get_task("aime").verify(f"$\\boxed{{{n + 1}}}$", ex)
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math", "aime", "mmlu", "boolq"])
+def test_runaway_responses(name):
+  """Repetition loops of small models: no crash, no quadratic scan, no answer found."""
+  import time
+
+  task = tasks.get_task(name)
+  ex = _ex({"gsm8k": "72", "math": "72", "aime": "72", "mmlu": "B", "boolq": "yes"}[name])
+  start = time.perf_counter()
+  assert not task.verify("<think>ok</think>\n" + "\\boxed{" * 5000, ex)
+  assert not task.verify("The answer is " + "7" * 5000, ex)  # past int()'s digit limit
+  assert time.perf_counter() - start < 5.0

@@ -21,7 +21,7 @@ _SOLUTION = ("solution", "Solution")
 
 def _integer(text: str) -> int | None:
   s = answers.normalize_latex(text).rpartition("=")[2]  # "m+n=33" → "33"
-  return int(s) if re.fullmatch(r"\d+", s) else None
+  return int(s) if re.fullmatch(r"\d{1,12}", s) else None
 
 
 class AIMETask(Task):

@@ -32,25 +32,24 @@ def final_section(text: str) -> str:
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-  """(content, end) of the brace group opening at ``text[start] == '{'``; None if unclosed.
+def _closing_braces(text: str) -> dict[int, int]:
+  """{position of '{': position of its matching '}'} in one pass; unclosed ones are absent.
 
-  Escaped braces (``\\{``, ``\\}``, LaTeX set braces) do not count.
+  Escaped braces (``\\{``, ``\\}``, LaTeX set braces) do not count. One pass keeps a runaway
+  response with thousands of unclosed ``\\boxed{`` linear, not quadratic.
   """
-  depth, i = 0, start
+  pairs, stack, i = {}, [], 0
   while i < len(text):
     c = text[i]
     if c == "\\":
       i += 2
       continue
     if c == "{":
-      depth += 1
-    elif c == "}":
-      depth -= 1
-      if depth == 0:
-        return text[start + 1:i], i + 1
+      stack.append(i)
+    elif c == "}" and stack:
+      pairs[stack.pop()] = i
     i += 1
-  return None
+  return pairs
 
 
 def boxed_answers(text: str) -> list[str]:
@@ -64,15 +63,15 @@ def boxed_answers(text: str) -> list[str]:
 
 def boxed_with_positions(text: str) -> list[tuple[int, str]]:
   """(position, content) of every boxed answer, as ``boxed_answers``."""
-  found = []
+  found, closing = [], None
   for m in _BOXED.finditer(text):
     i = m.end()
     while i < len(text) and text[i] in " \t":
       i += 1
     if i < len(text) and text[i] == "{":
-      group = _braced(text, i)
-      if group is not None:
-        found.append((m.start(), group[0].strip()))
+      closing = _closing_braces(text) if closing is None else closing
+      if i in closing:
+        found.append((m.start(), text[i + 1:closing[i]].strip()))
     elif i > m.end():  # "\boxed 5": the argument is the next token
       token = re.match(r"[^\s$]+", text[i:])
       if token:
@@ -131,6 +130,8 @@ def to_number(text: str) -> Fraction | None:
   ``"1,000"`` (thousands groups) is 1000, ``"10.0"`` is 10, ``"0.5"`` equals ``"1/2"``.
   """
   s = text.strip().replace("\\!", "").replace("{,}", ",")
+  if len(s) > 64:  # no answer is that long a number; keeps int() within Python's digit limit
+    return None
   if _NUMBER.match(s):
     return Fraction(s.replace(",", ""))
   m = _FRACTION.match(s) or _LATEX_FRAC.match(s)
