@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import types
 from fractions import Fraction
 
@@ -592,8 +593,6 @@ def test_aime_leading_zeros(n, fmt):
 @pytest.mark.parametrize("name", ["gsm8k", "math", "aime", "mmlu", "boolq"])
 def test_runaway_responses(name):
   """Repetition loops of small models: no crash, no quadratic scan, no answer found."""
-  import time
-
   task = tasks.get_task(name)
   ex = _ex({"gsm8k": "72", "math": "72", "aime": "72", "mmlu": "B", "boolq": "yes"}[name])
   start = time.perf_counter()
