@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 
 from gradalign_jax.tasks import answers
-from gradalign_jax.tasks.base import Example, RecordError, Task, get_field, get_text
-from gradalign_jax.tasks.gsm8k import BOXED_INSTRUCTION
+from gradalign_jax.tasks.base import (BOXED_INSTRUCTION, Example, RecordError, Task, get_field,
+                                      get_text)
 
 _QUESTION = ("problem", "question", "Problem", "Question")
 _ANSWER = ("answer", "Answer")

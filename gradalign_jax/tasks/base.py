@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 _EXTENSIONS = (".jsonl", ".json", ".parquet")
 _ID_FIELDS = ("id", "ID", "unique_id", "idx")
+# Qwen3's recommended instruction for math answers
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 class TaskDataError(ValueError):

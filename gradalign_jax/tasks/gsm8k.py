@@ -10,9 +10,7 @@ from __future__ import annotations
 import re
 
 from gradalign_jax.tasks import answers
-from gradalign_jax.tasks.base import Example, RecordError, Task, get_text
-
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from gradalign_jax.tasks.base import BOXED_INSTRUCTION, Example, RecordError, Task, get_text
 
 
 def _canonical(number: str) -> str | None:

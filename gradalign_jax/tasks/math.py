@@ -10,8 +10,8 @@ with ``answers.math_equal``.
 from __future__ import annotations
 
 from gradalign_jax.tasks import answers
-from gradalign_jax.tasks.base import Example, RecordError, Task, get_field, get_text
-from gradalign_jax.tasks.gsm8k import BOXED_INSTRUCTION
+from gradalign_jax.tasks.base import (BOXED_INSTRUCTION, Example, RecordError, Task, get_field,
+                                      get_text)
 
 
 class MATHTask(Task):
