@@ -57,14 +57,11 @@ def training_text(task, tok, ex, rng, other, with_demo):
   if with_demo:
     r = rng.random()
     if r < 4 / 7:
-      demo = [{"role": "user", "content": ex.question},
-              {"role": "assistant", "content": ex.solution}]
+      demo = ex
     elif r < 5 / 7:
-      demo = [{"role": "user", "content": ex.question},
-              {"role": "assistant", "content": synthetic.wrong_solution(ex, rng)}]
+      demo = (ex.question, synthetic.wrong_solution(ex, rng))
     else:
-      demo = [{"role": "user", "content": other.question},
-              {"role": "assistant", "content": other.solution}]
+      demo = other
   return task.prompt(tok, ex, demonstration=demo), ex.solution
 
 

@@ -20,6 +20,7 @@ def test_hand_worked_chain():
     ("3+4=7\n7*2=5\n#5", False),
     ("3+4=7\n7*2=4", False),                          # no final answer
     ("#44", False),
+    ("<think>\n3+4=7\n#4", False),                # cut off while thinking: no answer
 ])
 def test_verify(response, ok):
   ex = synthetic.Example(id="x", question="3+4*2", answer="4", solution="3+4=7\n7*2=4\n#4")
@@ -42,12 +43,21 @@ def test_generated_examples_are_consistent_and_seeded():
     task.load("synthetic:size=3")
 
 
+def test_registry_and_file_source(tmp_path):
+  from gradalign_jax import tasks
+  task = tasks.get_task("synthetic")
+  path = tmp_path / "q.jsonl"
+  path.write_text('{"question": "3+4*2"}\n')
+  (ex,) = task.load(str(path))
+  assert ex.answer == "4" and ex.solution == "3+4=7\n7*2=4\n#4"
+
+
 def test_toy_tokenizer_roundtrip(tmp_path):
   tok = models.load_tokenizer(synthetic.write_tokenizer(str(tmp_path)))
   task = synthetic.SyntheticTask()
   ex = task.generate(1, 0)[0]
-  demo = [{"role": "user", "content": ex.question}, {"role": "assistant", "content": ex.solution}]
-  prompt = task.prompt(tok, ex, demonstration=demo)
+  prompt = task.prompt(tok, ex, demonstration=ex)
+  assert prompt.count(ex.question) == 2 and ex.solution in prompt
   assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
   ids = tok(prompt + ex.solution, add_special_tokens=False)["input_ids"]
   assert tok.decode(ids) == prompt + ex.solution

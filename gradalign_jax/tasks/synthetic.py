@@ -21,14 +21,14 @@ The bundled toy models use a character-level tokenizer in Hugging Face layout
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 
 import numpy as np
 
-from gradalign_jax.models.tokenizer import chat_prompt
+from gradalign_jax.tasks.answers import final_section
+from gradalign_jax.tasks.base import Example, Task
 
 MODULUS = 10
 OPS = "+-*"
@@ -43,15 +43,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}"
     "{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  id: str
-  question: str
-  answer: str
-  solution: str | None = None
-  meta: dict = dataclasses.field(default_factory=dict)
 
 
 def solve(start: int, steps: list[tuple[str, int]]) -> tuple[str, int]:
@@ -88,11 +79,16 @@ def wrong_solution(example: Example, rng: np.random.Generator) -> str:
   return "\n".join(lines) + f"\n#{x}"
 
 
-class SyntheticTask:
-  """Chains of 2–5 operations mod 10. Sources: ``synthetic`` or ``synthetic:seed=S,n=N``."""
+class SyntheticTask(Task):
+  """Chains of 2–5 operations mod 10. Sources: ``synthetic`` or ``synthetic:seed=S,n=N``
+  (generated; a file in the Example schema with question/answer/solution also loads).
+
+  The user turn is the bare question (the toy models know no instruction text) and the
+  assistant's reference response is the worked solution. Prompts default to thinking off,
+  as the toy models were trained.
+  """
 
   name = "synthetic"
-  default_enable_thinking = False
 
   def __init__(self, min_steps: int = 2, max_steps: int = 5):
     self.min_steps, self.max_steps = min_steps, max_steps
@@ -103,11 +99,10 @@ class SyntheticTask:
                          f"synthetic-{seed}-{i}") for i in range(n)]
 
   def load(self, source: str = "synthetic", limit: int | None = None) -> list[Example]:
+    if source != "synthetic" and not source.startswith("synthetic:"):
+      return super().load(source, limit)
     opts = {"seed": "0", "n": "64"}
     if source != "synthetic":
-      if not source.startswith("synthetic:"):
-        raise ValueError(f"synthetic task source {source!r}: use 'synthetic' or "
-                         "'synthetic:seed=S,n=N'")
       for item in source.split(":", 1)[1].split(","):
         key, _, value = item.partition("=")
         if key not in opts or not value.isdigit():
@@ -117,20 +112,32 @@ class SyntheticTask:
     n = int(opts["n"]) if limit is None else min(int(opts["n"]), limit)
     return self.generate(n, int(opts["seed"]))
 
+  def parse_record(self, row: dict, index: int) -> Example:
+    from gradalign_jax.tasks.base import get_text
+    question = get_text(row, "question")
+    steps = [(m[0], int(m[1])) for m in re.findall(r"([+\-*])(\d)", question)]
+    solution, answer = solve(int(question[0]), steps)
+    return Example(id=self.example_id(row, index), question=question, answer=str(answer),
+                   solution=solution, meta={"steps": len(steps)})
+
   def user_message(self, example: Example) -> str:
     return example.question
 
-  def prompt(self, tokenizer, example: Example, enable_thinking: bool = False,
-             demonstration: list[dict] | None = None) -> str:
-    """Chat prompt; ``demonstration`` is a list of earlier {"role", "content"} turns."""
-    return chat_prompt(tokenizer, self.user_message(example), enable_thinking=enable_thinking,
-                       history=demonstration)
+  def reference_response(self, example: Example) -> str:
+    return example.solution
 
-  def verify(self, response: str, example: Example) -> bool:
-    """True when the last ``#<digit>`` of the response (thinking stripped) is the answer."""
-    response = response.split("</think>")[-1]
-    found = re.findall(r"#(\d+)", response)
-    return bool(found) and found[-1] == example.answer
+  def prompt(self, tokenizer, example: Example, enable_thinking: bool = False,
+             demonstration=None, system: str | None = None) -> str:
+    return super().prompt(tokenizer, example, enable_thinking, demonstration, system)
+
+  def extract_answer(self, response_text: str) -> str | None:
+    """The last ``#<digits>`` after any thinking block."""
+    section = final_section(response_text)
+    found = re.findall(r"#(\d+)", section or "")
+    return found[-1] if found else None
+
+  def is_correct(self, predicted: str, example: Example) -> bool:
+    return predicted == example.answer
 
 
 def write_tokenizer(path: str) -> str:
