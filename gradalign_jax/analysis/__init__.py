@@ -1,0 +1,1 @@
+"""Statistics, correlations and plots over alignment tables (pure functions of arrays)."""
