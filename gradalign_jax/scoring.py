@@ -1,0 +1,267 @@
+"""Student and teacher logits at every unique node of a prefix tree, chunk by chunk.
+
+Shape letters: C nodes per chunk, S cache slots, V vocab, P prompt length.
+
+How (each node computed once, each prompt prefilled once):
+  1. The model's prompt minus its last token is prefilled once into a KV cache (the teacher's
+     prompt is its privileged context + the question; the student's is the question).
+  2. The scored nodes (the root and every node with a child) are laid out in depth-first
+     preorder; node i of that order is *one* token: the prompt's last token for the root, the
+     node's own token otherwise, at position P − 1 + depth. Its logits are the node's
+     next-token logits.
+  3. Chunks of C consecutive nodes are appended to the cache. In preorder a node's ancestors
+     come before it, and the subtree of u is the interval [pre(u), pre(u) + size(u)); so the
+     mask "slot s holds an ancestor-or-self of node i" is ``lo[s] <= i < hi[s]``, built on
+     device from two int32[S] arrays and passed as ``attend_mask`` over the cache (prompt
+     slots: always visible). Nothing of nodes × vocab is kept beyond one chunk: consumers get
+     f32[C, V] per chunk (``node_logit_chunks``) or reduce it at once (``score_tree``).
+
+Why this and not the alternatives (measured by ``ScoringStats``; see tests/test_scoring.py
+and the numbers below): a forward per rollout ("cached prefixes" without a tree) processes
+Σ_r (P + L_r) positions, re-running every shared prefix once per rollout that shares it; a
+single tree-masked chunk processes the same N positions as this scheme but needs an N × N
+mask and N × V logits at once. Appending the preorder chunk by chunk processes exactly
+(P − 1) + N positions (+ padding of the last chunk, < C) with memory O(C × (P + N) + C × V).
+Measured on the sample tree of tests/test_scoring.py::test_positions_processed (16 rollouts of
+48 tokens, each branching off an earlier one; question P = 8, teacher context + question
+P = 48; C = 64): 439 unique scored nodes; positions processed 455 = 7 + 439 + 9 padding
+(student) and 495 = 47 + 439 + 9 (teacher), i.e. ≤ 1.05 × nodes + context; forwards per
+rollout would process 880 (student) and 1520 (teacher).
+
+The attention of a chunk is dense over the whole cache (S = P − 1 + N rounded up to C): time
+O(N × (P + N)) per model, which is fine for trees of a few thousand nodes; a much larger tree
+would want per-subtree cache windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradalign_jax import gradients, models
+from gradalign_jax.tree import PrefixTree, TreeArrays
+
+_NEVER = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """A model and the tokens it reads before the student's generated prefix.
+
+  cfg, params: the Qwen3 model. prompt: int ids, the question as the student sees it, or the
+  teacher's privileged context followed by the same question (at least one token).
+  """
+  cfg: models.Qwen3Config
+  params: Any
+  prompt: Sequence[int]
+
+
+def check_compatible(student_cfg: models.Qwen3Config, teacher_cfg: models.Qwen3Config,
+                     student_tokenizer=None, teacher_tokenizer=None) -> None:
+  """Raises ValueError unless student and teacher share the vocabulary (MATH.md)."""
+  if student_cfg.vocab_size != teacher_cfg.vocab_size:
+    raise ValueError(
+        f"student vocab_size={student_cfg.vocab_size} differs from teacher vocab_size="
+        f"{teacher_cfg.vocab_size}: per-token distillation compares distributions over the same "
+        "ids; pick a teacher from the student's model family (same tokenizer and padded vocab)")
+  if (student_tokenizer is None) != (teacher_tokenizer is None):
+    raise ValueError("pass both tokenizers or neither to check_compatible")
+  if student_tokenizer is not None:
+    models.check_same_vocabulary(student_tokenizer, teacher_tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreePlan:
+  """The scored nodes of a tree in preorder, padded to whole chunks (shared by both models).
+
+  node_ids int32[M] (−1 = padding, M = num_chunks × C); depth, token int32[M];
+  lo, hi int32[M]: node j's subtree is the order interval [lo[j], hi[j]) (empty for padding).
+  """
+  node_ids: np.ndarray
+  depth: np.ndarray
+  token: np.ndarray
+  lo: np.ndarray
+  hi: np.ndarray
+  num_nodes: int
+  chunk_nodes: int
+
+  @property
+  def num_chunks(self) -> int:
+    return len(self.node_ids) // self.chunk_nodes
+
+
+def plan_tree(arrays: TreeArrays, chunk_nodes: int) -> TreePlan:
+  """Orders the scored nodes (root + every node with a child) in preorder. O(N)."""
+  pre = arrays.preorder
+  scored = (arrays.child_count > 0)
+  scored[0] = True
+  in_order = scored[pre]
+  ids = pre[in_order]
+  n = len(ids)
+  # rank[p] = scored nodes strictly before preorder position p
+  rank = np.concatenate([[0], np.cumsum(in_order)])
+  pos = np.empty(len(pre), np.int64)
+  pos[pre] = np.arange(len(pre))
+  lo = rank[pos[ids]]
+  hi = rank[pos[ids] + arrays.subtree_size[ids]]
+  m = -(-n // chunk_nodes) * chunk_nodes
+  pad = lambda x, fill: np.concatenate([x, np.full(m - n, fill)]).astype(np.int32)
+  return TreePlan(node_ids=pad(ids, -1), depth=pad(arrays.depth[ids], 0),
+                  token=pad(arrays.token[ids], 0), lo=pad(lo, 1), hi=pad(hi, 0), num_nodes=n,
+                  chunk_nodes=chunk_nodes)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=8)
+def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, cache):
+  """One chunk of tree nodes appended to the cache, each seeing only its ancestors.
+
+  tokens, positions, order: int32[1, C] (order = the node's preorder index); valid: bool[1, C];
+  slot_lo, slot_hi: int32[S]. Returns (logits f32[C, V], cache).
+  """
+  attend = ((slot_lo[None, None, :] <= order[:, :, None])
+            & (order[:, :, None] < slot_hi[None, None, :]))  # [1, C, S]
+  c = tokens.shape[1]
+  chunk_mask = jax.lax.dynamic_slice(attend, (0, 0, cache.length), (1, c, c))
+  logits, cache = models.bind(cfg, params)(tokens, positions, valid, cache, chunk_mask,
+                                           attend_mask=attend)
+  return logits[0], cache
+
+
+def _bucket(slots: int) -> int:
+  """Cache capacity rounded up to a power of two (≥ 64): a sweep compiles a handful of programs
+  rather than one per tree size, for at most twice the slots."""
+  return max(64, 1 << (slots - 1).bit_length())
+
+
+class _Counter:
+  positions = 0
+
+
+def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator[jax.Array]:
+  """Yields f32[C, V] logits of each chunk of ``plan`` for one model."""
+  prompt = [int(t) for t in policy.prompt]
+  if not prompt:
+    raise ValueError("a Policy prompt needs at least one token (the root is its last token)")
+  base = len(prompt) - 1
+  c = plan.chunk_nodes
+  cache = models.init_cache(policy.cfg, 1, _bucket(base + len(plan.node_ids)))
+  if base:
+    _, cache = models.forward_cached(policy.cfg, policy.params,
+                                     jnp.asarray([prompt[:-1]], jnp.int32),
+                                     jnp.arange(base, dtype=jnp.int32)[None],
+                                     jnp.ones((1, base), bool), cache)
+    counter.positions += base
+  spare = cache.capacity - base - len(plan.node_ids)  # never-visible slots past the tree
+  slot_lo = jnp.asarray(np.concatenate([np.zeros(base, np.int32), plan.lo, np.ones(spare)]),
+                        jnp.int32)
+  slot_hi = jnp.asarray(np.concatenate([np.full(base, _NEVER, np.int32), plan.hi,
+                                        np.zeros(spare)]), jnp.int32)
+  tokens = plan.token.copy()
+  tokens[0] = prompt[-1]  # the root (order 0) is the prompt's last token
+  for i in range(plan.num_chunks):
+    sl = slice(i * c, (i + 1) * c)
+    order = np.arange(i * c, (i + 1) * c, dtype=np.int32)
+    logits, cache = _tree_chunk(policy.cfg, policy.params, jnp.asarray(tokens[sl])[None],
+                                jnp.asarray(base + plan.depth[sl])[None],
+                                jnp.asarray(plan.node_ids[sl] >= 0)[None], jnp.asarray(order)[None],
+                                slot_lo, slot_hi, cache)
+    counter.positions += c
+    yield logits
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringStats:
+  """What a scoring pass processed, next to what it had to.
+
+  unique_nodes: scored nodes N (root + nodes with a child); student_context, teacher_context:
+  prompt lengths P; student_positions, teacher_positions: token positions run through each
+  model (prefill + chunks, padding included); padding: padded positions per model;
+  per_rollout_student, per_rollout_teacher: positions a forward per rollout would process.
+  """
+  unique_nodes: int
+  student_context: int
+  teacher_context: int
+  student_positions: int
+  teacher_positions: int
+  padding: int
+  per_rollout_student: int
+  per_rollout_teacher: int
+
+
+class NodeLogits(NamedTuple):
+  """One chunk: node_ids int32[C] (−1 = padding), student and teacher logits f32[C, V]."""
+  node_ids: np.ndarray
+  student: jax.Array
+  teacher: jax.Array
+
+
+def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: Policy,
+                      chunk_nodes: int = 256, stats_out: list | None = None
+                      ) -> Iterator[NodeLogits]:
+  """Student and teacher logits at every scored node, one chunk of C nodes at a time.
+
+  Scored nodes: the root and every node with at least one child (a leaf has no decision).
+  If ``stats_out`` is a list, a ScoringStats is appended to it once the stream is exhausted.
+  """
+  check_compatible(student.cfg, teacher.cfg)
+  arrays = tree.arrays() if isinstance(tree, PrefixTree) else tree
+  plan = plan_tree(arrays, chunk_nodes)
+  s_count, t_count = _Counter(), _Counter()
+  streams = zip(_logit_stream(student, plan, s_count), _logit_stream(teacher, plan, t_count))
+  for i, (s_logits, t_logits) in enumerate(streams):
+    yield NodeLogits(plan.node_ids[i * chunk_nodes:(i + 1) * chunk_nodes], s_logits, t_logits)
+  if stats_out is not None:
+    leaves = np.flatnonzero((arrays.child_count == 0) & (np.arange(arrays.num_nodes) > 0))
+    lengths = arrays.depth[leaves]
+    stats_out.append(ScoringStats(
+        unique_nodes=plan.num_nodes, student_context=len(student.prompt),
+        teacher_context=len(teacher.prompt), student_positions=s_count.positions,
+        teacher_positions=t_count.positions, padding=len(plan.node_ids) - plan.num_nodes,
+        per_rollout_student=int(np.sum(lengths + len(student.prompt) - 1)),
+        per_rollout_teacher=int(np.sum(lengths + len(teacher.prompt) - 1))))
+
+
+def node_logits(tree, student: Policy, teacher: Policy, chunk_nodes: int = 256):
+  """All scored nodes at once (small trees, tests): (node_ids int32[N], f32[N, V] × 2, stats)."""
+  stats: list = []
+  ids, s, t = [], [], []
+  for chunk in node_logit_chunks(tree, student, teacher, chunk_nodes, stats):
+    keep = chunk.node_ids >= 0
+    ids.append(chunk.node_ids[keep])
+    s.append(np.asarray(chunk.student)[keep])
+    t.append(np.asarray(chunk.teacher)[keep])
+  return np.concatenate(ids), np.concatenate(s), np.concatenate(t), stats[0]
+
+
+def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: int = 256,
+               vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
+               temperature: float = 1.0) -> tuple[dict[str, np.ndarray], ScoringStats]:
+  """The final pass: per scored node, every direction's alignment with ĝ* and the covariates.
+
+  Logits are divided by ``temperature`` (the sampling temperature; MATH.md's π = softmax(z/T)),
+  q̂ / observed / visit frequencies come from the tree, and ``gradients.node_scores`` reduces
+  each chunk to per-node scalars, so nothing of size N × V is kept. Returns ({column: [N]} with
+  ``node_id``, ``depth``, ``informative``, ``num_observed``, ``min_trials`` and
+  gradients.node_scores' columns, stats).
+  """
+  arrays = tree.arrays()
+  v = student.cfg.vocab_size
+  stats: list = []
+  cols: dict[str, list] = {}
+  for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats):
+    q, obs, w = arrays.children_dense(chunk.node_ids, v)
+    out = gradients.node_scores(chunk.student / temperature, chunk.teacher / temperature, q, obs,
+                                w, vocab_mask, jsd_beta=jsd_beta, topk=topk)
+    keep = chunk.node_ids >= 0
+    ids = chunk.node_ids[keep]
+    out = {k: np.asarray(x)[keep] for k, x in out.items()}
+    out.update(node_id=ids, depth=arrays.depth[ids], informative=arrays.informative[ids],
+               num_observed=arrays.num_observed[ids], min_trials=arrays.min_trials[ids])
+    for k, x in out.items():
+      cols.setdefault(k, []).append(x)
+  return {k: np.concatenate(x) for k, x in cols.items()}, stats[0]
