@@ -263,6 +263,22 @@ def node_scores(student_logits, teacher_logits, q_hat, observed, visit_freq, voc
       student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask)
 
 
+def minillm_from_parts(dot_rkl, sq_rkl, g_dot_p, d_dot_p, sq_p, sum_gh, sum_dh, sum_hh, sum_hp,
+                       sum_h):
+  """⟨ĝ*, d_minillm⟩ and ‖d_minillm‖² from reverse-KL terms and the long-term weights.
+
+  d_minillm = d_rkl + h − p Σ_k h_k with h_k = w_k R̄_k, nonzero only on visited children, so
+  a scoring pass can keep the few visited entries of ĝ*, d_rkl, p per node and finish MiniLLM
+  once R̄ (which needs the teacher along every rollout's future) is known, without a second
+  model pass. Arguments are per node (f32[...]): ⟨ĝ*, d_rkl⟩, ‖d_rkl‖², ⟨ĝ*, p⟩, ⟨d_rkl, p⟩,
+  ‖p‖², Σ ĝ*_k h_k, Σ d_rkl_k h_k, Σ h_k², Σ h_k p_k, Σ h_k. Returns (dot, squared norm).
+  """
+  dot = dot_rkl + sum_gh - sum_h * g_dot_p
+  sq = (sq_rkl + 2.0 * (sum_dh - sum_h * d_dot_p) + sum_hh - 2.0 * sum_h * sum_hp
+        + sum_h * sum_h * sq_p)
+  return dot, jnp.maximum(sq, 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Aggregates as (sum, count) reductions
 

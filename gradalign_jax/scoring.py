@@ -238,6 +238,47 @@ def node_logits(tree, student: Policy, teacher: Policy, chunk_nodes: int = 256):
   return np.concatenate(ids), np.concatenate(s), np.concatenate(t), stats[0]
 
 
+@jax.jit
+def _edge_terms(student_logits, teacher_logits, q_hat, observed, vocab_mask, rows, toks):
+  """What MiniLLM needs of a chunk, kept sparse: per child edge (rows, toks: int32[E]) ĝ*_k,
+  d_rkl_k, p_k, ℓ_k; per node (f32[C]) ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖². Logits etc. f32[C, V]."""
+  g = gradients.ideal_direction(student_logits, q_hat, observed, vocab_mask)
+  d = gradients.reverse_kl_direction(student_logits, teacher_logits, vocab_mask)
+  logp = gradients.masked_log_softmax(student_logits, vocab_mask)
+  logq = gradients.masked_log_softmax(teacher_logits, vocab_mask)
+  p = gradients.masked_softmax(student_logits, vocab_mask)
+  at = lambda x: x[rows, toks]
+  return (at(g), at(d), at(p), at(logp) - at(logq), jnp.sum(g * p, -1), jnp.sum(d * p, -1),
+          jnp.sum(p * p, -1))
+
+
+def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np.ndarray:
+  """R̄ per edge (float64[N], indexed by child id): mean over the rollouts that visit the edge
+  on-policy of Σ_{t'>t} (−ℓ_{y_t'}) / (L − t − 1) (0 for a rollout's last token). ell:
+  float64[N], ℓ of the edge into each node. O(total tokens)."""
+  total = np.zeros(arrays.num_nodes)
+  for leaf, _, branch_depth in tree.rollouts:
+    path = []
+    node = leaf
+    while node > 0:
+      path.append(node)
+      node = arrays.parent[node]
+    path = np.asarray(path[::-1])  # path[t] = the child at depth t + 1 (token y_t)
+    n = len(path)
+    if not n:
+      continue
+    neg = -ell[path]
+    after = np.concatenate([np.cumsum(neg[::-1])[::-1][1:], [0.0]])  # Σ_{t' > t}
+    future = after / np.maximum(n - np.arange(n) - 1, 1)
+    b = -1 if branch_depth is None else branch_depth
+    total[path[b + 1:]] += future[b + 1:]  # on-policy edges only, as visits
+  return np.where(arrays.visits > 0, total / np.maximum(arrays.visits, 1), 0.0)
+
+
+def _bucket_edges(n: int) -> int:
+  return max(8, 1 << max(n - 1, 0).bit_length())
+
+
 def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: int = 256,
                vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
                temperature: float = 1.0) -> tuple[dict[str, np.ndarray], ScoringStats]:
@@ -245,23 +286,59 @@ def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: 
 
   Logits are divided by ``temperature`` (the sampling temperature; MATH.md's π = softmax(z/T)),
   q̂ / observed / visit frequencies come from the tree, and ``gradients.node_scores`` reduces
-  each chunk to per-node scalars, so nothing of size N × V is kept. Returns ({column: [N]} with
-  ``node_id``, ``depth``, ``informative``, ``num_observed``, ``min_trials`` and
-  gradients.node_scores' columns, stats).
+  each chunk to per-node scalars, so nothing of size N × V is kept. MiniLLM's R̄ needs ℓ along
+  every rollout's future, known only once all nodes are scored: each chunk keeps ĝ*, d_rkl, p
+  at the (few) children of its nodes and ``gradients.minillm_from_parts`` finishes it exactly.
+  Returns ({column: [N]} with ``node_id``, ``depth``, ``informative``, ``num_observed``,
+  ``min_trials``, gradients.node_scores' columns and ``{align,dot,norm}_minillm``, stats).
   """
   arrays = tree.arrays()
   v = student.cfg.vocab_size
+  mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
+  n = arrays.num_nodes
+  g_k, d_k, p_k, ell = (np.zeros(n) for _ in range(4))
+  per_node = {"g_dot_p": np.zeros(n), "d_dot_p": np.zeros(n), "sq_p": np.zeros(n)}
   stats: list = []
   cols: dict[str, list] = {}
   for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats):
+    zs, zt = chunk.student / temperature, chunk.teacher / temperature
     q, obs, w = arrays.children_dense(chunk.node_ids, v)
-    out = gradients.node_scores(chunk.student / temperature, chunk.teacher / temperature, q, obs,
-                                w, vocab_mask, jsd_beta=jsd_beta, topk=topk)
+    out = gradients.node_scores(zs, zt, q, obs, w, mask, jsd_beta=jsd_beta, topk=topk)
+    rows, kids = arrays.child_edges(chunk.node_ids)
+    e = _bucket_edges(len(kids))
+    pad = lambda x: jnp.asarray(np.concatenate([x, np.zeros(e - len(x), x.dtype)]), jnp.int32)
+    terms = _edge_terms(zs, zt, q, obs, mask, pad(rows), pad(arrays.token[kids]))
+    for dst, src in zip((g_k, d_k, p_k, ell), terms[:4]):
+      dst[kids] = np.asarray(src)[:len(kids)]
     keep = chunk.node_ids >= 0
     ids = chunk.node_ids[keep]
+    for name, src in zip(per_node, terms[4:]):
+      per_node[name][ids] = np.asarray(src)[keep]
     out = {k: np.asarray(x)[keep] for k, x in out.items()}
     out.update(node_id=ids, depth=arrays.depth[ids], informative=arrays.informative[ids],
                num_observed=arrays.num_observed[ids], min_trials=arrays.min_trials[ids])
     for k, x in out.items():
       cols.setdefault(k, []).append(x)
-  return {k: np.concatenate(x) for k, x in cols.items()}, stats[0]
+  cols = {k: np.concatenate(x) for k, x in cols.items()}
+  # MiniLLM: h_k = w_k R̄_k on visited children, summed per parent.
+  kids = np.arange(1, n)
+  par = arrays.parent[kids]
+  tot = arrays.total_visits[par]
+  h = np.where(tot > 0, arrays.visits[kids] / np.maximum(tot, 1), 0.0)
+  h = h * _future_rewards(tree, arrays, ell)[kids]
+  sums = {}
+  for name, x in [("gh", g_k[kids] * h), ("dh", d_k[kids] * h), ("hh", h * h),
+                  ("hp", h * p_k[kids]), ("h", h)]:
+    sums[name] = np.zeros(n)
+    np.add.at(sums[name], par, x)
+  ids = cols["node_id"]
+  dot, sq = gradients.minillm_from_parts(
+      cols["dot_reverse_kl"], cols["norm_reverse_kl"] ** 2, per_node["g_dot_p"][ids],
+      per_node["d_dot_p"][ids], per_node["sq_p"][ids], sums["gh"][ids], sums["dh"][ids],
+      sums["hh"][ids], sums["hp"][ids], sums["h"][ids])
+  norm = np.sqrt(np.asarray(sq))
+  den = cols["norm_ideal"] * norm
+  cols["dot_minillm"] = np.asarray(dot)
+  cols["norm_minillm"] = norm
+  cols["align_minillm"] = np.where(den > 0, cols["dot_minillm"] / np.where(den > 0, den, 1), 0.0)
+  return cols, stats[0]

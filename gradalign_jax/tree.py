@@ -108,12 +108,7 @@ class TreeArrays:
     q = np.zeros((c, vocab_size), np.float32)
     obs = np.zeros((c, vocab_size), bool)
     w = np.zeros((c, vocab_size), np.float32)
-    real = node_ids >= 0
-    ids = node_ids[real]
-    counts = self.child_count[ids]
-    rows = np.repeat(np.flatnonzero(real), counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    kids = self.children[np.repeat(self.child_start[ids], counts) + offsets]
+    rows, kids = self.child_edges(node_ids)
     toks = self.token[kids]
     n = self.trials[kids]
     obs[rows, toks] = n > 0
@@ -121,6 +116,19 @@ class TreeArrays:
     tot = self.total_visits[node_ids[rows]]
     w[rows, toks] = np.where(tot > 0, self.visits[kids] / np.maximum(tot, 1), 0.0)
     return q, obs, w
+
+  def child_edges(self, node_ids):
+    """Every child of a chunk of nodes: (rows int[E] index into node_ids, child ids int[E]).
+
+    node_ids: int[C], entries < 0 (padding) have no children.
+    """
+    node_ids = np.asarray(node_ids)
+    real = node_ids >= 0
+    ids = node_ids[real]
+    counts = self.child_count[ids]
+    rows = np.repeat(np.flatnonzero(real), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, self.children[np.repeat(self.child_start[ids], counts) + offsets]
 
   def path(self, node: int) -> tuple[int, ...]:
     """The generated tokens of a node's prefix (walks to the root: O(depth))."""

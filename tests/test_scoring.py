@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from gradalign_jax import gradients, models, scoring, tree
 from gradalign_jax.models import qwen3
@@ -144,3 +145,54 @@ def test_attend_mask_hides_cache_slots():
   got, _ = call(S_PARAMS, cache)
   want = np.asarray(models.forward(STUDENT_CFG, S_PARAMS, jnp.asarray([ctx + b], jnp.int32)))
   np.testing.assert_allclose(np.asarray(got[0]), want[0, 5:], rtol=1e-5, atol=1e-5)
+
+
+def _log_softmax(z, mask):
+  return scipy.special.log_softmax(np.where(mask, z, -np.inf), axis=-1)
+
+
+def test_score_tree_minillm_matches_dense_direction():
+  """MiniLLM finished from sparse parts equals minillm_direction with R̄ computed here by brute
+  force (ℓ along every rollout from full forwards; targeted rollouts only below their branch)."""
+  t, rollouts = _tree()
+  branch = [None] * (len(rollouts) - 1) + [3]  # _tree's last rollout is targeted at depth 3
+  temp = 0.7
+  mask = np.ones(V, bool)  # padded rows: only ids no rollout sampled (a policy never samples them)
+  mask[sorted(set(range(V)) - {y for r in rollouts for y in r})[:5]] = False
+  assert mask.sum() == V - 5
+  student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
+  teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
+  cols, _ = scoring.score_tree(t, student, teacher, chunk_nodes=7, vocab_mask=mask, topk=5,
+                               temperature=temp)
+  ids = cols["node_id"]
+  zs = _full_node_logits(STUDENT_CFG, S_PARAMS, QUESTION, t, rollouts, ids) / temp
+  zt = _full_node_logits(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION, t, rollouts, ids) / temp
+  row = {int(i): j for j, i in enumerate(ids)}
+  future = {}  # (node id, token) → future rewards of the on-policy rollouts through that edge
+  for r, b in zip(rollouts, branch):
+    nodes = [t.find(r[:d]) for d in range(len(r))]
+    ell = [_log_softmax(zs[row[u]], mask)[y] - _log_softmax(zt[row[u]], mask)[y]
+           for u, y in zip(nodes, r)]
+    for d in range(len(r)):
+      if b is None or d > b:
+        rest = len(r) - d - 1
+        future.setdefault((nodes[d], r[d]), []).append(-sum(ell[d + 1:]) / max(rest, 1))
+  checked = 0
+  for j, u in enumerate(ids):
+    visits = t.visits(t.path(u))
+    if not visits:
+      continue
+    w, rbar = np.zeros(V), np.zeros(V)
+    for k, c in visits.items():
+      w[k] = c / sum(visits.values())
+      rbar[k] = np.mean(future[(u, k)])
+    q, obs = np.zeros(V), np.zeros(V, bool)
+    for k, (s, n) in t.outcomes(t.path(u)).items():
+      q[k], obs[k] = s / n, True
+    g = gradients.ideal_direction(zs[j], q, obs, mask)
+    d = gradients.minillm_direction(zs[j], zt[j], w, rbar, mask)
+    np.testing.assert_allclose(cols["align_minillm"][j], float(gradients.alignment(g, d)),
+                               atol=2e-4, err_msg=str(t.path(u)))
+    np.testing.assert_allclose(cols["norm_minillm"][j], float(np.linalg.norm(d)), rtol=1e-3)
+    checked += cols["informative"][j]
+  assert checked >= 3
