@@ -18,17 +18,18 @@ How (each node computed once, each prompt prefilled once):
 
 Why this and not the alternatives (measured by ``ScoringStats``; see tests/test_scoring.py
 and the numbers below): a forward per rollout ("cached prefixes" without a tree) processes
-Σ_r (P + L_r) positions, re-running every shared prefix once per rollout that shares it; a
+Σ_r (P − 1 + L_r) positions, re-running every shared prefix once per rollout that shares it; a
 single tree-masked chunk processes the same N positions as this scheme but needs an N × N
 mask and N × V logits at once. Appending the preorder chunk by chunk processes exactly
-(P − 1) + N positions (+ padding of the last chunk, < C) with memory O(C × (P + N) + C × V).
+(P − 1) + N positions (+ fewer than 8 of padding) with memory O(C × (P + N) + C × V).
 Measured on the sample tree of tests/test_scoring.py::test_positions_processed (16 rollouts of
 48 tokens, each branching off an earlier one; question P = 8, teacher context + question
-P = 48; C = 64): 439 unique scored nodes; positions processed 455 = 7 + 439 + 9 padding
-(student) and 495 = 47 + 439 + 9 (teacher), i.e. ≤ 1.05 × nodes + context; forwards per
-rollout would process 880 (student) and 1520 (teacher).
+P = 48; C = 64): 439 unique scored nodes; positions processed 447 = 7 + 439 + 1 padding
+(student) and 487 = 47 + 439 + 1 (teacher), i.e. ≤ 1.05 × nodes + context; forwards per
+rollout would process 880 (student) and 1520 (teacher), 2.0× and 3.1× more.
 
-The attention of a chunk is dense over the whole cache (S = P − 1 + N rounded up to C): time
+The attention of a chunk is dense over the whole cache (S = P − 1 + N rounded up to a power
+of two): time
 O(N × (P + N)) per model, which is fine for trees of a few thousand nodes; a much larger tree
 would want per-subtree cache windows.
 """
@@ -55,10 +56,12 @@ class Policy:
 
   cfg, params: the Qwen3 model. prompt: int ids, the question as the student sees it, or the
   teacher's privileged context followed by the same question (at least one token).
+  tokenizer: optional; when both policies have one, their vocabularies are compared too.
   """
   cfg: models.Qwen3Config
   params: Any
   prompt: Sequence[int]
+  tokenizer: Any = None
 
 
 def check_compatible(student_cfg: models.Qwen3Config, teacher_cfg: models.Qwen3Config,
@@ -79,8 +82,11 @@ def check_compatible(student_cfg: models.Qwen3Config, teacher_cfg: models.Qwen3C
 class TreePlan:
   """The scored nodes of a tree in preorder, padded to whole chunks (shared by both models).
 
-  node_ids int32[M] (−1 = padding, M = num_chunks × C); depth, token int32[M];
-  lo, hi int32[M]: node j's subtree is the order interval [lo[j], hi[j]) (empty for padding).
+  node_ids int32[M] (−1 = padding, M − N ≤ 7); depth, token int32[M];
+  lo, hi int32[M]: node j's subtree is the order interval [lo[j], hi[j]) (empty for padding);
+  chunks: (start, size) of each chunk: full chunks of C, then the remainder split into powers
+  of two (each ≥ 8 when C ≥ 8), so padding stays under 8 positions whatever N and C, and a
+  sweep compiles at most log2(C) + 1 chunk programs.
   """
   node_ids: np.ndarray
   depth: np.ndarray
@@ -88,11 +94,7 @@ class TreePlan:
   lo: np.ndarray
   hi: np.ndarray
   num_nodes: int
-  chunk_nodes: int
-
-  @property
-  def num_chunks(self) -> int:
-    return len(self.node_ids) // self.chunk_nodes
+  chunks: tuple[tuple[int, int], ...]
 
 
 def plan_tree(arrays: TreeArrays, chunk_nodes: int) -> TreePlan:
@@ -109,11 +111,23 @@ def plan_tree(arrays: TreeArrays, chunk_nodes: int) -> TreePlan:
   pos[pre] = np.arange(len(pre))
   lo = rank[pos[ids]]
   hi = rank[pos[ids] + arrays.subtree_size[ids]]
-  m = -(-n // chunk_nodes) * chunk_nodes
+  if chunk_nodes < 1:
+    raise ValueError(f"chunk_nodes={chunk_nodes} must be ≥ 1")
+  granule = 8 if chunk_nodes >= 8 else 1
+  m = -(-n // granule) * granule
+  chunks, start = [], 0
+  while m - start >= chunk_nodes:
+    chunks.append((start, chunk_nodes))
+    start += chunk_nodes
+  for bit in reversed(range((m - start).bit_length())):  # remainder in powers of two
+    if (m - start) >> bit & 1 and (1 << bit) >= granule:
+      chunks.append((start, 1 << bit))
+      start += 1 << bit
+  assert start == m, (start, m)
   pad = lambda x, fill: np.concatenate([x, np.full(m - n, fill)]).astype(np.int32)
   return TreePlan(node_ids=pad(ids, -1), depth=pad(arrays.depth[ids], 0),
                   token=pad(arrays.token[ids], 0), lo=pad(lo, 1), hi=pad(hi, 0), num_nodes=n,
-                  chunk_nodes=chunk_nodes)
+                  chunks=tuple(chunks))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=8)
@@ -148,7 +162,6 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator
   if not prompt:
     raise ValueError("a Policy prompt needs at least one token (the root is its last token)")
   base = len(prompt) - 1
-  c = plan.chunk_nodes
   cache = models.init_cache(policy.cfg, 1, _bucket(base + len(plan.node_ids)))
   if base:
     _, cache = models.forward_cached(policy.cfg, policy.params,
@@ -163,9 +176,9 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator
                                         np.zeros(spare)]), jnp.int32)
   tokens = plan.token.copy()
   tokens[0] = prompt[-1]  # the root (order 0) is the prompt's last token
-  for i in range(plan.num_chunks):
-    sl = slice(i * c, (i + 1) * c)
-    order = np.arange(i * c, (i + 1) * c, dtype=np.int32)
+  for start, c in plan.chunks:
+    sl = slice(start, start + c)
+    order = np.arange(start, start + c, dtype=np.int32)
     logits, cache = _tree_chunk(policy.cfg, policy.params, jnp.asarray(tokens[sl])[None],
                                 jnp.asarray(base + plan.depth[sl])[None],
                                 jnp.asarray(plan.node_ids[sl] >= 0)[None], jnp.asarray(order)[None],
@@ -208,13 +221,15 @@ def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: P
   Scored nodes: the root and every node with at least one child (a leaf has no decision).
   If ``stats_out`` is a list, a ScoringStats is appended to it once the stream is exhausted.
   """
-  check_compatible(student.cfg, teacher.cfg)
+  both = student.tokenizer is not None and teacher.tokenizer is not None
+  check_compatible(student.cfg, teacher.cfg, student.tokenizer if both else None,
+                   teacher.tokenizer if both else None)
   arrays = tree.arrays() if isinstance(tree, PrefixTree) else tree
   plan = plan_tree(arrays, chunk_nodes)
   s_count, t_count = _Counter(), _Counter()
   streams = zip(_logit_stream(student, plan, s_count), _logit_stream(teacher, plan, t_count))
-  for i, (s_logits, t_logits) in enumerate(streams):
-    yield NodeLogits(plan.node_ids[i * chunk_nodes:(i + 1) * chunk_nodes], s_logits, t_logits)
+  for (start, c), (s_logits, t_logits) in zip(plan.chunks, streams):
+    yield NodeLogits(plan.node_ids[start:start + c], s_logits, t_logits)
   if stats_out is not None:
     leaves = np.flatnonzero((arrays.child_count == 0) & (np.arange(arrays.num_nodes) > 0))
     lengths = arrays.depth[leaves]
