@@ -24,7 +24,7 @@ mask and N × V logits at once. Appending the preorder chunk by chunk processes 
 (P − 1) + N positions (+ fewer than 8 of padding) with memory O(C × (P + N) + C × V).
 Measured on the sample tree of tests/test_scoring.py::test_positions_processed (16 rollouts of
 48 tokens, each branching off an earlier one; question P = 8, teacher context + question
-P = 48; C = 64): 439 unique scored nodes; positions processed 447 = 7 + 439 + 1 padding
+P = 48; C = 8): 439 unique scored nodes; positions processed 447 = 7 + 439 + 1 padding
 (student) and 487 = 47 + 439 + 1 (teacher), i.e. ≤ 1.05 × nodes + context; forwards per
 rollout would process 880 (student) and 1520 (teacher), 2.0× and 3.1× more.
 
@@ -316,17 +316,21 @@ def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: 
   stats: list = []
   cols: dict[str, list] = {}
   for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats):
-    zs, zt = chunk.student / temperature, chunk.teacher / temperature
-    q, obs, w = arrays.children_dense(chunk.node_ids, v)
+    # Pad every chunk to C rows: one compiled node_scores / _edge_terms, whatever the split.
+    extra = chunk_nodes - len(chunk.node_ids)
+    node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])
+    zs, zt = (jnp.pad(x, ((0, extra), (0, 0))) / temperature
+              for x in (chunk.student, chunk.teacher))
+    q, obs, w = arrays.children_dense(node_ids, v)
     out = gradients.node_scores(zs, zt, q, obs, w, mask, jsd_beta=jsd_beta, topk=topk)
-    rows, kids = arrays.child_edges(chunk.node_ids)
+    rows, kids = arrays.child_edges(node_ids)
     e = _bucket_edges(len(kids))
     pad = lambda x: jnp.asarray(np.concatenate([x, np.zeros(e - len(x), x.dtype)]), jnp.int32)
     terms = _edge_terms(zs, zt, q, obs, mask, pad(rows), pad(arrays.token[kids]))
     for dst, src in zip((g_k, d_k, p_k, ell), terms[:4]):
       dst[kids] = np.asarray(src)[:len(kids)]
-    keep = chunk.node_ids >= 0
-    ids = chunk.node_ids[keep]
+    keep = node_ids >= 0
+    ids = node_ids[keep]
     for name, src in zip(per_node, terms[4:]):
       per_node[name][ids] = np.asarray(src)[keep]
     out = {k: np.asarray(x)[keep] for k, x in out.items()}

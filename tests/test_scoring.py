@@ -55,7 +55,7 @@ def _full_node_logits(cfg, params, prompt, t, rollouts, node_ids):
   return np.stack([logits[where[i]] for i in node_ids])
 
 
-@pytest.mark.parametrize("chunk_nodes", [7, 64])
+@pytest.mark.parametrize("chunk_nodes", [8, 64])
 def test_node_logits_equal_full_forward(chunk_nodes):
   t, rollouts = _tree()
   student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
@@ -75,6 +75,25 @@ def test_node_logits_equal_full_forward(chunk_nodes):
   assert stats.padding < 8
 
 
+@pytest.mark.parametrize("n,chunk", [(1, 256), (7, 4), (8, 8), (100, 7), (439, 64), (1000, 256),
+                                     (65, 64)])
+def test_plan_chunks_cover_the_preorder_with_little_padding(n, chunk):
+  t = tree.PrefixTree()
+  for r in _branching_rollouts(max(n // 6, 1), 7, seed=n):
+    t.add(r, 1)
+  a = t.arrays()
+  plan = scoring.plan_tree(a, chunk)
+  starts = [s for s, _ in plan.chunks]
+  sizes = [c for _, c in plan.chunks]
+  assert starts == list(np.cumsum([0] + sizes[:-1])) and sum(sizes) == len(plan.node_ids)
+  assert len(plan.node_ids) - plan.num_nodes < 8 and max(sizes) <= chunk
+  assert all(c == chunk or c & (c - 1) == 0 for c in sizes)  # full chunks, then powers of two
+  order = {int(u): j for j, u in enumerate(plan.node_ids[:plan.num_nodes])}
+  for u, j in order.items():  # lo/hi: exactly the scored descendants, ancestors come first
+    below = {order[v] for v in order if a.path(v)[:a.depth[u]] == a.path(u)}
+    assert below == set(range(plan.lo[j], plan.hi[j])) and plan.lo[j] == j
+
+
 def test_positions_processed():
   """Token positions processed vs unique nodes + context on a sampler-like tree (the measurement
   quoted in scoring.py's docstring)."""
@@ -83,7 +102,7 @@ def test_positions_processed():
     t.add(r, i % 2)
   student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
   teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
-  chunks = list(scoring.node_logit_chunks(t, student, teacher, 64, stats := []))
+  chunks = list(scoring.node_logit_chunks(t, student, teacher, 8, stats := []))
   st = stats[0]
   print(f"\nscoring: unique nodes {st.unique_nodes}, student positions {st.student_positions} "
         f"(context {st.student_context}), teacher positions {st.teacher_positions} (context "
@@ -102,7 +121,7 @@ def test_score_tree_matches_per_node_gradients():
   student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
   teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
   mask = np.arange(V) < V - 5
-  cols, stats = scoring.score_tree(t, student, teacher, chunk_nodes=7, vocab_mask=mask, topk=5,
+  cols, stats = scoring.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
                                    temperature=0.7)
   a = t.arrays()
   assert stats.unique_nodes == len(cols["node_id"])
@@ -162,7 +181,7 @@ def test_score_tree_minillm_matches_dense_direction():
   assert mask.sum() == V - 5
   student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
   teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
-  cols, _ = scoring.score_tree(t, student, teacher, chunk_nodes=7, vocab_mask=mask, topk=5,
+  cols, _ = scoring.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
                                temperature=temp)
   ids = cols["node_id"]
   zs = _full_node_logits(STUDENT_CFG, S_PARAMS, QUESTION, t, rollouts, ids) / temp
