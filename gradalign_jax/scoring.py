@@ -253,18 +253,32 @@ def node_logits(tree, student: Policy, teacher: Policy, chunk_nodes: int = 256):
   return np.concatenate(ids), np.concatenate(s), np.concatenate(t), stats[0]
 
 
-@jax.jit
-def _edge_terms(student_logits, teacher_logits, q_hat, observed, vocab_mask, rows, toks):
-  """What MiniLLM needs of a chunk, kept sparse: per child edge (rows, toks: int32[E]) ĝ*_k,
-  d_rkl_k, p_k, ℓ_k; per node (f32[C]) ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖². Logits etc. f32[C, V]."""
-  g = gradients.ideal_direction(student_logits, q_hat, observed, vocab_mask)
-  d = gradients.reverse_kl_direction(student_logits, teacher_logits, vocab_mask)
-  logp = gradients.masked_log_softmax(student_logits, vocab_mask)
-  logq = gradients.masked_log_softmax(teacher_logits, vocab_mask)
-  p = gradients.masked_softmax(student_logits, vocab_mask)
-  at = lambda x: x[rows, toks]
-  return (at(g), at(d), at(p), at(logp) - at(logq), jnp.sum(g * p, -1), jnp.sum(d * p, -1),
-          jnp.sum(p * p, -1))
+@functools.partial(jax.jit, static_argnames=("topk",))
+def _chunk_scores(student_logits, teacher_logits, temperature, vocab_mask, rows, toks, q_edge,
+                  observed_edge, visit_edge, jsd_beta, topk):
+  """One chunk of the final pass, on device.
+
+  student_logits, teacher_logits: f32[C, V] raw; vocab_mask: bool[V]; rows, toks: int32[E]
+  child edges (rows ≥ C are padding, dropped); q_edge, visit_edge: f32[E]; observed_edge:
+  bool[E]. The tree's statistics are scattered to [C, V] here, not on the host. Returns
+  (gradients.node_scores' dict of f32[C], MiniLLM parts: ĝ*_k, d_rkl_k, p_k, ℓ_k f32[E] and
+  ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖² f32[C]).
+  """
+  c, v = student_logits.shape
+  zs, zt = student_logits / temperature, teacher_logits / temperature
+  dense = lambda x, dt: jnp.zeros((c, v), dt).at[rows, toks].set(x.astype(dt), mode="drop")
+  q, obs, w = (dense(q_edge, jnp.float32), dense(observed_edge, bool),
+               dense(visit_edge, jnp.float32))
+  scores = gradients.node_scores(zs, zt, q, obs, w, vocab_mask, jsd_beta=jsd_beta, topk=topk)
+  g = gradients.ideal_direction(zs, q, obs, vocab_mask)
+  d = gradients.reverse_kl_direction(zs, zt, vocab_mask)
+  logp = gradients.masked_log_softmax(zs, vocab_mask)
+  logq = gradients.masked_log_softmax(zt, vocab_mask)
+  p = gradients.masked_softmax(zs, vocab_mask)
+  at = lambda x: x[jnp.minimum(rows, c - 1), toks]
+  parts = (at(g), at(d), at(p), at(logp) - at(logq), jnp.sum(g * p, -1), jnp.sum(d * p, -1),
+           jnp.sum(p * p, -1))
+  return scores, parts
 
 
 def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np.ndarray:
@@ -316,17 +330,17 @@ def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: 
   stats: list = []
   cols: dict[str, list] = {}
   for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats):
-    # Pad every chunk to C rows: one compiled node_scores / _edge_terms, whatever the split.
+    # Pad every chunk to C rows: one compiled _chunk_scores, whatever the split.
     extra = chunk_nodes - len(chunk.node_ids)
     node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])
-    zs, zt = (jnp.pad(x, ((0, extra), (0, 0))) / temperature
-              for x in (chunk.student, chunk.teacher))
-    q, obs, w = arrays.children_dense(node_ids, v)
-    out = gradients.node_scores(zs, zt, q, obs, w, mask, jsd_beta=jsd_beta, topk=topk)
-    rows, kids = arrays.child_edges(node_ids)
+    chunk = chunk._replace(student=jnp.pad(chunk.student, ((0, extra), (0, 0))),
+                           teacher=jnp.pad(chunk.teacher, ((0, extra), (0, 0))))
+    rows, kids, q_e, obs_e, w_e = arrays.child_stats(node_ids)
     e = _bucket_edges(len(kids))
-    pad = lambda x: jnp.asarray(np.concatenate([x, np.zeros(e - len(x), x.dtype)]), jnp.int32)
-    terms = _edge_terms(zs, zt, q, obs, mask, pad(rows), pad(arrays.token[kids]))
+    pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill, x.dtype)]))
+    out, terms = _chunk_scores(chunk.student, chunk.teacher, temperature, mask,
+                               pad(rows.astype(np.int32), chunk_nodes), pad(arrays.token[kids], 0),
+                               pad(q_e, 0), pad(obs_e, False), pad(w_e, 0), jsd_beta, topk=topk)
     for dst, src in zip((g_k, d_k, p_k, ell), terms[:4]):
       dst[kids] = np.asarray(src)[:len(kids)]
     keep = node_ids >= 0

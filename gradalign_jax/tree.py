@@ -96,25 +96,31 @@ class TreeArrays:
     with np.errstate(invalid="ignore", divide="ignore"):
       return np.where(self.trials > 0, self.successes / np.maximum(self.trials, 1), np.nan)
 
-  def children_dense(self, node_ids, vocab_size: int):
-    """Dense per-vocab children statistics of a chunk of nodes (for ``gradients``).
+  def child_stats(self, node_ids):
+    """Sparse children statistics of a chunk of nodes, one entry per child edge.
 
-    node_ids: int[C] (entries < 0 are padding, returned all-zero).
-    Returns (q_hat f32[C, V], observed bool[C, V], visit_freq f32[C, V]); visit_freq is
-    visits / Σ visits over the node's children (0 when nothing was visited on-policy).
+    node_ids: int[C] (entries < 0 are padding: no children). Returns (rows int[E] index into
+    node_ids, child ids int32[E] (their tokens: ``token[child]``), q_hat float32[E] (0 where
+    unobserved), observed bool[E], visit_freq float32[E] = visits / Σ visits over the node's
+    children, 0 if none).
     """
-    node_ids = np.asarray(node_ids)
+    rows, kids = self.child_edges(node_ids)
+    n = self.trials[kids]
+    q = np.where(n > 0, self.successes[kids] / np.maximum(n, 1), 0.0).astype(np.float32)
+    tot = self.total_visits[np.asarray(node_ids)[rows]]
+    w = np.where(tot > 0, self.visits[kids] / np.maximum(tot, 1), 0.0).astype(np.float32)
+    return rows, kids, q, n > 0, w
+
+  def children_dense(self, node_ids, vocab_size: int):
+    """``child_stats`` scattered to dense f32[C, V] q_hat, bool[C, V] observed, f32[C, V]
+    visit_freq (for tests and small vocabularies; scoring scatters on device instead)."""
     c = len(node_ids)
+    rows, kids, q_e, obs_e, w_e = self.child_stats(node_ids)
+    toks = self.token[kids]
     q = np.zeros((c, vocab_size), np.float32)
     obs = np.zeros((c, vocab_size), bool)
     w = np.zeros((c, vocab_size), np.float32)
-    rows, kids = self.child_edges(node_ids)
-    toks = self.token[kids]
-    n = self.trials[kids]
-    obs[rows, toks] = n > 0
-    q[rows, toks] = np.where(n > 0, self.successes[kids] / np.maximum(n, 1), 0.0)
-    tot = self.total_visits[node_ids[rows]]
-    w[rows, toks] = np.where(tot > 0, self.visits[kids] / np.maximum(tot, 1), 0.0)
+    q[rows, toks], obs[rows, toks], w[rows, toks] = q_e, obs_e, w_e
     return q, obs, w
 
   def child_edges(self, node_ids):
