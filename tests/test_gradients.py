@@ -344,3 +344,27 @@ def test_aggregates_are_exact_across_chunks():
   np.testing.assert_allclose(got["frac_positive"], (cos[k] > 0).mean(), rtol=1e-6)
   empty = G.alignment_summary(G.alignment_sums(cos, dot, ng, nd, np.zeros(50, bool)))
   assert np.isnan(float(empty["mean_cos"])) and float(empty["count"]) == 0
+
+
+@pytest.mark.parametrize("name,min_cos", [("reverse_kl", 0.99999), ("single_sample_on_policy", 0.99999),
+                                          ("forward_kl", 0.99), ("jsd", 0.99),
+                                          ("minillm_no_future", 0.99999)])
+def test_teacher_tilted_toward_success_aligns(name, min_cos):
+  """Sign conventions end to end: a teacher q ∝ p·exp(βQ) pushes toward success, so every
+  descent direction points along the ascent direction ĝ* (exactly for reverse KL: d = β ĝ*)."""
+  rng = np.random.default_rng(8)
+  z = rng.normal(size=(5, 24)) * 2
+  q = rng.random((5, 24))
+  mask = np.arange(24) < 20
+  beta = 0.01
+  t = z + beta * q
+  p = np.asarray(G.masked_softmax(z, mask))
+  d = {"reverse_kl": lambda: G.reverse_kl_direction(z, t, mask),
+       "single_sample_on_policy": lambda: G.single_sample_direction(z, t, p, mask),
+       "forward_kl": lambda: G.forward_kl_direction(z, t, mask),
+       "jsd": lambda: G.jsd_direction(z, t, 0.5, mask),
+       "minillm_no_future": lambda: G.minillm_direction(z, t, p, np.zeros_like(z), mask)}[name]()
+  g = G.ideal_direction(z, q, np.ones_like(z, bool), mask)
+  cos = np.asarray(G.alignment(g, d))
+  assert np.all(cos >= min_cos), cos
+  assert np.all(np.asarray(G.alignment(g, G.reverse_kl_direction(z, z - beta * q, mask))) < -0.999)
