@@ -189,7 +189,8 @@ class PrefixTree:
     tokens: the generated ids (prompt excluded, EOS included when it ended the rollout).
     reward: 0 or 1 (any value in [0, 1] is summed as is).
     branch_depth: None for an ordinary on-policy rollout; b when token ``tokens[b]`` was
-    forced at the node ``tokens[:b]`` and the rest sampled on-policy (MATH.md).
+    forced at the node ``tokens[:b]`` and the rest sampled on-policy (MATH.md). Nodes of
+    ``tokens[:b]`` that no rollout created yet are created with zero counts on their edges.
     """
     tokens = [int(t) for t in tokens]
     reward = float(reward)

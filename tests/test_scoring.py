@@ -55,23 +55,24 @@ def _full_node_logits(cfg, params, prompt, t, rollouts, node_ids):
   return np.stack([logits[where[i]] for i in node_ids])
 
 
-@pytest.mark.parametrize("chunk_nodes", [8, 64])
-def test_node_logits_equal_full_forward(chunk_nodes):
+@pytest.mark.parametrize("chunk_nodes,question", [(8, QUESTION), (64, QUESTION[:1])],
+                         ids=["chunks8", "one_chunk_one_token_question"])
+def test_node_logits_equal_full_forward(chunk_nodes, question):
   t, rollouts = _tree()
-  student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
-  teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
+  student = scoring.Policy(STUDENT_CFG, S_PARAMS, question)
+  teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + question)
   ids, s, te, stats = scoring.node_logits(t, student, teacher, chunk_nodes)
   a = t.arrays()
   want_ids = np.flatnonzero((a.child_count > 0) | (np.arange(a.num_nodes) == 0))
   assert sorted(ids.tolist()) == want_ids.tolist()  # every scored node exactly once
   np.testing.assert_allclose(
-      s, _full_node_logits(STUDENT_CFG, S_PARAMS, QUESTION, t, rollouts, ids), rtol=1e-5,
+      s, _full_node_logits(STUDENT_CFG, S_PARAMS, question, t, rollouts, ids), rtol=1e-5,
       atol=1e-5)
   np.testing.assert_allclose(
-      te, _full_node_logits(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION, t, rollouts, ids),
+      te, _full_node_logits(TEACHER_CFG, T_PARAMS, CONTEXT + question, t, rollouts, ids),
       rtol=1e-5, atol=1e-5)
   assert stats.unique_nodes == len(ids)
-  assert stats.student_positions == len(QUESTION) - 1 + len(ids) + stats.padding
+  assert stats.student_positions == len(question) - 1 + len(ids) + stats.padding
   assert stats.padding < 8
 
 
@@ -139,6 +140,14 @@ def test_score_tree_matches_per_node_gradients():
   np.testing.assert_allclose(cols["align_reverse_kl"][i], float(gradients.alignment(g, d)),
                              atol=1e-5)
   assert cols["depth"][i] == len(path) and cols["num_observed"][i] == a.num_observed[node]
+
+
+def test_tree_without_rollouts_scores_the_root():
+  student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
+  ids, s, _, stats = scoring.node_logits(tree.PrefixTree(), student, student, 8)
+  want = np.asarray(models.forward(STUDENT_CFG, S_PARAMS, jnp.asarray([QUESTION], jnp.int32)))
+  assert ids.tolist() == [0] and stats.unique_nodes == 1
+  np.testing.assert_allclose(s[0], want[0, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_vocab_mismatch_is_a_clear_error():
