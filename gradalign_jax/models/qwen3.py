@@ -273,14 +273,16 @@ class Qwen3(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def __call__(self, tokens, positions=None, token_valid=None, cache: KVCache | None = None,
-               chunk_mask=None):
+               chunk_mask=None, attend_mask=None):
     """tokens, positions: int32[B, T]; token_valid: bool[B, T] (False = padding).
 
     ``chunk_mask`` bool[B, T, T] says which tokens of this chunk each token sees (default
     causal; a tree-structured mask scores many branches of a prefix tree in one chunk).
     Without a cache attention is among the chunk's tokens. With a cache the chunk is
     written at slots [cache.length, cache.length + T) and also sees every valid earlier
-    slot. Returns (logits f32[B, T, V], updated cache or None).
+    slot, or only those where ``attend_mask`` bool[B, T, S] (S = cache capacity) is True
+    (a tree appended to the cache chunk by chunk: each node sees only its ancestors).
+    Returns (logits f32[B, T, V], updated cache or None).
     """
     b, t = tokens.shape
     if positions is None:
@@ -296,9 +298,10 @@ class Qwen3(nnx.Module):
     if cache.capacity < t:
       raise ValueError(f"chunk of {t} tokens does not fit a cache of {cache.capacity} slots")
     earlier = (jnp.arange(cache.capacity) < cache.length)[None, :] & cache.valid  # [B, S]
-    mask = jax.lax.dynamic_update_slice(
-        jnp.broadcast_to(earlier[:, None, :], (b, t, cache.capacity)), chunk_mask,
-        (0, 0, cache.length))
+    earlier = jnp.broadcast_to(earlier[:, None, :], (b, t, cache.capacity))
+    if attend_mask is not None:
+      earlier = earlier & attend_mask
+    mask = jax.lax.dynamic_update_slice(earlier, chunk_mask, (0, 0, cache.length))
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.length, axis=1)
     h, (ks, vs) = self.hidden(tokens, positions, mask, cache)
     cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, length=cache.length + t)

@@ -1,0 +1,330 @@
+"""Logit-space directions of MATH.md, their alignment, node covariates and aggregates.
+
+Shape letters: V vocab, C nodes of a chunk; ``...`` any leading axes (every function
+broadcasts over them and reduces over the last, vocab, axis).
+
+Conventions (MATH.md is the contract):
+  * logits are raw: the caller applies the sampling temperature;
+  * every ``*_direction`` returns the *descent* direction ``d = −∇_z L`` of its loss, and
+    ``ideal_direction`` the *ascent* direction ``ĝ* = ∇_z V`` estimated from the tree;
+  * ``vocab_mask`` bool[V] (or broadcastable to the logits) marks real vocabulary rows;
+    masked rows are excluded from every softmax (a large negative logit, not −inf, so
+    |logits| ~ 1e4 stay NaN-free) and come back exactly 0 in every direction;
+  * all arithmetic is fp32.
+
+The closed forms below are checked against ``jax.grad`` of independently written losses in
+tests/test_gradients.py. ``node_scores`` is the per-node function, vmapped over a chunk of
+nodes and jitted; ``AlignmentSums`` are the (sum, count) reductions that combine exactly
+across chunks, shards and hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# exp(MASKED_LOGIT - anything real) is exactly 0 in fp32, and MASKED_LOGIT - 1e4 is finite.
+MASKED_LOGIT = -1e30
+
+
+def _mask_like(logits: jax.Array, vocab_mask: jax.Array | None) -> jax.Array:
+  if vocab_mask is None:
+    return jnp.ones(logits.shape, bool)
+  return jnp.broadcast_to(jnp.asarray(vocab_mask, bool), logits.shape)
+
+
+def masked_log_softmax(logits: jax.Array, vocab_mask: jax.Array | None = None) -> jax.Array:
+  """log softmax over the unmasked rows of the last axis; masked rows get MASKED_LOGIT.
+
+  logits: float[..., V]; vocab_mask: bool[V] or broadcastable, None = all rows real.
+  Returns f32[..., V]. The one softmax helper of the package (scoring and exact use it too).
+  """
+  z = jnp.asarray(logits, jnp.float32)
+  mask = _mask_like(z, vocab_mask)
+  z = jnp.where(mask, z, MASKED_LOGIT)
+  logp = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  logp = logp - jnp.log(jnp.sum(jnp.exp(logp), axis=-1, keepdims=True))
+  return jnp.where(mask, logp, MASKED_LOGIT)
+
+
+def masked_softmax(logits: jax.Array, vocab_mask: jax.Array | None = None) -> jax.Array:
+  """softmax over the unmasked rows of the last axis; masked rows are exactly 0. f32[..., V]."""
+  return jnp.where(_mask_like(jnp.asarray(logits), vocab_mask),
+                   jnp.exp(masked_log_softmax(logits, vocab_mask)), 0.0)
+
+
+def _log_ratio(student_logits, teacher_logits, vocab_mask):
+  """p, q and ℓ = log p − log q (0 on masked rows)."""
+  mask = _mask_like(jnp.asarray(student_logits), vocab_mask)
+  logp = masked_log_softmax(student_logits, mask)
+  logq = masked_log_softmax(teacher_logits, mask)
+  p = jnp.where(mask, jnp.exp(logp), 0.0)
+  q = jnp.where(mask, jnp.exp(logq), 0.0)
+  return p, q, jnp.where(mask, logp - logq, 0.0), mask
+
+
+def _centered(p, a):
+  """p ⊙ (a − Σ p a): the softmax Jacobian applied to a (∂/∂z of Σ_k p_k a_k at fixed a)."""
+  return p * (a - jnp.sum(p * a, axis=-1, keepdims=True))
+
+
+# ---------------------------------------------------------------------------------------
+# Directions
+
+
+def ideal_direction(student_logits, q_hat, observed, vocab_mask=None) -> jax.Array:
+  """ĝ*_j = π_j (Q̂_j − V̂) on observed children j, else 0 (ascent direction of V).
+
+  student_logits: f32[..., V]; q_hat: f32[..., V] (success rate of each child, ignored where
+  not observed); observed: bool[..., V] (n_k > 0). V̂ = Σ_O π Q̂ / Σ_O π is the policy's
+  average over the observed children only (computed as a softmax restricted to O, so it stays
+  exact when the observed children have tiny probability). Returns f32[..., V].
+  """
+  z = jnp.asarray(student_logits, jnp.float32)
+  mask = _mask_like(z, vocab_mask)
+  obs = mask & jnp.broadcast_to(jnp.asarray(observed, bool), z.shape)
+  q_hat = jnp.where(obs, jnp.asarray(q_hat, jnp.float32), 0.0)
+  pi = masked_softmax(z, mask)
+  v_hat = jnp.sum(masked_softmax(z, obs) * q_hat, axis=-1, keepdims=True)
+  any_obs = jnp.any(obs, axis=-1, keepdims=True)
+  return jnp.where(obs & any_obs, pi * (q_hat - v_hat), 0.0)
+
+
+def reverse_kl_direction(student_logits, teacher_logits, vocab_mask=None) -> jax.Array:
+  """−∇_z KL(p‖q) = −p_j (ℓ_j − ℓ̄). Logits f32[..., V] → f32[..., V]."""
+  p, _, ell, mask = _log_ratio(student_logits, teacher_logits, vocab_mask)
+  return jnp.where(mask, -_centered(p, ell), 0.0)
+
+
+def forward_kl_direction(student_logits, teacher_logits, vocab_mask=None) -> jax.Array:
+  """−∇_z KL(q‖p) = q_j − p_j. Logits f32[..., V] → f32[..., V]."""
+  p, q, _, mask = _log_ratio(student_logits, teacher_logits, vocab_mask)
+  return jnp.where(mask, q - p, 0.0)
+
+
+def jsd_direction(student_logits, teacher_logits, beta, vocab_mask=None) -> jax.Array:
+  """−∇_z of β KL(q‖m) + (1−β) KL(p‖m), m = βq + (1−β)p (GKD's generalised JSD).
+
+  Closed form: ∂L/∂p_k = (1−β) log(p_k/m_k), hence d = −(1−β) p ⊙ (a − Σ p a), a = log p − log m.
+  (β = 0 or 1 makes the loss identically 0, and d = 0.) beta: float scalar or f32[...].
+  """
+  beta = jnp.asarray(beta, jnp.float32)
+  beta = beta[..., None] if beta.ndim else beta
+  mask = _mask_like(jnp.asarray(student_logits), vocab_mask)
+  logp = masked_log_softmax(student_logits, mask)
+  logq = masked_log_softmax(teacher_logits, mask)
+  # log m as a logaddexp of the two weighted logs: exact when p or q underflows.
+  logm = jnp.logaddexp(jnp.log(beta) + logq, jnp.log1p(-beta) + logp)
+  p = jnp.where(mask, jnp.exp(logp), 0.0)
+  a = jnp.where(mask & (p > 0), logp - logm, 0.0)
+  return jnp.where(mask, -(1.0 - beta) * _centered(p, a), 0.0)
+
+
+def topk_reverse_kl_direction(student_logits, teacher_logits, k: int,
+                              stop_grad_normaliser: bool = False, vocab_mask=None) -> jax.Array:
+  """−∇_z of the reverse KL restricted to the student's top-k support S, renormalised.
+
+  p̃ = p_S / P_S, q̃ = q_S / Q_S, L = Σ_S p̃ (log p̃ − log q̃), ℓ̃ = log p̃ − log q̃.
+  Without stop-gradient p̃ = softmax(z_S): d_j = −p̃_j (ℓ̃_j − Σ_S p̃ ℓ̃) on S, 0 elsewhere.
+  With ``stop_grad_normaliser`` P_S is a constant: d_j = p_j (Σ_S p̃ ℓ̃ + 1) − [j∈S] p̃_j (ℓ̃_j + 1),
+  which reaches every unmasked row, not only S. k: static int (clipped to V); ties broken by
+  lower index (``lax.top_k``). Logits f32[..., V] → f32[..., V].
+  """
+  z = jnp.asarray(student_logits, jnp.float32)
+  mask = _mask_like(z, vocab_mask)
+  k = min(int(k), z.shape[-1])
+  zm = jnp.where(mask, z, MASKED_LOGIT)
+  _, idx = jax.lax.top_k(zm, k)
+  support = jnp.put_along_axis(jnp.zeros(z.shape, bool), idx, True, axis=-1, inplace=False)
+  support = support & mask  # k larger than the unmasked rows picks masked ones: drop them
+  logp_s = masked_log_softmax(z, support)
+  logq_s = masked_log_softmax(teacher_logits, support)
+  p_s = jnp.where(support, jnp.exp(logp_s), 0.0)
+  ell = jnp.where(support, logp_s - logq_s, 0.0)
+  ell_bar = jnp.sum(p_s * ell, axis=-1, keepdims=True)
+  if not stop_grad_normaliser:
+    return jnp.where(support, -p_s * (ell - ell_bar), 0.0)
+  p = masked_softmax(z, mask)
+  return jnp.where(mask, p * (ell_bar + 1.0) - p_s * (ell + 1.0), 0.0)
+
+
+def single_sample_direction(student_logits, teacher_logits, visit_freq,
+                            vocab_mask=None) -> jax.Array:
+  """−∇_z E_{y~w}[sg(ℓ_y) log p_y] = Σ_k w_k (−ℓ_k)(e_k − p).
+
+  visit_freq: f32[..., V], the on-policy visit frequencies w of the children (sum to 1 over
+  visited children; pass counts / total). With w = p this is exactly ``reverse_kl_direction``.
+  """
+  p, _, ell, mask = _log_ratio(student_logits, teacher_logits, vocab_mask)
+  w = jnp.where(mask, jnp.asarray(visit_freq, jnp.float32), 0.0)
+  return jnp.where(mask, -w * ell + p * jnp.sum(w * ell, axis=-1, keepdims=True), 0.0)
+
+
+def minillm_direction(student_logits, teacher_logits, visit_freq, future_reward,
+                      vocab_mask=None) -> jax.Array:
+  """−p(ℓ − ℓ̄) + Σ_k w_k R̄_k (e_k − p): single-step reverse KL plus the long-term term.
+
+  visit_freq: f32[..., V] as in ``single_sample_direction``; future_reward: f32[..., V], R̄_k
+  the mean over rollouts through u·k of the length-normalised future reward (MATH.md).
+  """
+  p, _, ell, mask = _log_ratio(student_logits, teacher_logits, vocab_mask)
+  w = jnp.where(mask, jnp.asarray(visit_freq, jnp.float32), 0.0)
+  wr = w * jnp.where(mask, jnp.asarray(future_reward, jnp.float32), 0.0)
+  long_term = wr - p * jnp.sum(wr, axis=-1, keepdims=True)
+  return jnp.where(mask, -_centered(p, ell) + long_term, 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Alignment, covariates
+
+
+def alignment(a, b) -> jax.Array:
+  """cos(a, b) over the last axis; 0 where either norm is 0. f32[..., V] × 2 → f32[...]."""
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  # Scale each vector by its max-abs first: squares of |x| ~ 1e20 would overflow fp32.
+  sa = jnp.max(jnp.abs(a), axis=-1, keepdims=True)
+  sb = jnp.max(jnp.abs(b), axis=-1, keepdims=True)
+  a = a / jnp.where(sa > 0, sa, 1.0)
+  b = b / jnp.where(sb > 0, sb, 1.0)
+  na = jnp.sqrt(jnp.sum(a * a, axis=-1))
+  nb = jnp.sqrt(jnp.sum(b * b, axis=-1))
+  ok = (na > 0) & (nb > 0)
+  return jnp.where(ok, jnp.sum(a * b, axis=-1) / jnp.where(ok, na * nb, 1.0), 0.0)
+
+
+def node_covariates(student_logits, teacher_logits, vocab_mask=None) -> dict[str, jax.Array]:
+  """KL(p‖q), KL(q‖p), ‖p−q‖₂, cos(p,q), H(p), H(q) over the last axis (each f32[...])."""
+  mask = _mask_like(jnp.asarray(student_logits), vocab_mask)
+  logp = masked_log_softmax(student_logits, mask)
+  logq = masked_log_softmax(teacher_logits, mask)
+  p = jnp.where(mask, jnp.exp(logp), 0.0)
+  q = jnp.where(mask, jnp.exp(logq), 0.0)
+  ell = jnp.where(mask, logp - logq, 0.0)
+  # p·logp with p = 0 is 0 (where, not multiply: logp may be MASKED_LOGIT).
+  return {
+      "kl_pq": jnp.sum(jnp.where(p > 0, p * ell, 0.0), axis=-1),
+      "kl_qp": jnp.sum(jnp.where(q > 0, -q * ell, 0.0), axis=-1),
+      "l2_pq": jnp.sqrt(jnp.sum((p - q) ** 2, axis=-1)),
+      "cos_pq": alignment(p, q),
+      "entropy_p": -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1),
+      "entropy_q": -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1),
+  }
+
+
+# ---------------------------------------------------------------------------------------
+# Per-node scores, vmapped over a chunk
+
+DIRECTIONS = ("reverse_kl", "forward_kl", "jsd", "topk_reverse_kl", "topk_reverse_kl_sg",
+              "single_sample")
+
+
+def _node_scores_one(student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask,
+                     jsd_beta, topk):
+  """All scores of one node. Logits, q_hat, visit_freq: f32[V]; observed, vocab_mask: bool[V]."""
+  g = ideal_direction(student_logits, q_hat, observed, vocab_mask)
+  dirs = {
+      "reverse_kl": reverse_kl_direction(student_logits, teacher_logits, vocab_mask),
+      "forward_kl": forward_kl_direction(student_logits, teacher_logits, vocab_mask),
+      "jsd": jsd_direction(student_logits, teacher_logits, jsd_beta, vocab_mask),
+      "topk_reverse_kl": topk_reverse_kl_direction(student_logits, teacher_logits, topk, False,
+                                                   vocab_mask),
+      "topk_reverse_kl_sg": topk_reverse_kl_direction(student_logits, teacher_logits, topk, True,
+                                                      vocab_mask),
+      "single_sample": single_sample_direction(student_logits, teacher_logits, visit_freq,
+                                               vocab_mask),
+  }
+  out = dict(node_covariates(student_logits, teacher_logits, vocab_mask))
+  out["norm_ideal"] = jnp.linalg.norm(g)
+  for name, d in dirs.items():
+    out[f"align_{name}"] = alignment(g, d)
+    out[f"dot_{name}"] = jnp.sum(g * d)
+    out[f"norm_{name}"] = jnp.linalg.norm(d)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("topk",))
+def node_scores(student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask=None,
+                jsd_beta=0.5, topk=20) -> dict[str, jax.Array]:
+  """Every direction's alignment with ĝ*, their dots and norms, and the covariates, per node.
+
+  student_logits, teacher_logits, q_hat, visit_freq: f32[C, V]; observed: bool[C, V];
+  vocab_mask: bool[V] or None. Returns {name: f32[C]}: ``align_<dir>``, ``dot_<dir>``,
+  ``norm_<dir>`` for each of DIRECTIONS, ``norm_ideal`` and the covariates. Written for one
+  node and vmapped: a chunk never holds more than C × V of any intermediate.
+  """
+  if vocab_mask is None:
+    vocab_mask = jnp.ones(student_logits.shape[-1], bool)
+  one = functools.partial(_node_scores_one, jsd_beta=jsd_beta, topk=topk)
+  return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None))(
+      student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask)
+
+
+def minillm_from_parts(dot_rkl, sq_rkl, g_dot_p, d_dot_p, sq_p, sum_gh, sum_dh, sum_hh, sum_hp,
+                       sum_h):
+  """⟨ĝ*, d_minillm⟩ and ‖d_minillm‖² from reverse-KL terms and the long-term weights.
+
+  d_minillm = d_rkl + h − p Σ_k h_k with h_k = w_k R̄_k, nonzero only on visited children, so
+  a scoring pass can keep the few visited entries of ĝ*, d_rkl, p per node and finish MiniLLM
+  once R̄ (which needs the teacher along every rollout's future) is known, without a second
+  model pass. Arguments are per node (f32[...]): ⟨ĝ*, d_rkl⟩, ‖d_rkl‖², ⟨ĝ*, p⟩, ⟨d_rkl, p⟩,
+  ‖p‖², Σ ĝ*_k h_k, Σ d_rkl_k h_k, Σ h_k², Σ h_k p_k, Σ h_k. Returns (dot, squared norm).
+  """
+  dot = dot_rkl + sum_gh - sum_h * g_dot_p
+  sq = (sq_rkl + 2.0 * (sum_dh - sum_h * d_dot_p) + sum_hh - 2.0 * sum_h * sum_hp
+        + sum_h * sum_h * sq_p)
+  return dot, jnp.maximum(sq, 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregates as (sum, count) reductions
+
+
+class AlignmentSums(NamedTuple):
+  """Sums over a set of nodes that combine by addition (chunks, shards, hosts).
+
+  count: nodes; positive: nodes with cos > 0; cos: Σ cos; dot: Σ⟨ĝ*, d⟩;
+  norm_prod: Σ ‖ĝ*‖‖d‖; sq_g: Σ ‖ĝ*‖²; sq_d: Σ ‖d‖². All f32[] (or f32[...] per group).
+  """
+  count: jax.Array
+  positive: jax.Array
+  cos: jax.Array
+  dot: jax.Array
+  norm_prod: jax.Array
+  sq_g: jax.Array
+  sq_d: jax.Array
+
+  def __add__(self, other):
+    return AlignmentSums(*(a + b for a, b in zip(self, other)))
+
+
+def alignment_sums(cos, dot, norm_g, norm_d, weight) -> AlignmentSums:
+  """(sum, count) reductions over the node axis (the last) of per-node values.
+
+  cos, dot, norm_g, norm_d: f32[..., C] per-node alignment, ⟨ĝ*, d⟩, ‖ĝ*‖, ‖d‖;
+  weight: bool or {0,1} f32[..., C] selecting nodes (informative, on a given rollout, …).
+  """
+  w = jnp.asarray(weight, jnp.float32)
+  s = lambda x: jnp.sum(w * jnp.asarray(x, jnp.float32), axis=-1)
+  return AlignmentSums(count=jnp.sum(w, axis=-1), positive=s(jnp.asarray(cos) > 0), cos=s(cos),
+                       dot=s(dot), norm_prod=s(jnp.asarray(norm_g) * jnp.asarray(norm_d)),
+                       sq_g=s(jnp.square(norm_g)), sq_d=s(jnp.square(norm_d)))
+
+
+def _ratio(num, den):
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+
+def alignment_summary(sums: AlignmentSums) -> dict[str, jax.Array]:
+  """mean cosine, weighted cosine Σ⟨ĝ*,d⟩/Σ‖ĝ*‖‖d‖, pooled cosine Σ⟨ĝ*,d⟩/√(Σ‖ĝ*‖² Σ‖d‖²),
+  fraction positive, and the node count. NaN where the set is empty (or all norms 0)."""
+  return {
+      "mean_cos": _ratio(sums.cos, sums.count),
+      "weighted_cos": _ratio(sums.dot, sums.norm_prod),
+      "pooled_cos": _ratio(sums.dot, jnp.sqrt(sums.sq_g * sums.sq_d)),
+      "frac_positive": _ratio(sums.positive, sums.count),
+      "count": sums.count,
+  }

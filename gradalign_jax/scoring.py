@@ -1,0 +1,377 @@
+"""Student and teacher logits at every unique node of a prefix tree, chunk by chunk.
+
+Shape letters: C nodes per chunk, S cache slots, V vocab, P prompt length.
+
+How (each node computed once, each prompt prefilled once):
+  1. The model's prompt minus its last token is prefilled once into a KV cache (the teacher's
+     prompt is its privileged context + the question; the student's is the question).
+  2. The scored nodes (the root and every node with a child) are laid out in depth-first
+     preorder; node i of that order is *one* token: the prompt's last token for the root, the
+     node's own token otherwise, at position P − 1 + depth. Its logits are the node's
+     next-token logits.
+  3. Chunks of C consecutive nodes are appended to the cache. In preorder a node's ancestors
+     come before it, and the subtree of u is the interval [pre(u), pre(u) + size(u)); so the
+     mask "slot s holds an ancestor-or-self of node i" is ``lo[s] <= i < hi[s]``, built on
+     device from two int32[S] arrays and passed as ``attend_mask`` over the cache (prompt
+     slots: always visible). Nothing of nodes × vocab is kept beyond one chunk: consumers get
+     f32[C, V] per chunk (``node_logit_chunks``) or reduce it at once (``score_tree``).
+
+Why this and not the alternatives (measured by ``ScoringStats``; see tests/test_scoring.py
+and the numbers below): a forward per rollout ("cached prefixes" without a tree) processes
+Σ_r (P − 1 + L_r) positions, re-running every shared prefix once per rollout that shares it; a
+single tree-masked chunk processes the same N positions as this scheme but needs an N × N
+mask and N × V logits at once. Appending the preorder chunk by chunk processes exactly
+(P − 1) + N positions (+ fewer than 8 of padding) with memory O(C × (P + N) + C × V).
+Measured on the sample tree of tests/test_scoring.py::test_positions_processed (16 rollouts of
+48 tokens, each branching off an earlier one; question P = 8, teacher context + question
+P = 48; C = 8): 439 unique scored nodes; positions processed 447 = 7 + 439 + 1 padding
+(student) and 487 = 47 + 439 + 1 (teacher), i.e. ≤ 1.05 × nodes + context; forwards per
+rollout would process 880 (student) and 1520 (teacher), 2.0× and 3.1× more.
+
+The attention of a chunk is dense over the whole cache (S = P − 1 + N rounded up to a power
+of two): time
+O(N × (P + N)) per model, which is fine for trees of a few thousand nodes; a much larger tree
+would want per-subtree cache windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradalign_jax import gradients, models
+from gradalign_jax.tree import PrefixTree, TreeArrays
+
+_NEVER = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """A model and the tokens it reads before the student's generated prefix.
+
+  cfg, params: the Qwen3 model. prompt: int ids, the question as the student sees it, or the
+  teacher's privileged context followed by the same question (at least one token).
+  tokenizer: optional; when both policies have one, their vocabularies are compared too.
+  """
+  cfg: models.Qwen3Config
+  params: Any
+  prompt: Sequence[int]
+  tokenizer: Any = None
+
+
+def check_compatible(student_cfg: models.Qwen3Config, teacher_cfg: models.Qwen3Config,
+                     student_tokenizer=None, teacher_tokenizer=None) -> None:
+  """Raises ValueError unless student and teacher share the vocabulary (MATH.md)."""
+  if student_cfg.vocab_size != teacher_cfg.vocab_size:
+    raise ValueError(
+        f"student vocab_size={student_cfg.vocab_size} differs from teacher vocab_size="
+        f"{teacher_cfg.vocab_size}: per-token distillation compares distributions over the same "
+        "ids; pick a teacher from the student's model family (same tokenizer and padded vocab)")
+  if (student_tokenizer is None) != (teacher_tokenizer is None):
+    raise ValueError("pass both tokenizers or neither to check_compatible")
+  if student_tokenizer is not None:
+    models.check_same_vocabulary(student_tokenizer, teacher_tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreePlan:
+  """The scored nodes of a tree in preorder, padded to whole chunks (shared by both models).
+
+  node_ids int32[M] (−1 = padding, M − N ≤ 7); depth, token int32[M];
+  lo, hi int32[M]: node j's subtree is the order interval [lo[j], hi[j]) (empty for padding);
+  chunks: (start, size) of each chunk: full chunks of C, then the remainder split into powers
+  of two (each ≥ 8 when C ≥ 8), so padding stays under 8 positions whatever N and C, and a
+  sweep compiles at most log2(C) + 1 chunk programs.
+  """
+  node_ids: np.ndarray
+  depth: np.ndarray
+  token: np.ndarray
+  lo: np.ndarray
+  hi: np.ndarray
+  num_nodes: int
+  chunks: tuple[tuple[int, int], ...]
+
+
+def plan_tree(arrays: TreeArrays, chunk_nodes: int) -> TreePlan:
+  """Orders the scored nodes (root + every node with a child) in preorder. O(N)."""
+  pre = arrays.preorder
+  scored = (arrays.child_count > 0)
+  scored[0] = True
+  in_order = scored[pre]
+  ids = pre[in_order]
+  n = len(ids)
+  # rank[p] = scored nodes strictly before preorder position p
+  rank = np.concatenate([[0], np.cumsum(in_order)])
+  pos = np.empty(len(pre), np.int64)
+  pos[pre] = np.arange(len(pre))
+  lo = rank[pos[ids]]
+  hi = rank[pos[ids] + arrays.subtree_size[ids]]
+  if chunk_nodes < 1:
+    raise ValueError(f"chunk_nodes={chunk_nodes} must be ≥ 1")
+  granule = 8 if chunk_nodes >= 8 else 1
+  m = -(-n // granule) * granule
+  chunks, start = [], 0
+  while m - start >= chunk_nodes:
+    chunks.append((start, chunk_nodes))
+    start += chunk_nodes
+  for bit in reversed(range((m - start).bit_length())):  # remainder in powers of two
+    if (m - start) >> bit & 1 and (1 << bit) >= granule:
+      chunks.append((start, 1 << bit))
+      start += 1 << bit
+  assert start == m, (start, m)
+  pad = lambda x, fill: np.concatenate([x, np.full(m - n, fill)]).astype(np.int32)
+  return TreePlan(node_ids=pad(ids, -1), depth=pad(arrays.depth[ids], 0),
+                  token=pad(arrays.token[ids], 0), lo=pad(lo, 1), hi=pad(hi, 0), num_nodes=n,
+                  chunks=tuple(chunks))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=8)
+def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, cache):
+  """One chunk of tree nodes appended to the cache, each seeing only its ancestors.
+
+  tokens, positions, order: int32[1, C] (order = the node's preorder index); valid: bool[1, C];
+  slot_lo, slot_hi: int32[S]. Returns (logits f32[C, V], cache).
+  """
+  attend = ((slot_lo[None, None, :] <= order[:, :, None])
+            & (order[:, :, None] < slot_hi[None, None, :]))  # [1, C, S]
+  c = tokens.shape[1]
+  chunk_mask = jax.lax.dynamic_slice(attend, (0, 0, cache.length), (1, c, c))
+  logits, cache = models.bind(cfg, params)(tokens, positions, valid, cache, chunk_mask,
+                                           attend_mask=attend)
+  return logits[0], cache
+
+
+def _bucket(slots: int) -> int:
+  """Cache capacity rounded up to a power of two (≥ 64): a sweep compiles a handful of programs
+  rather than one per tree size, for at most twice the slots."""
+  return max(64, 1 << (slots - 1).bit_length())
+
+
+class _Counter:
+  positions = 0
+
+
+def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator[jax.Array]:
+  """Yields f32[C, V] logits of each chunk of ``plan`` for one model."""
+  prompt = [int(t) for t in policy.prompt]
+  if not prompt:
+    raise ValueError("a Policy prompt needs at least one token (the root is its last token)")
+  base = len(prompt) - 1
+  cache = models.init_cache(policy.cfg, 1, _bucket(base + len(plan.node_ids)))
+  if base:
+    _, cache = models.forward_cached(policy.cfg, policy.params,
+                                     jnp.asarray([prompt[:-1]], jnp.int32),
+                                     jnp.arange(base, dtype=jnp.int32)[None],
+                                     jnp.ones((1, base), bool), cache)
+    counter.positions += base
+  spare = cache.capacity - base - len(plan.node_ids)  # never-visible slots past the tree
+  slot_lo = jnp.asarray(np.concatenate([np.zeros(base, np.int32), plan.lo, np.ones(spare)]),
+                        jnp.int32)
+  slot_hi = jnp.asarray(np.concatenate([np.full(base, _NEVER, np.int32), plan.hi,
+                                        np.zeros(spare)]), jnp.int32)
+  tokens = plan.token.copy()
+  tokens[0] = prompt[-1]  # the root (order 0) is the prompt's last token
+  for start, c in plan.chunks:
+    sl = slice(start, start + c)
+    order = np.arange(start, start + c, dtype=np.int32)
+    logits, cache = _tree_chunk(policy.cfg, policy.params, jnp.asarray(tokens[sl])[None],
+                                jnp.asarray(base + plan.depth[sl])[None],
+                                jnp.asarray(plan.node_ids[sl] >= 0)[None], jnp.asarray(order)[None],
+                                slot_lo, slot_hi, cache)
+    counter.positions += c
+    yield logits
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringStats:
+  """What a scoring pass processed, next to what it had to.
+
+  unique_nodes: scored nodes N (root + nodes with a child); student_context, teacher_context:
+  prompt lengths P; student_positions, teacher_positions: token positions run through each
+  model (prefill + chunks, padding included); padding: padded positions per model;
+  per_rollout_student, per_rollout_teacher: positions a forward per rollout would process.
+  """
+  unique_nodes: int
+  student_context: int
+  teacher_context: int
+  student_positions: int
+  teacher_positions: int
+  padding: int
+  per_rollout_student: int
+  per_rollout_teacher: int
+
+
+class NodeLogits(NamedTuple):
+  """One chunk: node_ids int32[C] (−1 = padding), student and teacher logits f32[C, V]."""
+  node_ids: np.ndarray
+  student: jax.Array
+  teacher: jax.Array
+
+
+def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: Policy,
+                      chunk_nodes: int = 256, stats_out: list | None = None
+                      ) -> Iterator[NodeLogits]:
+  """Student and teacher logits at every scored node, one chunk of C nodes at a time.
+
+  Scored nodes: the root and every node with at least one child (a leaf has no decision).
+  If ``stats_out`` is a list, a ScoringStats is appended to it once the stream is exhausted.
+  """
+  both = student.tokenizer is not None and teacher.tokenizer is not None
+  check_compatible(student.cfg, teacher.cfg, student.tokenizer if both else None,
+                   teacher.tokenizer if both else None)
+  arrays = tree.arrays() if isinstance(tree, PrefixTree) else tree
+  plan = plan_tree(arrays, chunk_nodes)
+  s_count, t_count = _Counter(), _Counter()
+  streams = zip(_logit_stream(student, plan, s_count), _logit_stream(teacher, plan, t_count))
+  for (start, c), (s_logits, t_logits) in zip(plan.chunks, streams):
+    yield NodeLogits(plan.node_ids[start:start + c], s_logits, t_logits)
+  if stats_out is not None:
+    leaves = np.flatnonzero((arrays.child_count == 0) & (np.arange(arrays.num_nodes) > 0))
+    lengths = arrays.depth[leaves]
+    stats_out.append(ScoringStats(
+        unique_nodes=plan.num_nodes, student_context=len(student.prompt),
+        teacher_context=len(teacher.prompt), student_positions=s_count.positions,
+        teacher_positions=t_count.positions, padding=len(plan.node_ids) - plan.num_nodes,
+        per_rollout_student=int(np.sum(lengths + len(student.prompt) - 1)),
+        per_rollout_teacher=int(np.sum(lengths + len(teacher.prompt) - 1))))
+
+
+def node_logits(tree, student: Policy, teacher: Policy, chunk_nodes: int = 256):
+  """All scored nodes at once (small trees, tests): (node_ids int32[N], f32[N, V] × 2, stats)."""
+  stats: list = []
+  ids, s, t = [], [], []
+  for chunk in node_logit_chunks(tree, student, teacher, chunk_nodes, stats):
+    keep = chunk.node_ids >= 0
+    ids.append(chunk.node_ids[keep])
+    s.append(np.asarray(chunk.student)[keep])
+    t.append(np.asarray(chunk.teacher)[keep])
+  return np.concatenate(ids), np.concatenate(s), np.concatenate(t), stats[0]
+
+
+@functools.partial(jax.jit, static_argnames=("topk",))
+def _chunk_scores(student_logits, teacher_logits, temperature, vocab_mask, rows, toks, q_edge,
+                  observed_edge, visit_edge, jsd_beta, topk):
+  """One chunk of the final pass, on device.
+
+  student_logits, teacher_logits: f32[C, V] raw; vocab_mask: bool[V]; rows, toks: int32[E]
+  child edges (rows ≥ C are padding, dropped); q_edge, visit_edge: f32[E]; observed_edge:
+  bool[E]. The tree's statistics are scattered to [C, V] here, not on the host. Returns
+  (gradients.node_scores' dict of f32[C], MiniLLM parts: ĝ*_k, d_rkl_k, p_k, ℓ_k f32[E] and
+  ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖² f32[C]).
+  """
+  c, v = student_logits.shape
+  zs, zt = student_logits / temperature, teacher_logits / temperature
+  dense = lambda x, dt: jnp.zeros((c, v), dt).at[rows, toks].set(x.astype(dt), mode="drop")
+  q, obs, w = (dense(q_edge, jnp.float32), dense(observed_edge, bool),
+               dense(visit_edge, jnp.float32))
+  scores = gradients.node_scores(zs, zt, q, obs, w, vocab_mask, jsd_beta=jsd_beta, topk=topk)
+  g = gradients.ideal_direction(zs, q, obs, vocab_mask)
+  d = gradients.reverse_kl_direction(zs, zt, vocab_mask)
+  logp = gradients.masked_log_softmax(zs, vocab_mask)
+  logq = gradients.masked_log_softmax(zt, vocab_mask)
+  p = gradients.masked_softmax(zs, vocab_mask)
+  at = lambda x: x[jnp.minimum(rows, c - 1), toks]
+  parts = (at(g), at(d), at(p), at(logp) - at(logq), jnp.sum(g * p, -1), jnp.sum(d * p, -1),
+           jnp.sum(p * p, -1))
+  return scores, parts
+
+
+def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np.ndarray:
+  """R̄ per edge (float64[N], indexed by child id): mean over the rollouts that visit the edge
+  on-policy of Σ_{t'>t} (−ℓ_{y_t'}) / (L − t − 1) (0 for a rollout's last token). ell:
+  float64[N], ℓ of the edge into each node. O(total tokens)."""
+  total = np.zeros(arrays.num_nodes)
+  for leaf, _, branch_depth in tree.rollouts:
+    path = []
+    node = leaf
+    while node > 0:
+      path.append(node)
+      node = arrays.parent[node]
+    path = np.asarray(path[::-1])  # path[t] = the child at depth t + 1 (token y_t)
+    n = len(path)
+    if not n:
+      continue
+    neg = -ell[path]
+    after = np.concatenate([np.cumsum(neg[::-1])[::-1][1:], [0.0]])  # Σ_{t' > t}
+    future = after / np.maximum(n - np.arange(n) - 1, 1)
+    b = -1 if branch_depth is None else branch_depth
+    total[path[b + 1:]] += future[b + 1:]  # on-policy edges only, as visits
+  return np.where(arrays.visits > 0, total / np.maximum(arrays.visits, 1), 0.0)
+
+
+def _bucket_edges(n: int) -> int:
+  return max(8, 1 << max(n - 1, 0).bit_length())
+
+
+def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: int = 256,
+               vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
+               temperature: float = 1.0) -> tuple[dict[str, np.ndarray], ScoringStats]:
+  """The final pass: per scored node, every direction's alignment with ĝ* and the covariates.
+
+  Logits are divided by ``temperature`` (the sampling temperature; MATH.md's π = softmax(z/T)),
+  q̂ / observed / visit frequencies come from the tree, and ``gradients.node_scores`` reduces
+  each chunk to per-node scalars, so nothing of size N × V is kept. MiniLLM's R̄ needs ℓ along
+  every rollout's future, known only once all nodes are scored: each chunk keeps ĝ*, d_rkl, p
+  at the (few) children of its nodes and ``gradients.minillm_from_parts`` finishes it exactly.
+  Returns ({column: [N]} with ``node_id``, ``depth``, ``informative``, ``num_observed``,
+  ``min_trials``, gradients.node_scores' columns and ``{align,dot,norm}_minillm``, stats).
+  """
+  arrays = tree.arrays()
+  v = student.cfg.vocab_size
+  mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
+  n = arrays.num_nodes
+  g_k, d_k, p_k, ell = (np.zeros(n) for _ in range(4))
+  per_node = {"g_dot_p": np.zeros(n), "d_dot_p": np.zeros(n), "sq_p": np.zeros(n)}
+  stats: list = []
+  cols: dict[str, list] = {}
+  for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats):
+    # Pad every chunk to C rows: one compiled _chunk_scores, whatever the split.
+    extra = chunk_nodes - len(chunk.node_ids)
+    node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])
+    chunk = chunk._replace(student=jnp.pad(chunk.student, ((0, extra), (0, 0))),
+                           teacher=jnp.pad(chunk.teacher, ((0, extra), (0, 0))))
+    rows, kids, q_e, obs_e, w_e = arrays.child_stats(node_ids)
+    e = _bucket_edges(len(kids))
+    pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill, x.dtype)]))
+    out, terms = _chunk_scores(chunk.student, chunk.teacher, temperature, mask,
+                               pad(rows.astype(np.int32), chunk_nodes), pad(arrays.token[kids], 0),
+                               pad(q_e, 0), pad(obs_e, False), pad(w_e, 0), jsd_beta, topk=topk)
+    for dst, src in zip((g_k, d_k, p_k, ell), terms[:4]):
+      dst[kids] = np.asarray(src)[:len(kids)]
+    keep = node_ids >= 0
+    ids = node_ids[keep]
+    for name, src in zip(per_node, terms[4:]):
+      per_node[name][ids] = np.asarray(src)[keep]
+    out = {k: np.asarray(x)[keep] for k, x in out.items()}
+    out.update(node_id=ids, depth=arrays.depth[ids], informative=arrays.informative[ids],
+               num_observed=arrays.num_observed[ids], min_trials=arrays.min_trials[ids])
+    for k, x in out.items():
+      cols.setdefault(k, []).append(x)
+  cols = {k: np.concatenate(x) for k, x in cols.items()}
+  # MiniLLM: h_k = w_k R̄_k on visited children, summed per parent.
+  kids = np.arange(1, n)
+  par = arrays.parent[kids]
+  tot = arrays.total_visits[par]
+  h = np.where(tot > 0, arrays.visits[kids] / np.maximum(tot, 1), 0.0)
+  h = h * _future_rewards(tree, arrays, ell)[kids]
+  sums = {}
+  for name, x in [("gh", g_k[kids] * h), ("dh", d_k[kids] * h), ("hh", h * h),
+                  ("hp", h * p_k[kids]), ("h", h)]:
+    sums[name] = np.zeros(n)
+    np.add.at(sums[name], par, x)
+  ids = cols["node_id"]
+  dot, sq = gradients.minillm_from_parts(
+      cols["dot_reverse_kl"], cols["norm_reverse_kl"] ** 2, per_node["g_dot_p"][ids],
+      per_node["d_dot_p"][ids], per_node["sq_p"][ids], sums["gh"][ids], sums["dh"][ids],
+      sums["hh"][ids], sums["hp"][ids], sums["h"][ids])
+  norm = np.sqrt(np.asarray(sq))
+  den = cols["norm_ideal"] * norm
+  cols["dot_minillm"] = np.asarray(dot)
+  cols["norm_minillm"] = norm
+  cols["align_minillm"] = np.where(den > 0, cols["dot_minillm"] / np.where(den > 0, den, 1), 0.0)
+  return cols, stats[0]
