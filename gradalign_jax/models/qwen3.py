@@ -171,6 +171,27 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + rotated * sin
 
 
+def _einsum_by_reduction(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``jnp.einsum(eq, a, b)`` as a broadcast multiply and a sum, in fp32.
+
+  For one query token the attention einsums are B·K tiny matrix-vector products, which XLA
+  on CPU runs as that many separate dot calls; a fused multiply-reduce is one loop.
+  """
+  ins, out = eq.split("->")
+  la, lb = ins.split(",")
+  letters = list(dict.fromkeys(la + lb))
+
+  def expand(x, labels):
+    order = [c for c in letters if c in labels]
+    x = jnp.transpose(x.astype(jnp.float32), [labels.index(c) for c in order])
+    return x.reshape([x.shape[order.index(c)] if c in labels else 1 for c in letters])
+
+  r = jnp.sum(expand(a, la) * expand(b, lb),
+              axis=tuple(i for i, c in enumerate(letters) if c not in out))
+  kept = [c for c in letters if c in out]
+  return jnp.transpose(r, [kept.index(c) for c in out])
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -223,25 +244,26 @@ class Attention(nnx.Module):
     g = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, h)
     neg = jnp.finfo(jnp.float32).min
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, precision=prec,
-                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    if t == 1:  # decode step: matrix-vector products, fused (see _einsum_by_reduction)
+      dot = _einsum_by_reduction
+    else:
+      dot = functools.partial(jnp.einsum, precision=prec, preferred_element_type=jnp.float32)
+    scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, neg)
     if prefix is None:
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=prec)
+      out = dot("BKGTS,BSKH->BTKGH", probs, v).astype(v.dtype)
     else:
       pk, pv, pvalid = prefix
       nq, p = pvalid.shape
       qr = q.reshape(nq, b // nq, t, cfg.num_kv_heads, g, h)
-      pscores = jnp.einsum("QRTKGH,QPKH->QRKGTP", qr, pk, precision=prec,
-                           preferred_element_type=jnp.float32) * (h ** -0.5)
+      pscores = dot("QRTKGH,QPKH->QRKGTP", qr, pk) * (h ** -0.5)
       pscores = jnp.where(pvalid[:, None, None, None, None], pscores, neg)
       both = jnp.concatenate([pscores.reshape(b, *pscores.shape[2:]), scores], axis=-1)
       probs = jax.nn.softmax(both, axis=-1).astype(v.dtype)
       pprobs = probs[..., :p].reshape(nq, b // nq, *probs.shape[1:-1], p)
-      out = (jnp.einsum("QRKGTP,QPKH->QRTKGH", pprobs, pv, precision=prec).reshape(
-          b, t, cfg.num_kv_heads, g, h)
-             + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., p:], v, precision=prec))
+      out = (dot("QRKGTP,QPKH->QRTKGH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, g, h)
+             + dot("BKGTS,BSKH->BTKGH", probs[..., p:], v)).astype(v.dtype)
     out = jnp.einsum("BTNH,DNH->BTD", out.reshape(b, t, -1, h), self.o_proj[...], precision=prec)
     if cfg.attention_bias:
       out = out + self.o_bias[...]
