@@ -150,14 +150,32 @@ def policy_logprobs(logits: jax.Array, sampling: SamplingConfig,
   return logp
 
 
-def _draw(logp: jax.Array, keys: jax.Array, depth: jax.Array):
-  """Gumbel-max draw per row. logp f32[B, V]; keys [B] typed keys; depth int32[B].
+def _blocks(v: int) -> int:
+  """The largest divisor of v that is ≤ √v: the two-level inverse-CDF draw's block count."""
+  return max(c for c in range(1, int(v ** 0.5) + 1) if v % c == 0)
 
-  Returns (token int32[B], its log π f32[B]).
+
+def _draw(logp: jax.Array, keys: jax.Array, depth: jax.Array):
+  """Inverse-CDF draw per row. logp f32[B, V]; keys [B] typed keys; depth int32[B].
+
+  One uniform per row (not V Gumbels: the random bits cost more than a small model's
+  step) and a two-level CDF (block masses, then one block's tokens), so no length-V scan.
+  A token of probability 0 is never drawn. Returns (token int32[B], its log π f32[B]).
   """
-  step_keys = jax.vmap(jax.random.fold_in)(keys, depth)
-  gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logp.shape[-1:], jnp.float32))(step_keys)
-  tok = jnp.argmax(logp + gumbel, axis=-1).astype(jnp.int32)
+  b, v = logp.shape
+  c = _blocks(v)
+  u = jax.vmap(lambda k, d: jax.random.uniform(jax.random.fold_in(k, d), (), jnp.float32))(
+      keys, depth)
+  blocks = jnp.exp(logp).reshape(b, c, v // c)
+  cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, C]
+  target = u * cdf[:, -1]
+  ci = jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), c - 1)
+  before = jnp.where(ci > 0, jnp.take_along_axis(cdf, jnp.maximum(ci - 1, 0)[:, None], 1)[:, 0],
+                     0.0)
+  inner = jnp.take_along_axis(blocks, ci[:, None, None], axis=1)[:, 0]  # [B, V / C]
+  j = jnp.sum(jnp.cumsum(inner, axis=-1) <= (target - before)[:, None], axis=-1)
+  last = jnp.max(jnp.where(inner > 0, jnp.arange(v // c), 0), axis=-1)  # rounding guard
+  tok = (ci * (v // c) + jnp.minimum(j, last)).astype(jnp.int32)
   return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
