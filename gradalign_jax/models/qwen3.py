@@ -224,9 +224,15 @@ class Attention(nnx.Module):
     Returns (out [B, T, D], (k_cache, v_cache) or None).
     """
     cfg, prec = self.cfg, self.cfg.precision
-    q = jnp.einsum("BTD,NHD->BTNH", x, self.q_proj[...], precision=prec)
-    k = jnp.einsum("BTD,KHD->BTKH", x, self.k_proj[...], precision=prec)
-    v = jnp.einsum("BTD,KHD->BTKH", x, self.v_proj[...], precision=prec)
+    b, t, d = x.shape
+    n, nkv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # Projections as 2-D matmuls over flattened heads (E = N·H or K·H; the reshapes of the
+    # weights are free): with the head axes apart XLA on CPU re-lays a weight out every call.
+    proj = lambda w, heads: jnp.einsum("BTD,ED->BTE", x, w.reshape(heads * h, d),
+                                       precision=prec).reshape(b, t, heads, h)
+    q = proj(self.q_proj[...], n)
+    k = proj(self.k_proj[...], nkv)
+    v = proj(self.v_proj[...], nkv)
     if cfg.attention_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q = rope(self.q_norm(q), positions, cfg.rope_theta)
@@ -240,7 +246,6 @@ class Attention(nnx.Module):
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
       kv = (k_all, v_all)
       k, v = k_all[layer], v_all[layer]
-    b, t, _, h = q.shape
     g = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, h)
     neg = jnp.finfo(jnp.float32).min
@@ -264,7 +269,8 @@ class Attention(nnx.Module):
       pprobs = probs[..., :p].reshape(nq, b // nq, *probs.shape[1:-1], p)
       out = (dot("QRKGTP,QPKH->QRTKGH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, g, h)
              + dot("BKGTS,BSKH->BTKGH", probs[..., p:], v)).astype(v.dtype)
-    out = jnp.einsum("BTNH,DNH->BTD", out.reshape(b, t, -1, h), self.o_proj[...], precision=prec)
+    out = jnp.einsum("BTE,DE->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
+                     precision=prec)
     if cfg.attention_bias:
       out = out + self.o_bias[...]
     return out, kv
