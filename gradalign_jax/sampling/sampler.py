@@ -155,8 +155,14 @@ def _blocks(v: int) -> int:
   return max(c for c in range(1, int(v ** 0.5) + 1) if v % c == 0)
 
 
-def _draw(logp: jax.Array, keys: jax.Array, depth: jax.Array):
-  """Inverse-CDF draw per row. logp f32[B, V]; keys [B] typed keys; depth int32[B].
+def _uniforms(keys: jax.Array, depth: jax.Array) -> jax.Array:
+  """The uniform of each row's draw at each depth: keys [B]; depth int32[B, N] → f32[B, N]."""
+  one = lambda k, d: jax.random.uniform(jax.random.fold_in(k, d), (), jnp.float32)
+  return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(keys, depth)
+
+
+def _draw(logp: jax.Array, u: jax.Array):
+  """Inverse-CDF draw per row. logp f32[B, V]; u f32[B] uniforms in [0, 1).
 
   One uniform per row (not V Gumbels: the random bits cost more than a small model's
   step) and a two-level CDF (block masses, then one block's tokens), so no length-V scan.
@@ -164,8 +170,6 @@ def _draw(logp: jax.Array, keys: jax.Array, depth: jax.Array):
   """
   b, v = logp.shape
   c = _blocks(v)
-  u = jax.vmap(lambda k, d: jax.random.uniform(jax.random.fold_in(k, d), (), jnp.float32))(
-      keys, depth)
   blocks = jnp.exp(logp).reshape(b, c, v // c)
   cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, C]
   target = u * cdf[:, -1]
@@ -199,6 +203,8 @@ def _decode(model, sampling, vocab_mask, prefix, first_tok, first_lp, base_pos, 
   count = active.astype(jnp.int32)
   finished = ~active | _is_eos(first_tok, sampling) | (limit <= 1)
   gen = qwen3.init_cache(model.cfg, b, n_slots)
+  # Every draw's uniform at once: threefry per step inside the loop costs a small model 10%.
+  u_all = _uniforms(keys, depth0[:, None] + jnp.arange(n_slots, dtype=jnp.int32)[None])
 
   def cond(carry):
     i, _, _, _, finished, _ = carry
@@ -210,7 +216,8 @@ def _decode(model, sampling, vocab_mask, prefix, first_tok, first_lp, base_pos, 
     tok = jax.lax.dynamic_slice_in_dim(toks, i, 1, axis=1)
     logits, gen = model(tok, (base_pos + i)[:, None], live[:, None], gen, prefix=prefix)
     logp = policy_logprobs(logits[:, 0], sampling, vocab_mask)
-    nxt, lp = _draw(logp, keys, depth0 + i + 1)
+    u = jax.lax.dynamic_index_in_dim(u_all, i + 1, axis=1, keepdims=False)
+    nxt, lp = _draw(logp, u)
     nxt = jnp.where(live, nxt, sampling.pad_id)
     lp = jnp.where(live, lp, jnp.nan)
     toks = jax.lax.dynamic_update_slice_in_dim(toks, nxt[:, None], i + 1, axis=1)
@@ -234,7 +241,7 @@ def _sample_program(cfg, sampling, group_size, params, prompt_tok, prompt_pos, p
   prefix = qwen3.SharedPrefix(k=pcache.k, v=pcache.v, valid=pcache.valid)
   logp = jnp.repeat(policy_logprobs(logits[:, -1], sampling, vocab_mask), group_size, axis=0)
   b = nq * group_size
-  first_tok, first_lp = _draw(logp, keys, jnp.zeros((b,), jnp.int32))
+  first_tok, first_lp = _draw(logp, _uniforms(keys, jnp.zeros((b, 1), jnp.int32))[:, 0])
   prompt_len = jnp.repeat(jnp.sum(prompt_valid, axis=1, dtype=jnp.int32), group_size)
   n = sampling.max_new_tokens
   toks, lps, count, gen = _decode(
