@@ -23,10 +23,17 @@ smallest set of most probable tokens whose mass reaches p), renormalised (MATH.m
 recorded log-probability is log π of that token under this truncated policy; a forced token
 is not sampled and records NaN. ``Rollouts.policy`` records the policy.
 
-Determinism: row b of question q draws its depth-d token with the key
-fold_in(fold_in(fold_in(key(seed), question_id), g), d), so a row's rollout does not depend on
-which other questions share the batch or on the bucket sizes (up to fp reassociation in the
-matmuls). A branch row's key folds the source row's key, the branch seed, depth, token and m.
+Draws are by inverse CDF: one uniform per row and token, from the key
+fold_in(fold_in(fold_in(key(seed), question_id), g), d) for row g of a question at depth d, so
+a row's rollout does not depend on which other questions share the batch or on the bucket
+sizes (up to fp reassociation in the matmuls). A branch row's key folds the source row's key,
+the branch seed, depth, forced token and its index m < M; repeating a request in one call is
+refused (it would repeat the rows).
+
+Cost notes: a decode step attends to all of its row's generated slots (max_new_tokens, masked
+beyond the current length) and its prefix; a branch's prefix is the source's prompt plus all
+its generated slots, gathered once per request (not per row), so branching costs the same at
+any depth. top-p sorts the vocabulary every step; temperature and top-k do not.
 
 Shapes are bucketed (questions and branch requests to a power of two, prompt length to a
 power of two ≥ 8), so a sweep compiles a handful of programs per (model, SamplingConfig, G).
