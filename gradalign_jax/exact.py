@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import gradients, models
+from gradalign_jax.sampling.cache import gather_rows
 
 Prefix = tuple[int, ...]
 
@@ -49,12 +49,6 @@ class ExactTree:
     g = np.zeros(vocab_size)
     g[list(self.vocab)] = pi * (self.q(prefix) - self.values[prefix])
     return g
-
-
-def _gather_rows(cache: models.KVCache, rows: np.ndarray) -> models.KVCache:
-  rows = jnp.asarray(rows, jnp.int32)
-  return models.KVCache(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
-                        valid=jnp.take(cache.valid, rows, axis=0), length=cache.length)
 
 
 def enumerate_tree(cfg: models.Qwen3Config, params, prompt: Sequence[int], vocab: Sequence[int],
@@ -95,7 +89,8 @@ def enumerate_tree(cfg: models.Qwen3Config, params, prompt: Sequence[int], vocab
     if not live:
       break
     pad = width - len(live)
-    cache = _gather_rows(cache, np.concatenate([parents, np.zeros(pad, parents.dtype)]))
+    rows = np.concatenate([parents, np.zeros(pad, parents.dtype)])
+    cache = gather_rows(cache, jnp.asarray(rows, jnp.int32))
     toks = jnp.asarray([[u[-1]] for u in live] + [[live[0][-1]]] * pad, jnp.int32)
     pos = jnp.full((width, 1), p + d - 1, jnp.int32)
     logits, cache = models.forward_cached(cfg, params, toks, pos, jnp.ones((width, 1), bool),
