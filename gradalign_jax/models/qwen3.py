@@ -253,12 +253,22 @@ class Attention(nnx.Module):
       dot = _einsum_by_reduction
     else:
       dot = functools.partial(jnp.einsum, precision=prec, preferred_element_type=jnp.float32)
-    scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, neg)
-    if prefix is None:
+    if prefix is None and t > 1:
+      # Batch axes leading (B, K) so XLA's CPU backend runs batched GEMMs instead of
+      # re-laying out operands per (row, head): 2-3x faster prefill and scoring at small H.
+      qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+      scores = dot("BKGTH,BKSH->BKGTS", qh, kh) * (h ** -0.5)
+      scores = jnp.where(mask[:, None, None], scores, neg)
+      probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+      out = dot("BKGTS,BKSH->BKGTH", probs, vh).transpose(0, 3, 1, 2, 4).astype(v.dtype)
+    elif prefix is None:
+      scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
+      scores = jnp.where(mask[:, None, None], scores, neg)
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
       out = dot("BKGTS,BSKH->BTKGH", probs, v).astype(v.dtype)
     else:
+      scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
+      scores = jnp.where(mask[:, None, None], scores, neg)
       pk, pv, pvalid = prefix
       nq, p = pvalid.shape
       qr = q.reshape(nq, b // nq, t, cfg.num_kv_heads, g, h)
