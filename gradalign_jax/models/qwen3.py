@@ -16,6 +16,8 @@ whatever the weight dtype.
 The KV cache writes every row at one shared slot index (``KVCache.length``); rows of
 different lengths are handled by a per-slot validity mask and per-row RoPE positions, so
 the cache update is a single ``dynamic_update_slice`` and decode is dense matmuls.
+A ``SharedPrefix`` (e.g. a prompt's keys/values) can be attended by several consecutive
+rows without copying it per row: the sampler prefills a prompt once for its G samples.
 """
 
 from __future__ import annotations
@@ -120,6 +122,19 @@ class KVCache:
     return self.k.shape[2]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SharedPrefix:
+  """Keys/values of Q prefixes, each attended by B // Q consecutive rows of a batch.
+
+  k, v:  [L, Q, P, K, H] (model dtype), keys already rotated.
+  valid: bool[Q, P], slot holds a real token of that prefix (every row of the group sees it).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+
 def init_cache(cfg: Qwen3Config, batch: int, capacity: int) -> KVCache:
   """An empty cache for ``batch`` rows and ``capacity`` slots."""
   shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
@@ -156,6 +171,27 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + rotated * sin
 
 
+def _einsum_by_reduction(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``jnp.einsum(eq, a, b)`` as a broadcast multiply and a sum, in fp32.
+
+  For one query token the attention einsums are B·K tiny matrix-vector products, which XLA
+  on CPU runs as that many separate dot calls; a fused multiply-reduce is one loop.
+  """
+  ins, out = eq.split("->")
+  la, lb = ins.split(",")
+  letters = list(dict.fromkeys(la + lb))
+
+  def expand(x, labels):
+    order = [c for c in letters if c in labels]
+    x = jnp.transpose(x.astype(jnp.float32), [labels.index(c) for c in order])
+    return x.reshape([x.shape[order.index(c)] if c in labels else 1 for c in letters])
+
+  r = jnp.sum(expand(a, la) * expand(b, lb),
+              axis=tuple(i for i, c in enumerate(letters) if c not in out))
+  kept = [c for c in letters if c in out]
+  return jnp.transpose(r, [kept.index(c) for c in out])
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -178,35 +214,63 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dt)
     self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dt)
 
-  def __call__(self, x, positions, mask, kv=None, write_at=None):
+  def __call__(self, x, positions, mask, kv=None, write_at=None, prefix=None):
     """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, T, S].
 
-    Without a cache S == T. With ``kv = (k_cache, v_cache)`` ([B, S, K, H] each) the new
-    keys/values are written at slot ``write_at`` and attention runs over all S slots.
+    Without a cache S == T. With ``kv = (k_cache, v_cache, layer)`` ([L, B, S, K, H] each)
+    the new keys/values are written in place at (``layer``, slot ``write_at``) and attention
+    runs over this layer's S slots. ``prefix = (k, v, valid)`` ([Q, P, K, H] each,
+    bool[Q, P]) adds P slots that rows [q·R, (q+1)·R) all see, R = B // Q, uncopied.
     Returns (out [B, T, D], (k_cache, v_cache) or None).
     """
     cfg, prec = self.cfg, self.cfg.precision
-    q = jnp.einsum("BTD,NHD->BTNH", x, self.q_proj[...], precision=prec)
-    k = jnp.einsum("BTD,KHD->BTKH", x, self.k_proj[...], precision=prec)
-    v = jnp.einsum("BTD,KHD->BTKH", x, self.v_proj[...], precision=prec)
+    b, t, d = x.shape
+    n, nkv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # Projections as 2-D matmuls over flattened heads (E = N·H or K·H; the reshapes of the
+    # weights are free): with the head axes apart XLA on CPU re-lays a weight out every call.
+    proj = lambda w, heads: jnp.einsum("BTD,ED->BTE", x, w.reshape(heads * h, d),
+                                       precision=prec).reshape(b, t, heads, h)
+    q = proj(self.q_proj[...], n)
+    k = proj(self.k_proj[...], nkv)
+    v = proj(self.v_proj[...], nkv)
     if cfg.attention_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q = rope(self.q_norm(q), positions, cfg.rope_theta)
     k = rope(self.k_norm(k), positions, cfg.rope_theta)
     if kv is not None:
-      k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_at, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_at, axis=1)
-      kv = (k, v)
-    b, t, _, h = q.shape
+      k_all, v_all, layer = kv
+      # Writing into the all-layer buffer (not a per-layer copy re-stacked afterwards) lets
+      # XLA update the cache in place inside a decode loop.
+      at = (layer, 0, write_at, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+      kv = (k_all, v_all)
+      k, v = k_all[layer], v_all[layer]
     g = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, precision=prec,
-                        preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=prec).reshape(b, t, -1, h)
-    out = jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...], precision=prec)
+    neg = jnp.finfo(jnp.float32).min
+    if t == 1:  # decode step: matrix-vector products, fused (see _einsum_by_reduction)
+      dot = _einsum_by_reduction
+    else:
+      dot = functools.partial(jnp.einsum, precision=prec, preferred_element_type=jnp.float32)
+    scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, neg)
+    if prefix is None:
+      probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+      out = dot("BKGTS,BSKH->BTKGH", probs, v).astype(v.dtype)
+    else:
+      pk, pv, pvalid = prefix
+      nq, p = pvalid.shape
+      qr = q.reshape(nq, b // nq, t, cfg.num_kv_heads, g, h)
+      pscores = dot("QRTKGH,QPKH->QRKGTP", qr, pk) * (h ** -0.5)
+      pscores = jnp.where(pvalid[:, None, None, None, None], pscores, neg)
+      both = jnp.concatenate([pscores.reshape(b, *pscores.shape[2:]), scores], axis=-1)
+      probs = jax.nn.softmax(both, axis=-1).astype(v.dtype)
+      pprobs = probs[..., :p].reshape(nq, b // nq, *probs.shape[1:-1], p)
+      out = (dot("QRKGTP,QPKH->QRTKGH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, g, h)
+             + dot("BKGTS,BSKH->BTKGH", probs[..., p:], v)).astype(v.dtype)
+    out = jnp.einsum("BTE,DE->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
+                     precision=prec)
     if cfg.attention_bias:
       out = out + self.o_bias[...]
     return out, kv
@@ -237,8 +301,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, kv=None, write_at=None):
-    attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, write_at)
+  def __call__(self, x, positions, mask, kv=None, write_at=None, prefix=None):
+    attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, write_at, prefix)
     x = x + attn
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -254,17 +318,16 @@ class Qwen3(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.jnp_dtype))
 
-  def hidden(self, tokens, positions, mask, cache: KVCache | None = None):
-    """Final-normed hidden states [B, T, D] (and the updated cache's k/v, if any)."""
+  def hidden(self, tokens, positions, mask, cache: KVCache | None = None,
+             prefix: SharedPrefix | None = None):
+    """Final-normed hidden states [B, T, D] (and the updated cache's (k, v), if any)."""
     x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-    new_k, new_v = [], []
+    kv = None if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, positions, mask, kv, None if cache is None else cache.length)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-    return self.norm(x), (new_k, new_v)
+      layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.valid)
+      x, kv = layer(x, positions, mask, None if kv is None else (*kv, i),
+                    None if cache is None else cache.length, layer_prefix)
+    return self.norm(x), kv
 
   def logits(self, h: jax.Array) -> jax.Array:
     """fp32 logits [..., V] from hidden states [..., D]."""
@@ -273,7 +336,7 @@ class Qwen3(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def __call__(self, tokens, positions=None, token_valid=None, cache: KVCache | None = None,
-               chunk_mask=None, attend_mask=None):
+               chunk_mask=None, attend_mask=None, prefix: SharedPrefix | None = None):
     """tokens, positions: int32[B, T]; token_valid: bool[B, T] (False = padding).
 
     ``chunk_mask`` bool[B, T, T] says which tokens of this chunk each token sees (default
@@ -282,7 +345,8 @@ class Qwen3(nnx.Module):
     written at slots [cache.length, cache.length + T) and also sees every valid earlier
     slot, or only those where ``attend_mask`` bool[B, T, S] (S = cache capacity) is True
     (a tree appended to the cache chunk by chunk: each node sees only its ancestors).
-    Returns (logits f32[B, T, V], updated cache or None).
+    ``prefix`` (needs a cache) is a segment seen by every token of its row group, before
+    the cache's slots. Returns (logits f32[B, T, V], updated cache or None).
     """
     b, t = tokens.shape
     if positions is None:
@@ -293,6 +357,8 @@ class Qwen3(nnx.Module):
       chunk_mask = jnp.tril(jnp.ones((t, t), bool))[None]
     chunk_mask = jnp.broadcast_to(chunk_mask, (b, t, t)) & token_valid[:, None, :]
     if cache is None:
+      if prefix is not None:
+        raise ValueError("a SharedPrefix is attended through a cache; pass cache= as well")
       h, _ = self.hidden(tokens, positions, chunk_mask)
       return self.logits(h), None
     if cache.capacity < t:
@@ -303,8 +369,10 @@ class Qwen3(nnx.Module):
       earlier = earlier & attend_mask
     mask = jax.lax.dynamic_update_slice(earlier, chunk_mask, (0, 0, cache.length))
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.length, axis=1)
-    h, (ks, vs) = self.hidden(tokens, positions, mask, cache)
-    cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, length=cache.length + t)
+    if prefix is not None and b % prefix.valid.shape[0]:
+      raise ValueError(f"{b} rows cannot be split evenly among {prefix.valid.shape[0]} prefixes")
+    h, (k, v) = self.hidden(tokens, positions, mask, cache, prefix)
+    cache = KVCache(k=k, v=v, valid=valid, length=cache.length + t)
     return self.logits(h), cache
 
 

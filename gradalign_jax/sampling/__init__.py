@@ -1,0 +1,16 @@
+"""The student's sampler: batched rollouts with a shared prompt KV, and branching from them.
+
+    from gradalign_jax import sampling
+    cfg_s = sampling.SamplingConfig(max_new_tokens=256, temperature=1.0, eos_ids=(eos_id,))
+    ro = sampling.sample(cfg, params, prompts, cfg_s, num_samples=G, seed=0)
+    br = sampling.branch(cfg, params, ro, rows, depths, tokens, num_samples=M, seed=1)
+
+See ``sampler.py`` for the contract (policy, keys, shapes) and ``cache.py`` for the KV state.
+"""
+
+from gradalign_jax.sampling.cache import RolloutState
+from gradalign_jax.sampling.sampler import (STOP_EOS, STOP_MAX_TOKENS, STOP_REASONS, Rollouts,
+                                            SamplingConfig, branch, policy_logprobs, sample)
+
+__all__ = ["RolloutState", "Rollouts", "STOP_EOS", "STOP_MAX_TOKENS", "STOP_REASONS",
+           "SamplingConfig", "branch", "policy_logprobs", "sample"]

@@ -1,0 +1,90 @@
+"""KV state that rollouts keep for branching, and the pytree helpers that gather and truncate it.
+
+Shape letters as in ``models/qwen3.py``, plus: Q prefix groups, R rows per group (B = Q·R),
+P prefix slots, N generated slots per row.
+
+A batch of rollouts holds two KV segments:
+
+- a ``SharedPrefix`` [L, Q, P, K, H]: the prompt (and, for branched rows, the source's
+  generated prefix), written once and attended by the R rows of its group;
+- a per-row ``KVCache`` [L, B, N, K, H] of the generated tokens: slot i of row b holds the
+  token at depth ``depth0[b] + i``, RoPE position ``base_pos[b] + i``.
+
+Every slot's RoPE position is known, so "the prefix of depth t" is a validity mask
+(position < prompt_len + t) over the same buffers: branching at any depth gathers the same
+amount of KV and recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gradalign_jax.models.qwen3 import KVCache, SharedPrefix
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RolloutState:
+  """Device-side KV of a batch of rollouts (padding rows included; real rows come first).
+
+  prefix:     SharedPrefix, k/v [L, Q, P, K, H], valid bool[Q, P].
+  prefix_pos: int32[Q, P] RoPE position of each prefix slot.
+  gen:        KVCache, k/v [L, B, N, K, H], valid bool[B, N] (slot written with a real token).
+  base_pos:   int32[B] position of generated slot 0 (= prompt_len + depth0).
+  prompt_len: int32[B] prompt tokens of the row's question (positions 0 … prompt_len - 1).
+  """
+  prefix: SharedPrefix
+  prefix_pos: jax.Array
+  gen: KVCache
+  base_pos: jax.Array
+  prompt_len: jax.Array
+
+  @property
+  def group_size(self) -> int:
+    return self.gen.valid.shape[0] // self.prefix.valid.shape[0]
+
+
+def gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+  """The cache restricted to ``rows`` (int32[B']), in that order (rows may repeat)."""
+  return KVCache(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
+                 valid=jnp.take(cache.valid, rows, axis=0), length=cache.length)
+
+
+def truncate(cache: KVCache, slot_pos: jax.Array, end_pos: jax.Array) -> KVCache:
+  """Keeps only the slots whose position is below ``end_pos``.
+
+  slot_pos: int32[B, S] position of each slot; end_pos: int32[B]. Nothing is moved: the
+  other slots become invalid and are never attended.
+  """
+  valid = cache.valid & (slot_pos < end_pos[:, None])
+  return dataclasses.replace(cache, valid=valid)
+
+
+def gen_positions(state: RolloutState) -> jax.Array:
+  """int32[B, N] RoPE position of every generated slot."""
+  n = state.gen.valid.shape[1]
+  return state.base_pos[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+
+
+def branch_prefix(state: RolloutState, rows: jax.Array, depths: jax.Array):
+  """The prefix of depth ``depths[i]`` of source row ``rows[i]``, as one shared prefix each.
+
+  rows, depths: int32[Q']. Returns (SharedPrefix [L, Q', P + N, K, H], prefix_pos
+  int32[Q', P + N]): the source's group prefix followed by its generated slots, valid where
+  the slot holds a token of the prompt or of depth < ``depths[i]``. The gathered size does
+  not depend on the depth.
+  """
+  group = rows // state.group_size
+  end = jnp.take(state.prompt_len, rows) + depths  # [Q']
+  pre = state.prefix
+  pre_pos = jnp.take(state.prefix_pos, group, axis=0)
+  gen = truncate(gather_rows(state.gen, rows), jnp.take(gen_positions(state), rows, axis=0), end)
+  pre_valid = jnp.take(pre.valid, group, axis=0) & (pre_pos < end[:, None])
+  k = jnp.concatenate([jnp.take(pre.k, group, axis=1), gen.k], axis=2)
+  v = jnp.concatenate([jnp.take(pre.v, group, axis=1), gen.v], axis=2)
+  valid = jnp.concatenate([pre_valid, gen.valid], axis=1)
+  pos = jnp.concatenate([pre_pos, jnp.take(gen_positions(state), rows, axis=0)], axis=1)
+  return SharedPrefix(k=k, v=v, valid=valid), pos
