@@ -47,16 +47,17 @@ class TargetedConfig:
 
   budget: targeted rollouts in all, over all rounds (the initial on-policy rollouts are not
     counted here). Default 64.
-  num_continuations: M, continuations per (node, token) pair; a pair's Q̂ then rests on at
-    least M trials. Default 4. The last pair of a round gets the remainder when the round's
-    budget is not a multiple of M.
+  num_continuations: M, continuations per (node, token) pair. Default 4. A round's budget is
+    dealt evenly over ⌈budget / M⌉ pairs (so pairs get M or M − 1 when it does not divide);
+    when fewer pairs are eligible, each gets more (``plan_round``), so the budget is spent.
   rounds: the budget is split evenly across rounds; each round re-scores the refreshed tree
     and chooses again (pairs found by earlier targeted rollouts become candidates). Default 1.
   priority: ``"reverse_kl"`` (|d_k| of GKD's reverse-KL direction, the default),
     ``"forward_kl"`` (|q_k − p_k|, the same order as ``"prob_gap"``), ``"jsd"`` (β =
     ``jsd_beta``) or ``"prob_gap"`` (|p_k − q_k|).
   min_trials: a pair is a candidate while n_k < min_trials (outcome trials of u·k). Default 4
-    (= M: a pair targeted once is not targeted again unless M < min_trials).
+    (= M: a pair targeted once is not targeted again unless M < min_trials). A large value
+    makes every pair a candidate (the budget then also refines well-visited children).
   max_pairs_per_node: at most this many tokens of one node are kept as candidates (the top
     priorities; bounds what leaves the device for a large vocabulary). Default 8.
   max_depth: nodes deeper than this are not candidates (None: no limit).
@@ -121,13 +122,21 @@ def split_budget(available: Sequence[int], total: int) -> np.ndarray:
   avail = np.asarray(available, np.int64)
   out = np.zeros_like(avail)
   left = min(int(total), int(avail.sum()))
-  while left > 0:
-    open_ = np.flatnonzero(out < avail)
+  open_ = [w for w in range(len(avail)) if avail[w] > 0]
+  # Windows too small for an equal share take all they have, until every open one can take
+  # its share; only then is the remainder dealt (so it never lands before a cap is known).
+  while open_:
+    small = [w for w in open_ if avail[w] * len(open_) <= left]
+    if not small:
+      break
+    for w in small:
+      out[w] = avail[w]
+      left -= int(avail[w])
+    open_ = [w for w in open_ if w not in small]
+  if open_:
     share, extra = divmod(left, len(open_))
     for i, w in enumerate(open_):
-      take = min(share + (i < extra), avail[w] - out[w])
-      out[w] += take
-      left -= take
+      out[w] = share + (i < extra)
   return out
 
 
@@ -323,14 +332,21 @@ class RoundLog:
 
 
 def plan_round(cands: Candidates, budget: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-  """Chosen candidate indices and the rollouts each gets: ⌊budget / m⌋ pairs of m, plus one
-  pair of the remainder. Returns (idx int64[P], rollouts int64[P]), Σ rollouts ≤ budget
-  (less only when candidates run out)."""
-  full, rest = divmod(int(budget), int(m))
-  idx = select(cands, full + (rest > 0))
-  counts = np.full(len(idx), m, np.int64)
-  if rest and len(idx) == full + 1:
-    counts[-1] = rest  # the last chosen pair (deepest window, lowest priority) gets the rest
+  """Chosen candidate indices and the rollouts each gets.
+
+  ⌈budget / m⌉ pairs are chosen (``select``) and the budget is dealt evenly over them (the
+  first in ``select``'s order, shallow windows first, get the remainder): about m each.
+  When the candidates run out first, every candidate is chosen and gets more than m, so the
+  whole budget is still spent. Returns
+  (idx int64[P], rollouts int64[P]), Σ rollouts = budget (0 with no candidates).
+  """
+  budget, m = int(budget), int(m)
+  if budget <= 0 or len(cands.node) == 0:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  idx = select(cands, -(-budget // m))
+  base, extra = divmod(budget, len(idx))
+  counts = np.full(len(idx), base, np.int64)
+  counts[:extra] += 1
   return idx, counts
 
 
@@ -338,9 +354,13 @@ def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget:
               m: int, cfg_model, params, reward_fn: Callable[[tuple[int, ...]], float],
               vocab_mask=None, seed: int = 0) -> list[RoundLog]:
   """One round over several questions: chooses ``budget`` rollouts' worth of pairs per
-  question, branches them (one ``sampling.branch`` call per source batch and M), scores
+  question, branches them (one ``sampling.branch`` call per source batch and power of two
+  in the pairs' counts), scores
   them with ``reward_fn(generated ids) → 0/1`` and adds them to each pool's tree."""
-  requests: dict[tuple[int, int], list] = {}  # (batch id, m) → [(pool i, row, depth, tok)]
+  # A pair's count is split into powers of two, one branch call per (source batch, power):
+  # num_samples is static in the sampler, so this keeps the compiled programs to a handful
+  # whatever the budget. A pair may appear in several calls; their seeds differ.
+  requests: dict[tuple[int, int], list] = {}  # (batch id, 2^j) → [(pool i, batch i, row, d, k)]
   logs = []
   for qi, (pool, c) in enumerate(zip(pools, cands)):
     idx, counts = plan_round(c, budget, m)
@@ -350,8 +370,10 @@ def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget:
       continue
     for (b, row), d, k, n in zip(find_sources(pool, pairs.node), pairs.depth, pairs.token,
                                  counts):
-      key = (id(pool.batches[b]), int(n))
-      requests.setdefault(key, []).append((qi, b, row, int(d), int(k)))
+      for j in range(int(n).bit_length()):
+        if n >> j & 1:
+          key = (id(pool.batches[b]), 1 << j)
+          requests.setdefault(key, []).append((qi, b, row, int(d), int(k)))
   for call, ((_, n), reqs) in enumerate(sorted(requests.items(), key=lambda kv: kv[0][1])):
     qi0, b0 = reqs[0][0], reqs[0][1]
     source = pools[qi0].batches[b0]
