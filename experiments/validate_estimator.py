@@ -57,6 +57,8 @@ flags.DEFINE_enum("priority", "reverse_kl", ["reverse_kl", "forward_kl", "jsd", 
                   "targeted: pair priority")
 flags.DEFINE_integer("min_trials", 1 << 30, "targeted: a pair is a candidate while n_k < this "
                      "(default: every pair; the budget also refines visited children)")
+flags.DEFINE_enum("surplus", "even", ["even", "priority"], "targeted: how budget left once "
+                  "every pair has M continuations is dealt")
 flags.DEFINE_float("target_cos", 0.9, "the mean cos(ĝ*, g*_exact) a method must reach")
 flags.DEFINE_integer("bootstrap", 2000, "bootstrap resamples")
 FLAGS = flags.FLAGS
@@ -254,7 +256,8 @@ def write_report(out, records, meta):
            f"{meta['horizon']}, vocab {meta['vocab']} (EOS {meta['eos']}), exact V(root) "
            f"{[round(x, 3) for x in meta['exact_root_values']]}; targeted: "
            f"{meta['initial_rollouts']} initial rollouts, M = {meta['num_continuations']}, "
-           f"priority {meta['priority']}, min_trials {meta['min_trials']}, rounds "
+           f"priority {meta['priority']}, surplus {meta['surplus']}, min_trials "
+           f"{meta['min_trials']}, rounds "
            f"{meta['rounds']}.  ",
            f"Sampler vs exact policy: max |Δ log π| = {meta['policy_check']:.2e} over every "
            f"sampled token. Evaluation sets that differ between the methods: "
@@ -349,7 +352,8 @@ def main(argv):
                                  eos_ids=(FLAGS.eos,), max_cache_len=16)
   setup = (cfg, student, teacher, prompts, refs, mask, reward_fn, scfg, vocab)
   tcfg_kwargs = dict(num_continuations=FLAGS.num_continuations, rounds=FLAGS.rounds,
-                     priority=FLAGS.priority, min_trials=FLAGS.min_trials)
+                     priority=FLAGS.priority, min_trials=FLAGS.min_trials,
+                     surplus=FLAGS.surplus)
   per_seed = {(m, b): [] for m in METHODS for b in budgets}
   used = {(m, b): [] for m in METHODS for b in budgets}
   worst = 0.0
@@ -381,12 +385,14 @@ def main(argv):
   meta = dict(command="python -m experiments.validate_estimator " + " ".join(
       f"--{k}={fmt(v)}" for k, v in FLAGS.flag_values_dict().items()
       if k in {f.name for f in FLAGS.get_key_flags_for_module(__name__)}
-      and FLAGS[k].present), wall_s=wall, differing_eval_sets=int(differing_sets), seeds=FLAGS.seeds, questions=FLAGS.questions,
+      and FLAGS[k].present), wall_s=wall, differing_eval_sets=int(differing_sets),
+      seeds=FLAGS.seeds, questions=FLAGS.questions,
       horizon=FLAGS.horizon, vocab=vocab, eos=FLAGS.eos, budgets=budgets,
       initial_rollouts=FLAGS.initial_rollouts, num_continuations=FLAGS.num_continuations,
-      priority=FLAGS.priority, min_trials=FLAGS.min_trials, rounds=FLAGS.rounds,
+      priority=FLAGS.priority, surplus=FLAGS.surplus, min_trials=FLAGS.min_trials,
+      rounds=FLAGS.rounds,
       target_cos=FLAGS.target_cos, policy_check=worst, prompts=prompts,
-      exact_root_values=[r[0].values[()] for r in refs])
+      exact_root_values=[float(r[0].values[()]) for r in refs])
   reach, tree_reach, verdict = write_report(FLAGS.out, records, meta)
   plot(FLAGS.out, records, FLAGS.target_cos)
   with open(os.path.join(FLAGS.out, "summary.json"), "w") as f:

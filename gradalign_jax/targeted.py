@@ -62,6 +62,8 @@ class TargetedConfig:
     priorities; bounds what leaves the device for a large vocabulary). Default 8.
   max_depth: nodes deeper than this are not candidates (None: no limit).
   jsd_beta: β of the ``"jsd"`` priority. Default 0.5.
+  surplus: when every candidate already gets M and budget is left, deal it ``"even"``ly
+    (default) or in proportion to ``"priority"`` (``plan_round``).
   """
   budget: int = 64
   num_continuations: int = 4
@@ -71,6 +73,7 @@ class TargetedConfig:
   max_pairs_per_node: int = 8
   max_depth: int | None = None
   jsd_beta: float = 0.5
+  surplus: str = "even"
 
   def __post_init__(self):
     if self.priority not in PRIORITIES:
@@ -78,6 +81,8 @@ class TargetedConfig:
     if self.budget < 0 or self.num_continuations < 1 or self.rounds < 1:
       raise ValueError(f"need budget ≥ 0, num_continuations ≥ 1, rounds ≥ 1 (got "
                        f"{self.budget}, {self.num_continuations}, {self.rounds})")
+    if self.surplus not in ("even", "priority"):
+      raise ValueError(f"surplus={self.surplus!r} must be 'even' or 'priority'")
     if self.min_trials < 1 or self.max_pairs_per_node < 1:
       raise ValueError(f"min_trials={self.min_trials} and max_pairs_per_node="
                        f"{self.max_pairs_per_node} must be ≥ 1")
@@ -238,7 +243,7 @@ def candidates(tree: PrefixTree | TreeArrays, student: scoring.Policy, teacher: 
     val, tok, tr = _chunk_candidates(
         chunk.student, chunk.teacher, temperature, mask, pad(rows, len(node_ids)),
         pad(arrays.token[kids], 0), pad(np.minimum(arrays.trials[kids], 2**30), 0),
-        cfg.min_trials, cfg.jsd_beta, kind=cfg.priority, k=k)
+        min(cfg.min_trials, 2**31 - 1), cfg.jsd_beta, kind=cfg.priority, k=k)
     val, tok, tr = np.asarray(val), np.asarray(tok), np.asarray(tr)
     real = node_ids >= 0
     if cfg.max_depth is not None:
@@ -304,6 +309,10 @@ def find_sources(pool: RolloutPool, node_ids: Sequence[int],
   in preorder; its KV state then holds u's whole prefix (a branched row holds the part before
   its branch point in its shared prefix). Raises if a node has none (it has no child).
   """
+  if len(pool.tree.rollouts) != len(pool.origin):
+    raise ValueError(f"the pool's tree holds {len(pool.tree.rollouts)} rollouts but the pool "
+                     f"knows the source of {len(pool.origin)}: add rollouts through "
+                     "RolloutPool.add, not PrefixTree.add")
   arrays = pool.tree.arrays() if arrays is None else arrays
   pos = np.empty(arrays.num_nodes, np.int64)
   pos[arrays.preorder] = np.arange(arrays.num_nodes)
@@ -331,28 +340,40 @@ class RoundLog:
   window: np.ndarray
 
 
-def plan_round(cands: Candidates, budget: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+def plan_round(cands: Candidates, budget: int, m: int,
+               surplus: str = "even") -> tuple[np.ndarray, np.ndarray]:
   """Chosen candidate indices and the rollouts each gets.
 
   ⌈budget / m⌉ pairs are chosen (``select``) and the budget is dealt evenly over them (the
   first in ``select``'s order, shallow windows first, get the remainder): about m each.
-  When the candidates run out first, every candidate is chosen and gets more than m, so the
-  whole budget is still spent. Returns
+  When the candidates run out first, every candidate is chosen and gets m, and the surplus
+  is dealt evenly (``surplus="even"``) or in proportion to the pairs' priorities
+  (``"priority"``, largest remainders first), so the whole budget is still spent. Returns
   (idx int64[P], rollouts int64[P]), Σ rollouts = budget (0 with no candidates).
   """
   budget, m = int(budget), int(m)
+  if surplus not in ("even", "priority"):
+    raise ValueError(f"surplus={surplus!r} must be 'even' or 'priority'")
   if budget <= 0 or len(cands.node) == 0:
     return np.zeros(0, np.int64), np.zeros(0, np.int64)
   idx = select(cands, -(-budget // m))
-  base, extra = divmod(budget, len(idx))
+  base = min(m, budget // len(idx)) if surplus == "priority" else budget // len(idx)
   counts = np.full(len(idx), base, np.int64)
-  counts[:extra] += 1
+  left = budget - int(counts.sum())
+  w = cands.priority[idx].astype(np.float64)
+  if surplus == "priority" and left > 0 and w.sum() > 0:
+    share = left * w / w.sum()
+    counts += np.floor(share).astype(np.int64)
+    left = budget - int(counts.sum())
+    counts[np.argsort(-(share - np.floor(share)), kind="stable")[:left]] += 1
+  else:
+    counts[:left] += 1
   return idx, counts
 
 
 def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget: int,
               m: int, cfg_model, params, reward_fn: Callable[[tuple[int, ...]], float],
-              vocab_mask=None, seed: int = 0) -> list[RoundLog]:
+              vocab_mask=None, seed: int = 0, surplus: str = "even") -> list[RoundLog]:
   """One round over several questions: chooses ``budget`` rollouts' worth of pairs per
   question, branches them (one ``sampling.branch`` call per source batch and power of two
   in the pairs' counts), scores
@@ -363,7 +384,7 @@ def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget:
   requests: dict[tuple[int, int], list] = {}  # (batch id, 2^j) → [(pool i, batch i, row, d, k)]
   logs = []
   for qi, (pool, c) in enumerate(zip(pools, cands)):
-    idx, counts = plan_round(c, budget, m)
+    idx, counts = plan_round(c, budget, m, surplus)
     pairs = c.take(idx)
     logs.append(RoundLog(pairs, counts, window_index(pairs.depth)))
     if not len(idx):
@@ -409,7 +430,8 @@ def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.P
     cands = [candidates(p.tree, s, t, cfg, vocab_mask, temperature, chunk_nodes)
              for p, s, t in zip(pools, students, teachers)]
     out.append(run_round(pools, cands, budget, cfg.num_continuations, students[0].cfg,
-                         students[0].params, reward_fn, vocab_mask, seed=seed * 101 + r))
+                         students[0].params, reward_fn, vocab_mask, seed=seed * 101 + r,
+                         surplus=cfg.surplus))
   return out
 
 
