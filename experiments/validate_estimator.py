@@ -294,7 +294,8 @@ def write_report(out, records, meta):
       lines.append(f"- at {reach[m]}, {m} covers {r['coverage']:.3f} of the evaluation nodes")
   lines += ["", "The mean is over informative nodes only: at low coverage it rests on a few "
             "well-visited nodes, which is why the smallest budgets can look good; hence the "
-            "'and every larger budget' rule.", "", verdict, "", f"Over each method's whole tree (tree cos): uniform "
+            "'and every larger budget' rule.", "", verdict, "",
+            f"Over each method's whole tree (tree cos): uniform "
             f"{tree_reach['uniform'] or 'never'}, targeted {tree_reach['targeted'] or 'never'}; "
             + verdict_line(tree_reach, meta["budgets"]), ""]
   with open(os.path.join(out, "report.md"), "w") as f:
