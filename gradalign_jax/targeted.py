@@ -1,0 +1,440 @@
+"""Targeted rollouts (MATH.md "Targeted rollouts"): spend a rollout budget on the (node, token)
+pairs that decide the cosine, branching from cached prefixes.
+
+Shape letters: C nodes of a chunk, V vocab, K candidates kept per node, P pairs.
+
+One round:
+  1. Candidates: every scored node u of the tree (root and nodes with a child) and every
+     token k of the vocabulary mask with n_k < ``min_trials``; priority |d_k(u)| for the chosen
+     distillation direction, or |p_k − q_k| (``priorities``). Logits come chunk by chunk from
+     ``scoring.node_logit_chunks``; only the K best tokens of each node leave the device.
+  2. Depth windows [0,1), [1,2), [2,4), [4,8), … (``window_index``): the round's pairs are split
+     equally across the windows that have candidates, a window with fewer candidates than its
+     share hands the rest on (``split_budget``); within a window the highest priorities win
+     (``select``).
+  3. Each pair gets M continuations from ``sampling.branch``: a source rollout whose path
+     passes through u already holds u's prefix in its KV state (``find_sources``), the token
+     k is forced at depth(u), the rest is sampled on-policy. All pairs of a round that share a
+     source batch go in one ``branch`` call.
+  4. The continuations enter the tree with ``branch_depth = depth(u)`` (they count toward
+     (s, n) of u·k and below, never toward u's ancestors); ``PrefixTree.arrays()`` then gives
+     the refreshed Q̂, Wilson bounds and informative flags. Later rounds re-score the tree
+     (new nodes) and choose again.
+
+``RolloutPool`` is the one mutable object: a question's tree together with the sampler batches
+its rollouts came from (the KV state a branch needs). Everything else is a pure function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradalign_jax import gradients, sampling, scoring
+from gradalign_jax.tree import PrefixTree, TreeArrays
+
+PRIORITIES = ("reverse_kl", "forward_kl", "jsd", "prob_gap")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetedConfig:
+  """How targeted rollouts spend their budget (per question).
+
+  budget: targeted rollouts in all, over all rounds (the initial on-policy rollouts are not
+    counted here). Default 64.
+  num_continuations: M, continuations per (node, token) pair. Default 4. A round's budget is
+    dealt evenly over ⌈budget / M⌉ pairs (so pairs get M or M − 1 when it does not divide);
+    when fewer pairs are eligible, each gets more (``plan_round``), so the budget is spent.
+  rounds: the budget is split evenly across rounds; each round re-scores the refreshed tree
+    and chooses again (pairs found by earlier targeted rollouts become candidates). Default 1.
+  priority: ``"reverse_kl"`` (|d_k| of GKD's reverse-KL direction, the default),
+    ``"forward_kl"`` (|q_k − p_k|, the same order as ``"prob_gap"``), ``"jsd"`` (β =
+    ``jsd_beta``) or ``"prob_gap"`` (|p_k − q_k|).
+  min_trials: a pair is a candidate while n_k < min_trials (outcome trials of u·k). Default 4
+    (= M: a pair targeted once is not targeted again unless M < min_trials). A large value
+    makes every pair a candidate (the budget then also refines well-visited children).
+  max_pairs_per_node: at most this many tokens of one node are kept as candidates (the top
+    priorities; bounds what leaves the device for a large vocabulary). Default 8.
+  max_depth: nodes deeper than this are not candidates (None: no limit).
+  jsd_beta: β of the ``"jsd"`` priority. Default 0.5.
+  surplus: when every candidate already gets M and budget is left, deal it ``"even"``ly
+    (default) or in proportion to ``"priority"`` (``plan_round``).
+  """
+  budget: int = 64
+  num_continuations: int = 4
+  rounds: int = 1
+  priority: str = "reverse_kl"
+  min_trials: int = 4
+  max_pairs_per_node: int = 8
+  max_depth: int | None = None
+  jsd_beta: float = 0.5
+  surplus: str = "even"
+
+  def __post_init__(self):
+    if self.priority not in PRIORITIES:
+      raise ValueError(f"priority={self.priority!r} is not one of {PRIORITIES}")
+    if self.budget < 0 or self.num_continuations < 1 or self.rounds < 1:
+      raise ValueError(f"need budget ≥ 0, num_continuations ≥ 1, rounds ≥ 1 (got "
+                       f"{self.budget}, {self.num_continuations}, {self.rounds})")
+    if self.surplus not in ("even", "priority"):
+      raise ValueError(f"surplus={self.surplus!r} must be 'even' or 'priority'")
+    if self.min_trials < 1 or self.max_pairs_per_node < 1:
+      raise ValueError(f"min_trials={self.min_trials} and max_pairs_per_node="
+                       f"{self.max_pairs_per_node} must be ≥ 1")
+
+  def round_budgets(self) -> list[int]:
+    """Targeted rollouts of each round (sums to ``budget``; earlier rounds get the remainder)."""
+    base, extra = divmod(self.budget, self.rounds)
+    return [base + (r < extra) for r in range(self.rounds)]
+
+
+# ---------------------------------------------------------------------------------------
+# Windows and the budget split (pure numpy)
+
+
+def window_index(depth) -> np.ndarray:
+  """Depth window of each depth: 0 for [0,1), 1 for [1,2), 2 for [2,4), w for [2^(w−1), 2^w).
+
+  depth: int array-like ≥ 0 → int64 array of the same shape.
+  """
+  d = np.asarray(depth, np.int64)
+  if np.any(d < 0):
+    raise ValueError("depths must be ≥ 0")
+  w = np.zeros(d.shape, np.int64)
+  pos = d > 0
+  w[pos] = np.floor(np.log2(d[pos])).astype(np.int64) + 1
+  return w
+
+
+def window_bounds(w: int) -> tuple[int, int]:
+  """[lo, hi) in generated tokens of window w."""
+  return (0, 1) if w == 0 else (1 << (w - 1), 1 << w)
+
+
+def split_budget(available: Sequence[int], total: int) -> np.ndarray:
+  """Pairs per window: equal shares over the windows with candidates, water-filled.
+
+  available: int[W] candidates in each window; total: pairs to place. A window never gets
+  more than it has; what it cannot take is shared among the others; a remainder that does
+  not divide evenly goes to the shallowest windows. Returns int64[W], sum = min(total,
+  Σ available).
+  """
+  avail = np.asarray(available, np.int64)
+  out = np.zeros_like(avail)
+  left = min(int(total), int(avail.sum()))
+  open_ = [w for w in range(len(avail)) if avail[w] > 0]
+  # Windows too small for an equal share take all they have, until every open one can take
+  # its share; only then is the remainder dealt (so it never lands before a cap is known).
+  while open_:
+    small = [w for w in open_ if avail[w] * len(open_) <= left]
+    if not small:
+      break
+    for w in small:
+      out[w] = avail[w]
+      left -= int(avail[w])
+    open_ = [w for w in open_ if w not in small]
+  if open_:
+    share, extra = divmod(left, len(open_))
+    for i, w in enumerate(open_):
+      out[w] = share + (i < extra)
+  return out
+
+
+class Candidates(NamedTuple):
+  """Candidate pairs (one entry per (node, token)); all arrays of length P.
+
+  node int32 (tree node id), token int32, depth int32 (of the node), priority float32,
+  trials int64 (n_k so far).
+  """
+  node: np.ndarray
+  token: np.ndarray
+  depth: np.ndarray
+  priority: np.ndarray
+  trials: np.ndarray
+
+  def take(self, idx) -> "Candidates":
+    return Candidates(*(x[idx] for x in self))
+
+
+def select(cands: Candidates, num_pairs: int) -> np.ndarray:
+  """Indices into ``cands`` of the chosen pairs: ``split_budget`` over the depth windows, then
+  within each window the highest priorities (ties: fewer trials, then lower node id, token).
+  Returned in window order, best first within a window. int64[≤ num_pairs].
+  """
+  if len(cands.node) == 0 or num_pairs <= 0:
+    return np.zeros(0, np.int64)
+  win = window_index(cands.depth)
+  counts = np.bincount(win)
+  quota = split_budget(counts, num_pairs)
+  # lexsort: last key is primary.
+  order = np.lexsort((cands.token, cands.node, cands.trials, -cands.priority.astype(np.float64),
+                      win))
+  chosen = []
+  start = 0
+  for w, c in enumerate(counts):
+    chosen.append(order[start:start + quota[w]])
+    start += c
+  return np.concatenate(chosen).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# Priorities (device, chunk by chunk)
+
+
+def priorities(student_logits, teacher_logits, kind: str, vocab_mask=None,
+               jsd_beta: float = 0.5) -> jax.Array:
+  """Priority of every token at a chunk of nodes: f32[C, V] logits (temperature applied) →
+  f32[C, V], 0 on masked rows. kind: one of PRIORITIES."""
+  if kind == "reverse_kl":
+    d = gradients.reverse_kl_direction(student_logits, teacher_logits, vocab_mask)
+  elif kind == "forward_kl":
+    d = gradients.forward_kl_direction(student_logits, teacher_logits, vocab_mask)
+  elif kind == "jsd":
+    d = gradients.jsd_direction(student_logits, teacher_logits, jsd_beta, vocab_mask)
+  elif kind == "prob_gap":
+    d = (gradients.masked_softmax(student_logits, vocab_mask)
+         - gradients.masked_softmax(teacher_logits, vocab_mask))
+  else:
+    raise ValueError(f"priority {kind!r} is not one of {PRIORITIES}")
+  return jnp.abs(d)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "k"))
+def _chunk_candidates(student_logits, teacher_logits, temperature, vocab_mask, rows, toks,
+                      trials_edge, min_trials, jsd_beta, kind, k):
+  """Top-k eligible tokens per node of a chunk. rows, toks: int32[E] child edges (rows ≥ C:
+  padding); trials_edge int32[E]. Returns (priority f32[C, k], token int32[C, k], trials
+  int32[C, k]); priority −1 where no eligible token is left."""
+  c, v = student_logits.shape
+  prio = priorities(student_logits / temperature, teacher_logits / temperature, kind,
+                    vocab_mask, jsd_beta)
+  trials = jnp.zeros((c, v), jnp.int32).at[rows, toks].set(trials_edge, mode="drop")
+  ok = (trials < min_trials) & jnp.broadcast_to(vocab_mask, (c, v))
+  val, tok = jax.lax.top_k(jnp.where(ok, prio, -1.0), k)
+  return val, tok, jnp.take_along_axis(trials, tok, axis=1)
+
+
+def candidates(tree: PrefixTree | TreeArrays, student: scoring.Policy, teacher: scoring.Policy,
+               cfg: TargetedConfig, vocab_mask=None, temperature: float = 1.0,
+               chunk_nodes: int = 256) -> Candidates:
+  """Every eligible (node, token) pair of the tree's scored nodes with its priority.
+
+  A node is a candidate when it has a child (it is a decision some rollout took; a leaf ended
+  at EOS or the horizon) and its depth is ≤ cfg.max_depth; a token when it is in
+  ``vocab_mask`` (bool[V], None = all) and n_k < cfg.min_trials; at most
+  cfg.max_pairs_per_node tokens per node, the highest priorities. ``temperature`` divides the
+  logits (the sampling temperature: priorities use the policy that is sampled).
+  """
+  arrays = tree.arrays() if isinstance(tree, PrefixTree) else tree
+  v = student.cfg.vocab_size
+  mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
+  k = min(cfg.max_pairs_per_node, v)
+  out = []
+  for chunk in scoring.node_logit_chunks(arrays, student, teacher, chunk_nodes):
+    node_ids = chunk.node_ids
+    rows, kids = arrays.child_edges(node_ids)
+    e = max(8, 1 << max(len(kids) - 1, 0).bit_length())  # bucketed: few compiled programs
+    pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill)]), jnp.int32)
+    val, tok, tr = _chunk_candidates(
+        chunk.student, chunk.teacher, temperature, mask, pad(rows, len(node_ids)),
+        pad(arrays.token[kids], 0), pad(np.minimum(arrays.trials[kids], 2**30), 0),
+        min(cfg.min_trials, 2**31 - 1), cfg.jsd_beta, kind=cfg.priority, k=k)
+    val, tok, tr = np.asarray(val), np.asarray(tok), np.asarray(tr)
+    real = node_ids >= 0
+    if cfg.max_depth is not None:
+      real &= arrays.depth[np.maximum(node_ids, 0)] <= cfg.max_depth
+    keep = real[:, None] & (val >= 0)
+    r, j = np.nonzero(keep)
+    ids = node_ids[r]
+    out.append(Candidates(ids.astype(np.int32), tok[r, j].astype(np.int32),
+                          arrays.depth[ids].astype(np.int32), val[r, j].astype(np.float32),
+                          tr[r, j].astype(np.int64)))
+  return Candidates(*(np.concatenate(x) for x in zip(*out)))
+
+
+# ---------------------------------------------------------------------------------------
+# Rollouts, their sources, and a round
+
+
+class RolloutPool:
+  """One question's tree and the sampler batches its rollouts came from.
+
+      pool = RolloutPool()
+      pool.add(ro, rewards, rows)       # rows of a sampler batch that belong to this question
+      pool.tree                         # the PrefixTree (branch_depth from ro.branch_depth)
+
+  ``origin[i]`` is the (batch index, row) of the tree's i-th rollout (``tree.rollouts[i]``):
+  a branch from node u starts from any such row whose path passes through u.
+  """
+
+  def __init__(self):
+    self.tree = PrefixTree()
+    self.batches: list[sampling.Rollouts] = []
+    self.origin: list[tuple[int, int]] = []
+
+  def add(self, ro: sampling.Rollouts, rewards: Sequence[float],
+          rows: Sequence[int] | None = None) -> None:
+    """Adds rows of a sampler batch (default: all) with their rewards (same order as rows)."""
+    rows = range(len(ro)) if rows is None else [int(r) for r in rows]
+    rewards = list(rewards)
+    if len(rewards) != len(rows):
+      raise ValueError(f"{len(rewards)} rewards for {len(rows)} rows; pass one per row")
+    for i, batch in enumerate(self.batches):  # the same batch object is stored once
+      if batch is ro:
+        b = i
+        break
+    else:
+      self.batches.append(ro)
+      b = len(self.batches) - 1
+    for r, reward in zip(rows, rewards):
+      depth = int(ro.branch_depth[r])
+      self.tree.add(ro.sequence(r), reward, branch_depth=None if depth < 0 else depth)
+      self.origin.append((b, r))
+
+  @property
+  def num_rollouts(self) -> int:
+    return len(self.origin)
+
+
+def find_sources(pool: RolloutPool, node_ids: Sequence[int],
+                 arrays: TreeArrays | None = None) -> list[tuple[int, int]]:
+  """(batch, row) of a pool rollout that passes through each node and goes on past it.
+
+  A rollout passes through u and goes on iff its last node lies strictly inside u's subtree
+  in preorder; its KV state then holds u's whole prefix (a branched row holds the part before
+  its branch point in its shared prefix). Raises if a node has none (it has no child).
+  """
+  if len(pool.tree.rollouts) != len(pool.origin):
+    raise ValueError(f"the pool's tree holds {len(pool.tree.rollouts)} rollouts but the pool "
+                     f"knows the source of {len(pool.origin)}: add rollouts through "
+                     "RolloutPool.add, not PrefixTree.add")
+  arrays = pool.tree.arrays() if arrays is None else arrays
+  pos = np.empty(arrays.num_nodes, np.int64)
+  pos[arrays.preorder] = np.arange(arrays.num_nodes)
+  leaves = np.asarray([leaf for leaf, _, _ in pool.tree.rollouts], np.int64)
+  leaf_pos = pos[leaves]
+  order = np.argsort(leaf_pos, kind="stable")
+  sorted_pos = leaf_pos[order]
+  out = []
+  for u in node_ids:
+    lo = pos[u] + 1  # strictly below u
+    hi = pos[u] + arrays.subtree_size[u]
+    i = np.searchsorted(sorted_pos, lo)
+    if i >= len(sorted_pos) or sorted_pos[i] >= hi:
+      raise ValueError(f"node {u} has no rollout that goes on past it (a leaf); only nodes "
+                       "with a child can be branched from")
+    out.append(pool.origin[int(order[i])])
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundLog:
+  """What one round did: the chosen pairs (Candidates) and the rollouts each got (int[P])."""
+  pairs: Candidates
+  rollouts: np.ndarray
+  window: np.ndarray
+
+
+def plan_round(cands: Candidates, budget: int, m: int,
+               surplus: str = "even") -> tuple[np.ndarray, np.ndarray]:
+  """Chosen candidate indices and the rollouts each gets.
+
+  ⌈budget / m⌉ pairs are chosen (``select``) and the budget is dealt evenly over them (the
+  first in ``select``'s order, shallow windows first, get the remainder): about m each.
+  When the candidates run out first, every candidate is chosen and gets m, and the surplus
+  is dealt evenly (``surplus="even"``) or in proportion to the pairs' priorities
+  (``"priority"``, largest remainders first), so the whole budget is still spent. Returns
+  (idx int64[P], rollouts int64[P]), Σ rollouts = budget (0 with no candidates).
+  """
+  budget, m = int(budget), int(m)
+  if surplus not in ("even", "priority"):
+    raise ValueError(f"surplus={surplus!r} must be 'even' or 'priority'")
+  if budget <= 0 or len(cands.node) == 0:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  idx = select(cands, -(-budget // m))
+  base = min(m, budget // len(idx)) if surplus == "priority" else budget // len(idx)
+  counts = np.full(len(idx), base, np.int64)
+  left = budget - int(counts.sum())
+  w = cands.priority[idx].astype(np.float64)
+  if surplus == "priority" and left > 0 and w.sum() > 0:
+    share = left * w / w.sum()
+    counts += np.floor(share).astype(np.int64)
+    left = budget - int(counts.sum())
+    counts[np.argsort(-(share - np.floor(share)), kind="stable")[:left]] += 1
+  else:
+    counts[:left] += 1
+  return idx, counts
+
+
+def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget: int,
+              m: int, cfg_model, params, reward_fn: Callable[[tuple[int, ...]], float],
+              vocab_mask=None, seed: int = 0, surplus: str = "even") -> list[RoundLog]:
+  """One round over several questions: chooses ``budget`` rollouts' worth of pairs per
+  question, branches them (one ``sampling.branch`` call per source batch and power of two
+  in the pairs' counts), scores
+  them with ``reward_fn(generated ids) → 0/1`` and adds them to each pool's tree."""
+  # A pair's count is split into powers of two, one branch call per (source batch, power):
+  # num_samples is static in the sampler, so this keeps the compiled programs to a handful
+  # whatever the budget. A pair may appear in several calls; their seeds differ.
+  requests: dict[tuple[int, int], list] = {}  # (batch id, 2^j) → [(pool i, batch i, row, d, k)]
+  logs = []
+  for qi, (pool, c) in enumerate(zip(pools, cands)):
+    idx, counts = plan_round(c, budget, m, surplus)
+    pairs = c.take(idx)
+    logs.append(RoundLog(pairs, counts, window_index(pairs.depth)))
+    if not len(idx):
+      continue
+    for (b, row), d, k, n in zip(find_sources(pool, pairs.node), pairs.depth, pairs.token,
+                                 counts):
+      for j in range(int(n).bit_length()):
+        if n >> j & 1:
+          key = (id(pool.batches[b]), 1 << j)
+          requests.setdefault(key, []).append((qi, b, row, int(d), int(k)))
+  for call, ((_, n), reqs) in enumerate(sorted(requests.items(), key=lambda kv: kv[0][1])):
+    qi0, b0 = reqs[0][0], reqs[0][1]
+    source = pools[qi0].batches[b0]
+    br = sampling.branch(cfg_model, params, source, [r[2] for r in reqs], [r[3] for r in reqs],
+                         [r[4] for r in reqs], num_samples=n, seed=seed * 1000 + call,
+                         vocab_mask=vocab_mask)
+    for j, (qi, _, _, _, _) in enumerate(reqs):
+      rows = list(range(j * n, (j + 1) * n))
+      pools[qi].add(br, [reward_fn(tuple(br.sequence(r))) for r in rows], rows)
+  return logs
+
+
+def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.Policy],
+                      teachers: Sequence[scoring.Policy], cfg: TargetedConfig,
+                      reward_fn: Callable[[tuple[int, ...]], float], vocab_mask=None,
+                      temperature: float = 1.0, seed: int = 0,
+                      chunk_nodes: int = 256) -> list[list[RoundLog]]:
+  """All rounds of targeted rollouts for a batch of questions (one pool, student and teacher
+  Policy each; the students share cfg and params, which also sample the continuations).
+
+  temperature must be the sampling temperature of the pools' rollouts. Returns, per round,
+  one RoundLog per question. The pools' trees hold the refreshed estimates afterwards.
+  """
+  if not (len(pools) == len(students) == len(teachers)):
+    raise ValueError("pass one student Policy and one teacher Policy per pool")
+  for pool in pools:
+    for ro in pool.batches:
+      if ro.sampling.temperature != temperature:
+        raise ValueError(f"rollouts were sampled at T={ro.sampling.temperature} but "
+                         f"temperature={temperature}: priorities must use the sampled policy")
+  out = []
+  for r, budget in enumerate(cfg.round_budgets()):
+    cands = [candidates(p.tree, s, t, cfg, vocab_mask, temperature, chunk_nodes)
+             for p, s, t in zip(pools, students, teachers)]
+    out.append(run_round(pools, cands, budget, cfg.num_continuations, students[0].cfg,
+                         students[0].params, reward_fn, vocab_mask, seed=seed * 101 + r,
+                         surplus=cfg.surplus))
+  return out
+
+
+__all__ = ["Candidates", "PRIORITIES", "RolloutPool", "RoundLog", "TargetedConfig",
+           "candidates", "find_sources", "plan_round", "priorities", "run_round", "select",
+           "split_budget", "targeted_rollouts", "window_bounds", "window_index"]
