@@ -21,8 +21,8 @@ flags.DEFINE_integer("repeats", 5, "timed runs per measurement (median reported)
 FLAGS = flags.FLAGS
 
 CONFIGS = {
-    # ~0.1M: the size of the toy models' smallest student.
-    "0.1M": dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # ~35K parameters: as small as the toy students.
+    "35K": dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=8),
     # ~28M: a narrow Qwen3 with a small vocabulary.
     "28M": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,

@@ -260,7 +260,7 @@ def write_report(out, records, meta):
            f"{[round(x, 3) for x in meta['exact_root_values']]}; targeted: "
            f"{meta['initial_rollouts']} initial rollouts, M = {meta['num_continuations']}, "
            f"priority {meta['priority']}, surplus {meta['surplus']}, min_trials "
-           f"{meta['min_trials']}, rounds "
+           f"{'none' if meta['min_trials'] >= 1 << 30 else meta['min_trials']}, rounds "
            f"{meta['rounds']}.  ",
            f"Sampler vs exact policy: max |Δ log π| = {meta['policy_check']:.2e} over every "
            f"sampled token. Evaluation sets that differ between the methods: "
