@@ -28,7 +28,8 @@ flags.DEFINE_integer("batch", 64, "sequences per step")
 flags.DEFINE_integer("seed", 0, "data and init seed")
 flags.DEFINE_float("student_cap", 0.55, "stop a student once its mean reference-solution "
                    "probability on held-out questions reaches this")
-flags.DEFINE_integer("eval_every", 100, "steps between evaluations")
+flags.DEFINE_integer("eval_every", 20, "steps between evaluations (learning is abrupt: a "
+                     "student can go from 0.2 to 0.85 reference probability in 200 steps)")
 FLAGS = flags.FLAGS
 
 # Two length buckets: prompts with a demonstration turn are about twice as long, and
