@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import gradients, models
+from gradalign_jax.shapes import bucket
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
 _NEVER = np.iinfo(np.int32).max
@@ -146,11 +147,6 @@ def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, 
   return logits[0], cache
 
 
-def _bucket(slots: int) -> int:
-  """Cache capacity rounded up to a power of two (≥ 64): a sweep compiles a handful of programs
-  rather than one per tree size, for at most twice the slots."""
-  return max(64, 1 << (slots - 1).bit_length())
-
 
 class _Counter:
   positions = 0
@@ -162,7 +158,7 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator
   if not prompt:
     raise ValueError("a Policy prompt needs at least one token (the root is its last token)")
   base = len(prompt) - 1
-  cache = models.init_cache(policy.cfg, 1, _bucket(base + len(plan.node_ids)))
+  cache = models.init_cache(policy.cfg, 1, bucket(base + len(plan.node_ids), 64))
   if base:
     _, cache = models.forward_cached(policy.cfg, policy.params,
                                      jnp.asarray([prompt[:-1]], jnp.int32),
@@ -304,9 +300,6 @@ def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np
   return np.where(arrays.visits > 0, total / np.maximum(arrays.visits, 1), 0.0)
 
 
-def _bucket_edges(n: int) -> int:
-  return max(8, 1 << max(n - 1, 0).bit_length())
-
 
 def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: int = 256,
                vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
@@ -336,7 +329,7 @@ def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: 
     chunk = chunk._replace(student=jnp.pad(chunk.student, ((0, extra), (0, 0))),
                            teacher=jnp.pad(chunk.teacher, ((0, extra), (0, 0))))
     rows, kids, q_e, obs_e, w_e = arrays.child_stats(node_ids)
-    e = _bucket_edges(len(kids))
+    e = bucket(len(kids), 8)
     pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill, x.dtype)]))
     out, terms = _chunk_scores(chunk.student, chunk.teacher, temperature, mask,
                                pad(rows.astype(np.int32), chunk_nodes), pad(arrays.token[kids], 0),

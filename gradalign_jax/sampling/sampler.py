@@ -51,6 +51,7 @@ import numpy as np
 
 from gradalign_jax.models import qwen3
 from gradalign_jax.sampling import cache as cache_lib
+from gradalign_jax.shapes import bucket
 
 STOP_EOS, STOP_MAX_TOKENS = 0, 1
 STOP_REASONS = ("eos", "max_new_tokens")
@@ -130,9 +131,6 @@ class Rollouts:
     """Generated ids of rollout b (no padding)."""
     return self.tokens[b, : self.lengths[b]].tolist()
 
-
-def _bucket(n: int, minimum: int = 1) -> int:
-  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 def policy_logprobs(logits: jax.Array, sampling: SamplingConfig,
@@ -332,7 +330,7 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]],
   qids = np.arange(nq) if question_ids is None else np.asarray(question_ids, np.int64)
   if qids.shape != (nq,):
     raise ValueError(f"question_ids has shape {qids.shape}; expected ({nq},)")
-  qb, pb = _bucket(nq), _bucket(max(map(len, prompts)), 8)
+  qb, pb = bucket(nq), bucket(max(map(len, prompts)), 8)
   tok = np.full((qb, pb), sampling.pad_id, np.int32)
   pos = np.zeros((qb, pb), np.int32)
   valid = np.zeros((qb, pb), bool)
@@ -388,7 +386,7 @@ def branch(cfg: qwen3.Qwen3Config, params, source: Rollouts, rows: Sequence[int]
                        f"instead (same seed, same request → same rows)")
     seen.add((r, t, k))
   n_slots = min(sampling.max_new_tokens, max_branch_tokens or sampling.max_new_tokens)
-  nb = _bucket(n)
+  nb = bucket(n)
   pad = nb - n
   rows_b = np.concatenate([rows, np.zeros(pad, np.int64)]).astype(np.int32)
   depths_b = np.concatenate([depths, np.zeros(pad, np.int64)]).astype(np.int32)
