@@ -8,8 +8,9 @@ chat turn (the same question solved correctly, the same question solved wrongly,
 question), so the models learn to use in-context demonstrations, which is what privileged
 teacher contexts give them.
 
-A student's training stops early once the probability it gives the reference solution
-(a lower bound on its sampled accuracy) reaches ``--student_cap``, so it stays imperfect.
+Training stops early once the mean probability a model gives the reference solution (a lower
+bound on its sampled accuracy) reaches its cap in ``MODELS``: low for the students, so they
+stay imperfect, high for the teacher.
 
   python -m experiments.train_toy --out=assets/toy
 """
@@ -26,63 +27,80 @@ flags.DEFINE_string("out", "assets/toy", "where the three checkpoints and the to
 flags.DEFINE_list("models", ["student_small", "student_large", "teacher"], "which to train")
 flags.DEFINE_integer("batch", 64, "sequences per step")
 flags.DEFINE_integer("seed", 0, "data and init seed")
-flags.DEFINE_float("student_cap", 0.55, "stop a student once its mean reference-solution "
-                   "probability on held-out questions reaches this")
 flags.DEFINE_integer("eval_every", 20, "steps between evaluations (learning is abrupt: a "
                      "student can go from 0.2 to 0.85 reference probability in 200 steps)")
 FLAGS = flags.FLAGS
 
-# Two length buckets: prompts with a demonstration turn are about twice as long, and
-# attention cost grows with length², so they are batched apart.
-PLAIN_LEN, DEMO_LEN = 80, 144
-DEMO_BATCH_FRACTION = 0.35
+# Batches of one kind each, so that lengths bucket well (attention cost grows with length²):
+# kind: (padded length, share of batches).
+BATCH_KINDS = {
+    "plain": (80, 0.45),       # the question alone
+    "demo": (144, 0.25),       # one earlier turn: a solution, a wrong solution, or a summary
+    "demo2": (208, 0.15),      # the same question solved correctly and wrongly, in either order
+    "summarize": (96, 0.15),   # "summarize\n<solution>" → the summary (self:summary contexts)
+}
 
-# name: (architecture, max steps, peak learning rate, early-stop cap or None)
+# name: (architecture, max steps, peak learning rate, stop once p_reference ≥ this)
 MODELS = {
     "student_small": (dict(hidden_size=48, intermediate_size=128, num_layers=2, num_heads=4,
-                           num_kv_heads=2, head_dim=12), 1500, 3e-3, "cap"),
+                           num_kv_heads=2, head_dim=12), 1500, 3e-3, 0.35),
     "student_large": (dict(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4,
-                           num_kv_heads=2, head_dim=24), 1500, 3e-3, "cap"),
-    "teacher": (dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=8,
-                     num_kv_heads=4, head_dim=16), 1500, 2e-3, None),
+                           num_kv_heads=2, head_dim=24), 1500, 3e-3, 0.55),
+    "teacher": (dict(hidden_size=128, intermediate_size=320, num_layers=3, num_heads=8,
+                     num_kv_heads=4, head_dim=16), 1200, 2e-3, 0.95),
 }
 VOCAB_SIZE = 64  # padded past the tokenizer's ids, as real Qwen3 pads its vocabulary
 
 
-def training_text(task, tok, ex, rng, other, with_demo):
-  """(prompt, target) for one example; a demo batch carries a demonstration turn: the same
-  question solved (4 in 7), the same question solved wrongly (1 in 7), or another question."""
+def training_text(task, tok, kind, ex, other, rng):
+  """(prompt, target) of one example for a batch of ``kind`` (see BATCH_KINDS).
+
+  A "demo" prompt shows one earlier turn: the same question solved (35%), solved wrongly and
+  marked so (15%), a summary of its solution (25%), or another question solved (25%).
+  """
   from gradalign_jax.tasks import synthetic
 
-  demo = None
-  if with_demo:
+  if kind == "plain":
+    return task.prompt(tok, ex), ex.solution
+  if kind == "summarize":
+    text = ex.solution if rng.random() < 0.8 else synthetic.wrong_solution(ex, rng)
+    return (models_chat(tok, task.summary_request(text)), synthetic.summarize(text))
+  right = task.context_turn(ex, "correct", ex.solution)
+  wrong = task.context_turn(ex, "incorrect", synthetic.wrong_solution(ex, rng))
+  if kind == "demo2":
+    demos = [right, wrong] if rng.random() < 0.5 else [wrong, right]
+  else:
     r = rng.random()
-    if r < 4 / 7:
-      demo = ex
-    elif r < 5 / 7:
-      demo = (ex.question, synthetic.wrong_solution(ex, rng))
-    else:
-      demo = other
-  return task.prompt(tok, ex, demonstration=demo), ex.solution
+    demos = [right if r < 0.35 else wrong if r < 0.5 else
+             task.context_turn(ex, "summary", synthetic.summarize(ex.solution)) if r < 0.75 else
+             task.context_turn(other, "correct", other.solution)]
+  return task.prompt(tok, ex, demonstration=demos), ex.solution
+
+
+def models_chat(tok, user):
+  from gradalign_jax import models
+  return models.chat_prompt(tok, user, enable_thinking=False)
 
 
 def make_batch(task, tok, rng, batch):
   """tokens int32[B, L] (right-padded) and a loss mask over target tokens."""
   from gradalign_jax.tasks import synthetic
 
-  with_demo = rng.random() < DEMO_BATCH_FRACTION
-  length = DEMO_LEN if with_demo else PLAIN_LEN
+  kinds = list(BATCH_KINDS)
+  kind = kinds[rng.choice(len(kinds), p=[BATCH_KINDS[k][1] for k in kinds])]
+  length = BATCH_KINDS[kind][0]
   exs = [synthetic.make_example(rng, int(rng.integers(task.min_steps, task.max_steps + 1)), "")
          for _ in range(2 * batch)]
   tokens = np.full((batch, length), tok.pad_token_id, np.int32)
   mask = np.zeros((batch, length), np.float32)
   for i in range(batch):
-    prompt, target = training_text(task, tok, exs[i], rng, exs[batch + i], with_demo)
+    prompt, target = training_text(task, tok, kind, exs[i], exs[batch + i], rng)
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     t = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     seq = p + t
     if len(seq) > length:
-      raise AssertionError(f"training sequence of {len(seq)} tokens exceeds the {length} bucket")
+      raise AssertionError(f"{kind} training sequence of {len(seq)} tokens exceeds its "
+                           f"{length} bucket")
     tokens[i, :len(seq)] = seq
     mask[i, len(p):len(seq)] = 1.0
   return tokens, mask
@@ -95,8 +113,8 @@ def reference_probability(cfg, params, task, tok, examples):
 
   from gradalign_jax import models
 
-  tokens = np.full((len(examples), PLAIN_LEN), tok.pad_token_id, np.int32)
-  target = np.zeros((len(examples), PLAIN_LEN), bool)  # positions whose next token is scored
+  tokens = np.full((len(examples), BATCH_KINDS["plain"][0]), tok.pad_token_id, np.int32)
+  target = np.zeros((len(examples), BATCH_KINDS["plain"][0]), bool)  # positions whose next token is scored
   for i, ex in enumerate(examples):
     p = tok(task.prompt(tok, ex), add_special_tokens=False)["input_ids"]
     t = tok(ex.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -115,11 +133,12 @@ def train_one(name, task, tok, out_dir):
 
   from gradalign_jax.models import checkpoint, qwen3
 
-  arch, steps, lr, stop = MODELS[name]
+  arch, steps, lr, cap = MODELS[name]
   cfg = qwen3.Qwen3Config(vocab_size=VOCAB_SIZE, rope_theta=10_000.0,
                           max_position_embeddings=512, **arch)
   params = qwen3.init_params(cfg, seed=FLAGS.seed)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 100, steps, lr * 0.05)
+  warmup = min(100, steps // 2)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.05)
   opt = optax.adamw(schedule, weight_decay=0.01)
   opt_state = opt.init(params)
 
@@ -147,7 +166,7 @@ def train_one(name, task, tok, out_dir):
                       "seconds": time.perf_counter() - t0})
       logging.info("%s step %d loss %.4f p_ref %.3f (%.0fs)", name, i, float(loss), p_ref,
                    time.perf_counter() - t0)
-      if stop == "cap" and p_ref >= FLAGS.student_cap:
+      if p_ref >= cap:
         break
   path = os.path.join(out_dir, name)
   checkpoint.save_pretrained(cfg, params, path, extra_config={

@@ -117,30 +117,56 @@ class Task:
     return f"{example.solution.strip()}\n\n{answer}" if example.solution else answer
 
   def prompt(self, tokenizer, example: Example, enable_thinking: bool = True,
-             demonstration: "Example | tuple[str, str] | None" = None,
+             demonstration: "Example | tuple[str, str] | list | None" = None,
              system: str | None = None) -> str:
     """The chat prompt text (Qwen3 template), ending where the assistant starts writing.
 
-    ``demonstration`` is an earlier turn pair shown before the question: an Example (its
-    ``user_message`` and ``reference_response``) or a (user, assistant) pair of strings.
+    ``demonstration`` is one earlier turn pair shown before the question, or a list of them
+    (shown in order): an Example (its ``user_message`` and ``reference_response``) or a
+    (user, assistant) pair of strings (``context_turn`` builds the teacher contexts' pairs).
     Qwen3's template drops thinking blocks from earlier assistant turns.
     """
     from gradalign_jax.models.tokenizer import chat_prompt  # keeps verifiers free of jax
 
-    history = None
-    if demonstration is not None:
-      if isinstance(demonstration, Example):
-        demo_user, demo_assistant = (self.user_message(demonstration),
-                                     self.reference_response(demonstration))
-      elif isinstance(demonstration, (tuple, list)) and len(demonstration) == 2:
-        demo_user, demo_assistant = demonstration
+    demos = demonstration if isinstance(demonstration, list) else (
+        [] if demonstration is None else [demonstration])
+    history = []
+    for demo in demos:
+      if isinstance(demo, Example):
+        demo_user, demo_assistant = self.user_message(demo), self.reference_response(demo)
+      elif isinstance(demo, tuple) and len(demo) == 2:
+        demo_user, demo_assistant = demo
       else:
-        raise TypeError("demonstration must be an Example or a (user, assistant) pair of "
-                        f"strings, got {type(demonstration).__name__}")
-      history = [{"role": "user", "content": demo_user},
-                 {"role": "assistant", "content": demo_assistant}]
+        raise TypeError("a demonstration must be an Example or a (user, assistant) tuple of "
+                        f"strings, got {type(demo).__name__}")
+      history += [{"role": "user", "content": demo_user},
+                  {"role": "assistant", "content": demo_assistant}]
     return chat_prompt(tokenizer, self.user_message(example), system=system,
-                       enable_thinking=enable_thinking, history=history)
+                       enable_thinking=enable_thinking, history=history or None)
+
+  # --- teacher contexts (gradalign_jax/contexts.py)
+
+  CONTEXT_KINDS = ("correct", "incorrect", "summary")
+
+  def context_turn(self, example: Example, kind: str, text: str) -> tuple[str, str]:
+    """The (user, assistant) turn pair that shows ``text`` about ``example`` as privileged
+    context: a ``"correct"`` or ``"incorrect"`` worked solution, or a ``"summary"`` of a
+    correct one. The user half says which it is; the assistant half is ``text``."""
+    question = self.user_message(example)
+    if kind == "correct":
+      return question, text
+    if kind == "incorrect":
+      return ("Here is an incorrect solution to the following problem; its final answer is "
+              f"wrong.\n\n{question}", text)
+    if kind == "summary":
+      return ("Summarize the key steps of a correct solution to the following problem.\n\n"
+              f"{question}", text)
+    raise ValueError(f"context kind {kind!r} is not one of {self.CONTEXT_KINDS}")
+
+  def summary_request(self, solution: str) -> str:
+    """The user message asking a model to summarise a worked solution (``self:summary``)."""
+    return ("Summarize the key steps of the following solution in a few short sentences. "
+            "Keep the final answer; do not solve the problem again.\n\n" + solution)
 
   # --- verifying
 

@@ -64,6 +64,14 @@ def make_example(rng: np.random.Generator, n_steps: int, ex_id: str) -> Example:
                  meta={"steps": n_steps})
 
 
+def summarize(solution: str) -> str:
+  """The toy summary of a worked solution: its step results in order, e.g. ``7 4 9 #6``
+  (what ``summary_request`` teaches the toy models to write)."""
+  results = re.findall(r"=(\d)", solution)
+  final = re.findall(r"#(\d+)", solution)
+  return " ".join(results + [f"#{final[-1]}"] if final else results)
+
+
 def wrong_solution(example: Example, rng: np.random.Generator) -> str:
   """A plausible worked solution with one wrong step (errors propagate), for demonstrations."""
   start = int(example.question[0])
@@ -129,6 +137,17 @@ class SyntheticTask(Task):
   def prompt(self, tokenizer, example: Example, enable_thinking: bool = False,
              demonstration=None, system: str | None = None) -> str:
     return super().prompt(tokenizer, example, enable_thinking, demonstration, system)
+
+  def context_turn(self, example: Example, kind: str, text: str) -> tuple[str, str]:
+    """Short markers the toy models were trained on: the bare question for a correct
+    solution, ``wrong <question>`` for an incorrect one, ``hint <question>`` for a summary."""
+    marker = {"correct": "", "incorrect": "wrong ", "summary": "hint "}
+    if kind not in marker:
+      raise ValueError(f"context kind {kind!r} is not one of {self.CONTEXT_KINDS}")
+    return marker[kind] + example.question, text
+
+  def summary_request(self, solution: str) -> str:
+    return "summarize\n" + solution
 
   def extract_answer(self, response_text: str) -> str | None:
     """The last ``#<digits>`` after any thinking block."""
