@@ -371,13 +371,26 @@ def plan_round(cands: Candidates, budget: int, m: int,
   return idx, counts
 
 
+RewardFn = Callable[[tuple[int, ...]], float]
+
+
+def _per_pool(reward_fn: RewardFn | Sequence[RewardFn], n: int) -> list[RewardFn]:
+  if callable(reward_fn):
+    return [reward_fn] * n
+  if len(reward_fn) != n:
+    raise ValueError(f"{len(reward_fn)} reward functions for {n} pools; pass one, or one "
+                     "per pool")
+  return list(reward_fn)
+
+
 def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget: int,
-              m: int, cfg_model, params, reward_fn: Callable[[tuple[int, ...]], float],
+              m: int, cfg_model, params, reward_fn: RewardFn | Sequence[RewardFn],
               vocab_mask=None, seed: int = 0, surplus: str = "even") -> list[RoundLog]:
   """One round over several questions: chooses ``budget`` rollouts' worth of pairs per
   question, branches them (one ``sampling.branch`` call per source batch and power of two
-  in the pairs' counts), scores
-  them with ``reward_fn(generated ids) → 0/1`` and adds them to each pool's tree."""
+  in the pairs' counts), scores them with ``reward_fn(generated ids) → 0/1`` (one function,
+  or one per pool: each question has its own answer) and adds them to each pool's tree."""
+  reward_fns = _per_pool(reward_fn, len(pools))
   # A pair's count is split into powers of two, one branch call per (source batch, power):
   # num_samples is static in the sampler, so this keeps the compiled programs to a handful
   # whatever the budget. A pair may appear in several calls; their seeds differ.
@@ -403,13 +416,13 @@ def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget:
                          vocab_mask=vocab_mask)
     for j, (qi, _, _, _, _) in enumerate(reqs):
       rows = list(range(j * n, (j + 1) * n))
-      pools[qi].add(br, [reward_fn(tuple(br.sequence(r))) for r in rows], rows)
+      pools[qi].add(br, [reward_fns[qi](tuple(br.sequence(r))) for r in rows], rows)
   return logs
 
 
 def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.Policy],
                       teachers: Sequence[scoring.Policy], cfg: TargetedConfig,
-                      reward_fn: Callable[[tuple[int, ...]], float], vocab_mask=None,
+                      reward_fn: RewardFn | Sequence[RewardFn], vocab_mask=None,
                       temperature: float = 1.0, seed: int = 0,
                       chunk_nodes: int = 256) -> list[list[RoundLog]]:
   """All rounds of targeted rollouts for a batch of questions (one pool, student and teacher
