@@ -1,0 +1,420 @@
+"""analysis.report / plots / token_view against brute force over node vectors and scipy by hand."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from gradalign_jax.analysis import plots, report, token_view
+
+DIRS = ("reverse_kl", "jsd")
+COVARIATES = ("kl_pq", "kl_qp", "l2_pq", "cos_pq", "entropy_p", "entropy_q", "depth",
+              "depth_norm", "norm_ideal", "norm_reverse_kl")
+N_BOOT = 200
+
+
+def _cos(a, b):
+  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def rollout_row(g, ds, **keys):
+  """A rollouts-table row from its path's informative nodes: g f32[n, V], ds {dir: f32[n, V]}."""
+  row = dict(keys, n_nodes=len(g), sum_gg=float((g * g).sum()))
+  for d, dv in ds.items():
+    cos = np.array([_cos(a, b) for a, b in zip(g, dv)])
+    row.update({f"mean_{d}": cos.mean() if len(cos) else np.nan,
+                f"sum_dot_{d}": float((g * dv).sum()),
+                f"sum_normprod_{d}": float((np.linalg.norm(g, axis=1)
+                                            * np.linalg.norm(dv, axis=1)).sum()),
+                f"sum_dd_{d}": float((dv * dv).sum()), f"n_pos_{d}": int((cos > 0).sum())})
+  return row
+
+
+def sweep_tables(shifts, n_q=6, G=6, seed=0, V=4):
+  """Synthetic rollouts/questions/nodes tables. shifts: {(student, spec): (correct, incorrect)}
+  pulls d toward g by that much on rollouts of each kind; (None, None) gives a spec whose
+  context is unavailable on its last question."""
+  rng = np.random.default_rng(seed)
+  rollouts, questions, nodes = [], [], []
+  for (student, spec), (s_cor, s_inc) in shifts.items():
+    for q in range(n_q):
+      qid = f"q{q}"
+      if s_cor is None and q == n_q - 1:
+        questions.append(dict(student=student, spec=spec, question_id=qid, n_rollouts=G,
+                              n_correct=G, accuracy=1.0, context="no incorrect rollout among 8 "
+                              "demo samples", **{f"mean_{d}": np.nan for d in DIRS}))
+        continue
+      rows = []
+      for r in range(G):
+        correct = bool(rng.random() < 0.5)
+        n = int(rng.integers(0, 5))
+        g = rng.normal(size=(n, V))
+        shift = (s_cor if correct else s_inc) or 0.0
+        ds = {d: rng.normal(size=(n, V)) + shift * g for d in DIRS}
+        rows.append(rollout_row(g, ds, student=student, spec=spec, question_id=qid, rollout=r,
+                                correct=correct, length=n + 3))
+      rollouts += rows
+      n_cor = sum(r["correct"] for r in rows)
+      questions.append(dict(student=student, spec=spec, question_id=qid, n_rollouts=G,
+                            n_correct=n_cor, accuracy=n_cor / G, context="ok",
+                            **{f"mean_{d}": rng.uniform(-1, 1) for d in DIRS}))
+    n = 40
+    kl = rng.exponential(size=n)
+    node = dict(student=student, spec=spec, question_id="q0", node_id=np.arange(n),
+                depth=rng.integers(0, 20, n), informative=rng.random(n) < 0.8,
+                kl_pq=kl, **{c: rng.normal(size=n) for c in COVARIATES[1:] if c != "depth"})
+    node["depth_norm"] = node["depth"] / 20
+    for d in DIRS:
+      node[f"align_{d}"] = np.tanh(kl - 1 + 0.5 * rng.normal(size=n))
+    nodes.append(pd.DataFrame(node))
+  return pd.DataFrame(rollouts), pd.DataFrame(questions), pd.concat(nodes, ignore_index=True)
+
+
+def rollouts_from_means(rows):
+  """Rollouts with one unit-norm node each, so mean = weighted = pooled = the given cosine.
+  rows: (student, spec, question_id, rollout, correct, cosine)."""
+  out = []
+  for student, spec, qid, r, correct, c in rows:
+    out.append(dict(student=student, spec=spec, question_id=qid, rollout=r, correct=correct,
+                    length=1, n_nodes=1, sum_gg=1.0,
+                    **{k: v for d in DIRS for k, v in ((f"mean_{d}", c), (f"sum_dot_{d}", c),
+                                                       (f"sum_normprod_{d}", 1.0),
+                                                       (f"sum_dd_{d}", 1.0),
+                                                       (f"n_pos_{d}", int(c > 0)))}))
+  return pd.DataFrame(out)
+
+
+def questions_for(rollouts):
+  g = rollouts.groupby(["student", "spec", "question_id"], sort=False)
+  q = g.agg(n_rollouts=("correct", "size"), n_correct=("correct", "sum")).reset_index()
+  q["accuracy"] = q["n_correct"] / q["n_rollouts"]
+  q["context"] = "ok"
+  for d in DIRS:
+    q[f"mean_{d}"] = g[f"mean_{d}"].mean().to_numpy()
+  return q
+
+
+@pytest.fixture(scope="module")
+def sweep():
+  shifts = {("small", "self"): (0.0, 1.5), ("small", "teacher"): (0.5, 0.5),
+            ("small", "self:correct_demo"): (None, None),
+            ("large", "self"): (1.0, 0.0), ("large", "teacher"): (0.0, 0.0)}
+  rollouts, questions, nodes = sweep_tables(shifts)
+  # a spec with only correct rollouts: its incorrect split is empty
+  solo = rollouts[(rollouts["student"] == "large") & (rollouts["spec"] == "teacher")].copy()
+  solo["spec"], solo["correct"] = "all_correct", True
+  rollouts = pd.concat([rollouts, solo], ignore_index=True)
+  questions = pd.concat([questions, questions_for(solo)], ignore_index=True)
+  config = {"task": "synthetic", "G": 6, "T": 32, "budget": 0, "seed": 0}
+  summary = report.summarize(rollouts, questions, nodes, DIRS, config, n_boot=N_BOOT)
+  return rollouts, questions, nodes, summary
+
+
+# ---------------------------------------------------------------------------------------
+# split_block
+
+
+def test_split_block_matches_brute_force_over_node_vectors():
+  rng = np.random.default_rng(1)
+  V, n_pool = 6, 12
+  g_pool = rng.normal(size=(n_pool, V))
+  d_pool = {d: rng.normal(size=(n_pool, V)) + 0.7 * g_pool for d in DIRS}
+  # overlapping paths (a node counts once per rollout crossing it) and an empty one
+  paths = [[0, 1, 2], [0, 1, 3, 4], [0, 5], [], [6, 7, 8, 9, 10, 11], [0, 1, 2]]
+  rows = [rollout_row(g_pool[p], {d: d_pool[d][p] for d in DIRS}, student="s", spec="self",
+                      question_id=f"q{i % 2}", rollout=i, correct=True, length=5)
+          for i, p in enumerate(paths)]
+  block = report.split_block(pd.DataFrame(rows), DIRS, n_boot=N_BOOT)
+
+  pairs = np.concatenate(paths).astype(int)
+  assert block["n_rollouts"] == 6 and block["n_questions"] == 2
+  assert block["n_nodes"] == len(pairs) and block["n_scored"] == 5
+  for d in DIRS:
+    g, dv = g_pool[pairs], d_pool[d][pairs]
+    cos = np.array([_cos(a, b) for a, b in zip(g, dv)])
+    b = block[d]
+    assert b["pooled"] == pytest.approx(_cos(g.ravel(), dv.ravel()))
+    assert b["weighted"] == pytest.approx(
+        (g * dv).sum() / (np.linalg.norm(g, axis=1) * np.linalg.norm(dv, axis=1)).sum())
+    assert b["frac_pos"] == pytest.approx((cos > 0).mean())
+    per_rollout = [np.mean([_cos(g_pool[u], d_pool[d][u]) for u in p]) for p in paths if p]
+    assert b["mean"] == pytest.approx(np.mean(per_rollout))
+    assert b["mean_ci"][0] <= b["mean"] <= b["mean_ci"][1]
+
+
+def test_split_block_empty_is_nan_and_json_null():
+  block = report.split_block(rollouts_from_means([]), DIRS, n_boot=N_BOOT)
+  assert block["n_rollouts"] == block["n_nodes"] == block["n_questions"] == 0
+  for d in DIRS:
+    assert all(math.isnan(block[d][k]) for k in ("mean", "weighted", "pooled", "frac_pos"))
+  back = json.loads(report.to_json(block))
+  assert back[DIRS[0]]["pooled"] is None and back[DIRS[0]]["mean_ci"] == [None, None]
+
+
+def test_missing_column_names_the_fix():
+  rollouts = rollouts_from_means([("s", "self", "q0", 0, True, 0.5)]).drop(columns="sum_gg")
+  with pytest.raises(ValueError, match=r"lacks columns \['sum_gg'\].*alignment_sweep"):
+    report.split_block(rollouts, DIRS)
+
+
+# ---------------------------------------------------------------------------------------
+# summarize
+
+
+@pytest.mark.parametrize("student,spec", [("small", "self"), ("small", "teacher"),
+                                          ("large", "self")])
+@pytest.mark.parametrize("d", DIRS)
+def test_tests_match_scipy_by_hand(sweep, student, spec, d):
+  rollouts, questions, nodes, summary = sweep
+  r = rollouts[(rollouts.student == student) & (rollouts.spec == spec)]
+  t = summary["students"][student]["specs"][spec]["tests"][d]
+  inc = r[~r.correct][f"mean_{d}"].dropna().to_numpy()
+  cor = r[r.correct][f"mean_{d}"].dropna().to_numpy()
+  mw = sps.mannwhitneyu(inc, cor, alternative="two-sided")
+  assert t["mann_whitney"]["p_value"] == pytest.approx(mw.pvalue)
+  assert t["mann_whitney"]["statistic"] == pytest.approx(mw.statistic)
+  assert (t["mann_whitney"]["n_a"], t["mann_whitney"]["n_b"]) == (len(inc), len(cor))
+  assert t["difference"] == pytest.approx(inc.mean() - cor.mean())
+  lo, hi = t["difference_ci"]
+  assert lo < inc.mean() - cor.mean() < hi
+
+  diffs = []
+  for qid in r.question_id.unique():
+    rq = r[r.question_id == qid]
+    a = rq[~rq.correct][f"mean_{d}"].dropna()
+    b = rq[rq.correct][f"mean_{d}"].dropna()
+    if len(a) and len(b):
+      diffs.append(a.mean() - b.mean())
+  assert t["wilcoxon"]["n_a"] == len(diffs)
+  assert t["wilcoxon"]["p_value"] == pytest.approx(sps.wilcoxon(diffs).pvalue)
+
+
+def test_covariates_match_scipy_on_informative_nodes(sweep):
+  _, _, nodes, summary = sweep
+  n = nodes[(nodes.student == "small") & (nodes.spec == "teacher") & nodes.informative]
+  cov = summary["students"]["small"]["specs"]["teacher"]["covariates"]
+  assert set(cov) == set(COVARIATES)
+  for name in COVARIATES:
+    res = sps.spearmanr(n["align_reverse_kl"], n[name])
+    assert cov[name]["spearman"] == pytest.approx(res.statistic)
+    assert cov[name]["p"] == pytest.approx(res.pvalue)
+  assert cov["kl_pq"]["spearman"] > 0.5  # align was built increasing in kl_pq
+
+
+def test_summary_bookkeeping(sweep):
+  rollouts, questions, _, summary = sweep
+  small = summary["students"]["small"]
+  q = questions[questions.student == "small"]
+  assert small["accuracy"] == pytest.approx(q.n_correct.sum() / q.n_rollouts.sum())
+  demo = small["specs"]["self:correct_demo"]
+  assert demo["questions"] == {
+      "n": 6, "context_unavailable": {"no incorrect rollout among 8 demo samples": 1}}
+  r_demo = rollouts[(rollouts.student == "small") & (rollouts.spec == "self:correct_demo")]
+  assert demo["accuracy"] == pytest.approx(r_demo.correct.mean())  # scored rollouts only
+  r = rollouts[(rollouts.student == "small") & (rollouts.spec == "self")]
+  block = small["specs"]["self"]
+  assert block["correct"]["n_rollouts"] == r.correct.sum()
+  assert block["incorrect"]["n_rollouts"] == (~r.correct).sum()
+  assert block["all"]["n_nodes"] == r.n_nodes.sum()
+  assert summary["config"]["task"] == "synthetic" and summary["directions"] == list(DIRS)
+
+
+def test_empty_split_is_nan_and_summary_is_strict_json(sweep):
+  *_, summary = sweep
+  solo = summary["students"]["large"]["specs"]["all_correct"]
+  assert solo["incorrect"]["n_rollouts"] == 0
+  assert math.isnan(solo["incorrect"]["reverse_kl"]["mean"])
+  assert math.isnan(solo["tests"]["reverse_kl"]["mann_whitney"]["p_value"])
+  text = report.to_json(summary)
+  json.loads(text)  # strict: to_json already refused NaN (allow_nan=False)
+  back = json.loads(text)["students"]["large"]["specs"]["all_correct"]
+  assert back["tests"]["reverse_kl"]["difference"] is None
+
+
+def test_question_wins_hand_worked():
+  nan = np.nan
+  #            q0 wins A; q1 wins B; q2 ties A and B; q3 lacks B's context; q4 has C NaN
+  table = {"A": [0.5, 0.1, 0.4, 0.9, 0.2], "B": [0.2, 0.3, 0.4, nan, 0.1],
+           "C": [0.1, 0.2, 0.0, 0.1, nan]}
+  rows = []
+  for spec, values in table.items():
+    for i, v in enumerate(values):
+      context = "teacher refused" if (spec, i) == ("B", 3) else "ok"
+      rows.append(dict(student="s", spec=spec, question_id=f"q{i}", n_rollouts=4, n_correct=2,
+                       context=context, **{f"mean_{d}": v for d in DIRS}))
+  summary = report.summarize(pd.DataFrame(), pd.DataFrame(rows), pd.DataFrame(), DIRS,
+                             n_boot=N_BOOT)
+  s = summary["students"]["s"]
+  assert s["n_common_questions"] == 3
+  assert s["question_wins"] == pytest.approx({"A": 1.5 / 3, "B": 1.5 / 3, "C": 0.0})
+  assert s["best_spec"] is None  # no rollouts
+  assert s["specs"]["B"]["questions"]["context_unavailable"] == {"teacher refused": 1}
+  report.to_json(summary)
+
+
+@pytest.mark.parametrize("best_large,differs", [("Y", True), ("X", False)])
+def test_best_spec_differs_hand_worked(best_large, differs):
+  rows = []
+  means = {("small", "X"): 0.5, ("small", "Y"): 0.1,
+           ("large", "X"): 0.4 if best_large == "X" else 0.1,
+           ("large", "Y"): 0.4 if best_large == "Y" else 0.1}
+  for (student, spec), m in means.items():
+    for i in range(4):
+      rows.append((student, spec, "q0", i, i % 2 == 0, m + 0.01 * i))
+  rollouts = rollouts_from_means(rows)
+  summary = report.summarize(rollouts, questions_for(rollouts), pd.DataFrame(),
+                             directions=DIRS, n_boot=N_BOOT)
+  f = summary["findings"]
+  assert f["best_spec"] == {"small": "X", "large": best_large}
+  assert f["best_spec_differs"] is differs
+
+
+def test_findings_count_specs(sweep):
+  rollouts, _, _, summary = sweep
+  for student, s in summary["findings"]["students"].items():
+    higher, significant = 0, 0
+    for spec in rollouts[rollouts.student == student].spec.unique():
+      r = rollouts[(rollouts.student == student) & (rollouts.spec == spec)]
+      inc = r[~r.correct].mean_reverse_kl.dropna()
+      cor = r[r.correct].mean_reverse_kl.dropna()
+      if len(inc) and len(cor) and inc.mean() > cor.mean():
+        higher += 1
+        significant += sps.mannwhitneyu(inc, cor).pvalue < 0.05
+    assert (s["n_incorrect_higher"], s["n_incorrect_higher_significant"]) == (higher, significant)
+  assert summary["findings"]["students"]["small"]["n_incorrect_higher_significant"] >= 1
+
+
+# ---------------------------------------------------------------------------------------
+# report.md
+
+
+def _p_text(p):
+  return f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}"
+
+
+def test_write_report_numbers_and_findings(tmp_path):
+  rng = np.random.default_rng(3)
+  rows = []
+  # "strong": incorrect rollouts align far better on both specs; "flat": correct do
+  for student, sign in (("strong", 1.0), ("flat", -1.0)):
+    for spec in ("self", "teacher"):
+      for q in range(8):
+        for i in range(6):
+          correct = i < 3
+          c = (-0.4 if correct else 0.4) * sign + 0.1 * rng.normal()
+          rows.append((student, spec, f"q{q}", i, correct, c))
+  rollouts = rollouts_from_means(rows)
+  summary = report.summarize(rollouts, questions_for(rollouts), pd.DataFrame(), DIRS,
+                             {"task": "synthetic", "G": 6}, n_boot=N_BOOT)
+  # summary.json round trip: write_report reads null as n/a
+  summary = json.loads(report.to_json(summary))
+  path = report.write_report(summary, str(tmp_path), ["correct_vs_incorrect.png"])
+  text = open(path).read()
+
+  for spec in ("self", "teacher"):
+    assert f"| {spec} |" in text
+    r = rollouts[(rollouts.student == "strong") & (rollouts.spec == spec)]
+    p = sps.mannwhitneyu(r[~r.correct].mean_reverse_kl, r[r.correct].mean_reverse_kl).pvalue
+    assert _p_text(p) in text and "e-" in _p_text(p)
+  assert ("strong: alignment (reverse_kl) is higher on incorrect rollouts for 2 of 2 teacher "
+          "specs (2 significant at p<0.05" in text)
+  assert "flat: alignment (reverse_kl) is higher on incorrect rollouts for 0 of 2" in text
+  assert "higher on correct rollouts for 2 (2 significant)" in text
+  assert "The best teacher context" in text
+  assert "![correct_vs_incorrect](correct_vs_incorrect.png)" in text
+  assert "| task | synthetic |" in text and "## Findings" in text
+
+
+@pytest.mark.parametrize("p,text", [(0.0034, "0.003"), (0.5, "0.500"), (2.1e-5, "2e-05"),
+                                    (math.nan, "n/a"), (None, "n/a")])
+def test_p_value_format(p, text):
+  assert report._p(p) == text
+
+
+def test_write_report_empty(tmp_path):
+  summary = report.summarize(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), DIRS)
+  text = open(report.write_report(summary, str(tmp_path))).read()
+  assert "## Findings" in text and "no best one" in text
+
+
+# ---------------------------------------------------------------------------------------
+# plots
+
+
+def _assert_png(path):
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["data", "empty"])
+def test_plots_write_pngs(sweep, tmp_path, empty):
+  _, _, nodes, summary = sweep
+  if empty:
+    nodes = pd.DataFrame()
+    summary = report.summarize(pd.DataFrame(), pd.DataFrame(), nodes, DIRS)
+  made = [plots.plot_correct_vs_incorrect(summary, str(tmp_path / "a.png")),
+          plots.plot_alignment_by_depth(nodes, str(tmp_path / "b.png"), "reverse_kl"),
+          plots.plot_directions(summary, str(tmp_path / "c.png")),
+          plots.plot_covariates(nodes, str(tmp_path / "d.png"), "jsd")]
+  for path in made:
+    _assert_png(path)
+
+
+def test_plots_survive_null_summary_and_uninformative_nodes(sweep, tmp_path):
+  _, _, nodes, summary = sweep
+  summary = json.loads(report.to_json(summary))  # NaN → None, as read back from disk
+  _assert_png(plots.plot_correct_vs_incorrect(summary, str(tmp_path / "a.png")))
+  _assert_png(plots.plot_directions(summary, str(tmp_path / "c.png")))
+  dull = nodes.assign(informative=False)
+  _assert_png(plots.plot_alignment_by_depth(dull, str(tmp_path / "b.png")))
+  _assert_png(plots.plot_covariates(dull, str(tmp_path / "d.png")))
+
+
+# ---------------------------------------------------------------------------------------
+# token view
+
+
+def _token_rollouts():
+  rows = []
+  texts = [["Hi", " <b>&", "\n", "<|im_end|>"], ["x", "y"], ["a"], ["p", "q", "r"]]
+  for i, (text, correct) in enumerate(zip(texts, [False, True, False, True])):
+    cos = np.linspace(-1, 1, len(text))
+    cos[0] = np.nan
+    rows.append(dict(student="s", spec="self", question_id="q0", rollout=i, correct=correct,
+                     tokens=list(range(len(text))), token_text=text,
+                     mean_reverse_kl=float(np.nanmean(cos)) if len(text) > 1 else np.nan,
+                     path_reverse_kl=cos))
+  return pd.DataFrame(rows)
+
+
+def test_token_view_escapes_and_spans(tmp_path):
+  rollouts = _token_rollouts()
+  html = open(token_view.write_token_view(rollouts, str(tmp_path / "v.html"))).read()
+  assert "&lt;|im_end|&gt;" in html and "<|im_end|>" not in html
+  assert " &lt;b&gt;&amp;" in html and "<b>" not in html
+  assert html.count('class="tok"') == sum(len(t) for t in rollouts.token_text)
+  assert "↵</span>\n" in html  # the newline token stays visible and still breaks
+  assert "not informative" in html and "rgba(178,24,43,1.000)" in html  # cos −1 … red
+  assert "rgba(33,102,172,1.000)" in html  # cos 1 … blue
+  # correct rollouts first
+  order = [int(m) for m in re.findall(r"rollout (\d+) ·", html)]
+  assert order == [1, 3, 0, 2]
+
+
+def test_token_view_limit_keeps_both_kinds(tmp_path):
+  html = open(token_view.write_token_view(_token_rollouts(), str(tmp_path / "v.html"),
+                                          max_rollouts_per_group=2)).read()
+  assert [int(m) for m in re.findall(r"rollout (\d+) ·", html)] == [1, 0]
+
+
+def test_token_view_checks_lengths_and_empty(tmp_path):
+  bad = _token_rollouts()
+  bad.at[0, "token_text"] = ["only one"]
+  with pytest.raises(ValueError, match="one of each per generated token"):
+    token_view.write_token_view(bad, str(tmp_path / "v.html"))
+  html = open(token_view.write_token_view(pd.DataFrame(), str(tmp_path / "e.html"))).read()
+  assert "No rollouts." in html
