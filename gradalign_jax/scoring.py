@@ -21,12 +21,15 @@ and the numbers below): a forward per rollout ("cached prefixes" without a tree)
 Σ_r (P − 1 + L_r) positions, re-running every shared prefix once per rollout that shares it; a
 single tree-masked chunk processes the same N positions as this scheme but needs an N × N
 mask and N × V logits at once. Appending the preorder chunk by chunk processes exactly
-(P − 1) + N positions (+ fewer than 8 of padding) with memory O(C × (P + N) + C × V).
+(P − 1) + N positions, plus padding (the prompt is prefilled padded to a power of two ≥ 16 and
+the last chunk of nodes to a power of two, so a sweep over many questions and contexts
+compiles a handful of programs), with memory O(C × (P + N) + C × V).
 Measured on the sample tree of tests/test_scoring.py::test_positions_processed (16 rollouts of
 48 tokens, each branching off an earlier one; question P = 8, teacher context + question
-P = 48; C = 8): 439 unique scored nodes; positions processed 447 = 7 + 439 + 1 padding
-(student) and 487 = 47 + 439 + 1 (teacher), i.e. ≤ 1.05 × nodes + context; forwards per
-rollout would process 880 (student) and 1520 (teacher), 2.0× and 3.1× more.
+P = 48; C = 8): 439 unique scored nodes; positions processed 456 = 7 + 439 + 1 node padding
++ 9 prompt padding (student) and 504 = 47 + 439 + 1 + 17 (teacher), i.e. ≤ 1.05 × nodes +
+context + prompt padding; forwards per rollout would process 880 (student) and 1520
+(teacher), 1.9× and 3.0× more.
 
 The attention of a chunk is dense over the whole cache (S = P − 1 + N rounded up to a power
 of two): time
@@ -83,11 +86,11 @@ def check_compatible(student_cfg: models.Qwen3Config, teacher_cfg: models.Qwen3C
 class TreePlan:
   """The scored nodes of a tree in preorder, padded to whole chunks (shared by both models).
 
-  node_ids int32[M] (−1 = padding, M − N ≤ 7); depth, token int32[M];
+  node_ids int32[M] (−1 = padding); depth, token int32[M];
   lo, hi int32[M]: node j's subtree is the order interval [lo[j], hi[j]) (empty for padding);
-  chunks: (start, size) of each chunk: full chunks of C, then the remainder split into powers
-  of two (each ≥ 8 when C ≥ 8), so padding stays under 8 positions whatever N and C, and a
-  sweep compiles at most log2(C) + 1 chunk programs.
+  chunks: (start, size) of each chunk: full chunks of C, then the remainder as one chunk of
+  a power of two (≥ 8 when C ≥ 8): a tree uses at most two chunk programs and a sweep at
+  most log2(C) + 1, at the cost of padding under half the last chunk (M − N < C/2 + 8).
   """
   node_ids: np.ndarray
   depth: np.ndarray
@@ -120,10 +123,10 @@ def plan_tree(arrays: TreeArrays, chunk_nodes: int) -> TreePlan:
   while m - start >= chunk_nodes:
     chunks.append((start, chunk_nodes))
     start += chunk_nodes
-  for bit in reversed(range((m - start).bit_length())):  # remainder in powers of two
-    if (m - start) >> bit & 1 and (1 << bit) >= granule:
-      chunks.append((start, 1 << bit))
-      start += 1 << bit
+  if m > start:  # the remainder: one chunk of a power of two, padded
+    size = min(chunk_nodes, bucket(m - start, granule))
+    chunks.append((start, size))
+    m = start = start + size
   assert start == m, (start, m)
   pad = lambda x, fill: np.concatenate([x, np.full(m - n, fill)]).astype(np.int32)
   return TreePlan(node_ids=pad(ids, -1), depth=pad(arrays.depth[ids], 0),
@@ -150,6 +153,7 @@ def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, 
 
 class _Counter:
   positions = 0
+  prompt_padding = 0
 
 
 def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator[jax.Array]:
@@ -158,18 +162,24 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator
   if not prompt:
     raise ValueError("a Policy prompt needs at least one token (the root is its last token)")
   base = len(prompt) - 1
-  cache = models.init_cache(policy.cfg, 1, bucket(base + len(plan.node_ids), 64))
+  # The prompt is prefilled padded to a bucket (padding slots are invalid, never attended),
+  # so prompts of many lengths share a handful of compiled programs.
+  padded = bucket(base, 16) if base else 0
+  cache = models.init_cache(policy.cfg, 1, bucket(padded + len(plan.node_ids), 64))
   if base:
-    _, cache = models.forward_cached(policy.cfg, policy.params,
-                                     jnp.asarray([prompt[:-1]], jnp.int32),
-                                     jnp.arange(base, dtype=jnp.int32)[None],
-                                     jnp.ones((1, base), bool), cache)
-    counter.positions += base
-  spare = cache.capacity - base - len(plan.node_ids)  # never-visible slots past the tree
-  slot_lo = jnp.asarray(np.concatenate([np.zeros(base, np.int32), plan.lo, np.ones(spare)]),
-                        jnp.int32)
-  slot_hi = jnp.asarray(np.concatenate([np.full(base, _NEVER, np.int32), plan.hi,
-                                        np.zeros(spare)]), jnp.int32)
+    toks = np.zeros((1, padded), np.int32)
+    toks[0, :base] = prompt[:-1]
+    _, cache = models.forward_cached(policy.cfg, policy.params, jnp.asarray(toks),
+                                     jnp.arange(padded, dtype=jnp.int32)[None],
+                                     jnp.asarray(np.arange(padded) < base)[None], cache)
+    counter.positions += padded
+    counter.prompt_padding = padded - base
+  spare = cache.capacity - padded - len(plan.node_ids)  # never-visible slots past the tree
+  hidden = padded - base
+  slot_lo = jnp.asarray(np.concatenate([np.zeros(base, np.int32), np.ones(hidden), plan.lo,
+                                        np.ones(spare)]), jnp.int32)
+  slot_hi = jnp.asarray(np.concatenate([np.full(base, _NEVER, np.int32), np.zeros(hidden),
+                                        plan.hi, np.zeros(spare)]), jnp.int32)
   tokens = plan.token.copy()
   tokens[0] = prompt[-1]  # the root (order 0) is the prompt's last token
   for start, c in plan.chunks:
@@ -189,7 +199,10 @@ class ScoringStats:
 
   unique_nodes: scored nodes N (root + nodes with a child); student_context, teacher_context:
   prompt lengths P; student_positions, teacher_positions: token positions run through each
-  model (prefill + chunks, padding included); padding: padded positions per model;
+  model (prefill + chunks, padding included); padding: padded node positions per model;
+  student_prompt_padding, teacher_prompt_padding: padded prefill positions (the prompt minus
+  its last token is prefilled padded to a power of two ≥ 16, so that prompts of many lengths
+  share a few compiled programs);
   per_rollout_student, per_rollout_teacher: positions a forward per rollout would process.
   """
   unique_nodes: int
@@ -200,6 +213,8 @@ class ScoringStats:
   padding: int
   per_rollout_student: int
   per_rollout_teacher: int
+  student_prompt_padding: int = 0
+  teacher_prompt_padding: int = 0
 
 
 class NodeLogits(NamedTuple):
@@ -234,7 +249,9 @@ def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: P
         teacher_context=len(teacher.prompt), student_positions=s_count.positions,
         teacher_positions=t_count.positions, padding=len(plan.node_ids) - plan.num_nodes,
         per_rollout_student=int(np.sum(lengths + len(student.prompt) - 1)),
-        per_rollout_teacher=int(np.sum(lengths + len(teacher.prompt) - 1))))
+        per_rollout_teacher=int(np.sum(lengths + len(teacher.prompt) - 1)),
+        student_prompt_padding=s_count.prompt_padding,
+        teacher_prompt_padding=t_count.prompt_padding))
 
 
 def node_logits(tree, student: Policy, teacher: Policy, chunk_nodes: int = 256):
@@ -329,7 +346,7 @@ def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: 
     chunk = chunk._replace(student=jnp.pad(chunk.student, ((0, extra), (0, 0))),
                            teacher=jnp.pad(chunk.teacher, ((0, extra), (0, 0))))
     rows, kids, q_e, obs_e, w_e = arrays.child_stats(node_ids)
-    e = bucket(len(kids), 8)
+    e = bucket(len(kids), 2 * chunk_nodes)  # edges: usually one size, one compiled program
     pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill, x.dtype)]))
     out, terms = _chunk_scores(chunk.student, chunk.teacher, temperature, mask,
                                pad(rows.astype(np.int32), chunk_nodes), pad(arrays.token[kids], 0),

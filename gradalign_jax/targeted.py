@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import gradients, sampling, scoring
+from gradalign_jax.shapes import bucket
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
 PRIORITIES = ("reverse_kl", "forward_kl", "jsd", "prob_gap")
@@ -236,9 +237,14 @@ def candidates(tree: PrefixTree | TreeArrays, student: scoring.Policy, teacher: 
   k = min(cfg.max_pairs_per_node, v)
   out = []
   for chunk in scoring.node_logit_chunks(arrays, student, teacher, chunk_nodes):
-    node_ids = chunk.node_ids
+    # Every chunk padded to C rows and the edges to a power of two ≥ 2C: one compiled
+    # _chunk_candidates for nearly every chunk of a sweep.
+    extra = chunk_nodes - len(chunk.node_ids)
+    node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])
+    chunk = chunk._replace(student=jnp.pad(chunk.student, ((0, extra), (0, 0))),
+                           teacher=jnp.pad(chunk.teacher, ((0, extra), (0, 0))))
     rows, kids = arrays.child_edges(node_ids)
-    e = max(8, 1 << max(len(kids) - 1, 0).bit_length())  # bucketed: few compiled programs
+    e = bucket(len(kids), 2 * chunk_nodes)
     pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill)]), jnp.int32)
     val, tok, tr = _chunk_candidates(
         chunk.student, chunk.teacher, temperature, mask, pad(rows, len(node_ids)),

@@ -1,0 +1,149 @@
+"""The main job end to end on the bundled toy models: tables against an independent
+recomputation from full forwards, the report, and resume after an interruption."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments import alignment_sweep as sweep
+from gradalign_jax import contexts, gradients, models, tasks
+
+pytestmark = pytest.mark.slow
+
+TOY = contexts.TOY_DIR
+needs_toy = pytest.mark.skipif(not os.path.isdir(os.path.join(TOY, "student_small")),
+                               reason="bundled toy models not trained yet (train_toy.py)")
+
+SMALL = dict(students=("student_small",), teachers=("teacher", "self:correct_and_wrong_demo"),
+             num_questions=3, num_rollouts=8, max_new_tokens=40, budget=8, question_batch=2,
+             demo_samples=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("sweep"))
+  cfg = sweep.SweepConfig(**SMALL)
+  summary = sweep.run(cfg, out)
+  return cfg, out, summary
+
+
+def _tables(out):
+  return {t: pd.read_parquet(os.path.join(out, f"{t}.parquet"))
+          for t in ("nodes", "rollouts", "questions")}
+
+
+@needs_toy
+def test_outputs_exist_and_agree(small_run):
+  cfg, out, summary = small_run
+  for f in ("report.md", "summary.json", "tokens.html", "rollouts.csv", "questions.csv",
+            "correct_vs_incorrect.png", "config.json"):
+    assert os.path.getsize(os.path.join(out, f)) > 0, f
+  t = _tables(out)
+  q = t["questions"]
+  assert len(q) == 3 * len(cfg.teachers)
+  assert set(q["spec"]) == set(cfg.teachers)
+  # Per-rollout correctness matches the per-question counts, for every spec.
+  r = t["rollouts"]
+  counts = r.groupby(["spec", "question_id"])["correct"].sum()
+  for _, row in q[q["context"] == "ok"].iterrows():
+    assert counts[(row["spec"], row["question_id"])] == row["n_correct"]
+  # A rollout's aggregates are its path's informative nodes (recomputed from nodes.parquet).
+  nodes = t["nodes"]
+  for _, row in r.head(6).iterrows():
+    sub = nodes[(nodes.spec == row.spec) & (nodes.question_id == row.question_id)]
+    path = np.asarray(row["path_reverse_kl"], float)
+    assert len(path) == row["length"] == len(row["tokens"])
+    vals = path[np.isfinite(path)]
+    assert len(vals) == row["n_nodes"]
+    if len(vals):
+      assert np.isclose(np.mean(vals), row["mean_reverse_kl"])
+      assert set(np.round(vals, 6)) <= set(np.round(sub.align_reverse_kl[sub.informative], 6))
+  # summary.json's blocks are the rollout table's split means.
+  with open(os.path.join(out, "summary.json")) as f:
+    saved = json.load(f)
+  spec = saved["students"]["student_small"]["specs"]["teacher"]
+  sel = r[(r.spec == "teacher") & (r.n_nodes > 0)]
+  for split, flag in (("correct", True), ("incorrect", False)):
+    want = sel[sel.correct == flag]["mean_reverse_kl"].mean()
+    got = spec[split]["reverse_kl"]["mean"]
+    assert (got is None and not np.isfinite(want)) or np.isclose(got, want)
+  report = open(os.path.join(out, "report.md")).read()
+  assert "self:correct_and_wrong_demo" in report and "Findings" in report
+
+
+@needs_toy
+def test_node_alignment_matches_full_forwards(small_run):
+  """Independent reference: each informative node's reverse-KL and forward-KL cosines from
+  full forwards of prompt + prefix (no cache, no tree) and q̂ recounted from the rollouts."""
+  cfg, out, _ = small_run
+  t = _tables(out)
+  task = tasks.get_task("synthetic")
+  ex = {e.id: e for e in task.load(cfg.data, limit=cfg.num_questions)}
+  s_cfg, s_params = models.load_pretrained(os.path.join(TOY, "student_small"))
+  t_cfg, t_params = models.load_pretrained(os.path.join(TOY, "teacher"))
+  tok = models.load_tokenizer(os.path.join(TOY, "student_small"))
+  mask = models.vocab_mask(tok, s_cfg.vocab_size)
+  nodes = t["nodes"]
+  sel = nodes[(nodes.spec == "teacher") & nodes.informative].head(5)
+  assert len(sel) > 0, "no informative node: the toy student is too accurate or too weak"
+  r = t["rollouts"]
+  for _, node in sel.iterrows():
+    e = ex[node.question_id]
+    prompt = tok(task.prompt(tok, e), add_special_tokens=False)["input_ids"]
+    # The node's prefix: a rollout through it, cut at its depth (any will do: same tokens).
+    rows = r[(r.spec == "teacher") & (r.question_id == node.question_id)]
+    prefix = None
+    for _, ro in rows.iterrows():
+      if len(ro.tokens) > node.depth and np.isfinite(ro.path_reverse_kl[node.depth]) and \
+          np.isclose(ro.path_reverse_kl[node.depth], node.align_reverse_kl):
+        prefix = list(ro.tokens[:node.depth])
+        break
+    if prefix is None:
+      continue  # reached only by targeted rollouts
+    seq = np.asarray([prompt + prefix], np.int32)
+    zs = models.forward(s_cfg, s_params, seq)[0, -1]
+    zt = models.forward(t_cfg, t_params, seq)[0, -1]
+    q = np.zeros(s_cfg.vocab_size, np.float32)
+    observed = np.zeros(s_cfg.vocab_size, bool)
+    for tok_id, qk, nk in zip(node.child_tokens, node.child_q, node.child_n):
+      if nk > 0:
+        q[tok_id], observed[tok_id] = qk, True
+    g = gradients.ideal_direction(zs, q, observed, mask)
+    for name, d in (("reverse_kl", gradients.reverse_kl_direction(zs, zt, mask)),
+                    ("forward_kl", gradients.forward_kl_direction(zs, zt, mask))):
+      want = float(np.dot(g, d) / (np.linalg.norm(g) * np.linalg.norm(d)))
+      assert np.isclose(node[f"align_{name}"], want, atol=2e-4), (name, node.node_id)
+
+
+@needs_toy
+def test_resume_gives_identical_tables(small_run, tmp_path):
+  cfg, out, _ = small_run
+  part = str(tmp_path / "resumed")
+  assert sweep.run(cfg, part, stop_after=1) is None  # interrupted after the first group
+  done = os.listdir(os.path.join(part, "parts", "student_small"))
+  assert sorted(done) == ["q000000", "q000001"]
+  # A half-written part (killed while writing) is redone, not trusted.
+  os.makedirs(os.path.join(part, "parts", "student_small", "q000002.tmp"))
+  sweep.run(cfg, part)
+  full, resumed = _tables(out), _tables(part)
+  for name in full:
+    pd.testing.assert_frame_equal(full[name], resumed[name])
+
+
+@needs_toy
+def test_resume_refuses_other_settings(small_run):
+  cfg, out, _ = small_run
+  other = sweep.SweepConfig(**dict(SMALL, num_rollouts=4))
+  with pytest.raises(ValueError, match="num_rollouts: 8 there, 4 now"):
+    sweep.run(other, out)
+
+
+def test_config_checks():
+  with pytest.raises(ValueError, match="unknown directions"):
+    sweep.SweepConfig(directions=("reverse_kl", "kl"))
+  with pytest.raises(contexts.SpecError, match="Valid specs"):
+    sweep.run(sweep.SweepConfig(teachers=("tacher",)), "/nonexistent/never_written")
