@@ -70,8 +70,9 @@ flags.DEFINE_enum("priority", "reverse_kl", ["reverse_kl", "forward_kl", "jsd", 
                   "how targeted rollouts rank (node, token) pairs")
 flags.DEFINE_list("directions", list(DIRECTIONS),
                   "distillation directions in the tables and report; the first is the headline")
-flags.DEFINE_integer("demo_samples", 8, "extra student rollouts per question that demonstrations "
-                     "are drawn from (never the scored ones)")
+flags.DEFINE_integer("demo_samples", 16, "extra student rollouts per question that "
+                     "demonstrations are drawn from (never the scored ones); equal to "
+                     "--num_rollouts, they reuse its compiled sampler")
 flags.DEFINE_integer("summary_tokens", 32, "most tokens of a generated summary")
 flags.DEFINE_integer("question_batch", 8, "questions sampled together (fixed groups of the "
                      "dataset order, so results do not depend on where a run was resumed)")
@@ -103,7 +104,7 @@ class SweepConfig:
   num_continuations: int = 4
   priority: str = "reverse_kl"
   directions: tuple[str, ...] = DIRECTIONS
-  demo_samples: int = 8
+  demo_samples: int = 16
   summary_tokens: int = 32
   question_batch: int = 8
   jsd_beta: float = 0.5

@@ -165,7 +165,7 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator
   # The prompt is prefilled padded to a bucket (padding slots are invalid, never attended),
   # so prompts of many lengths share a handful of compiled programs.
   padded = bucket(base, 16) if base else 0
-  cache = models.init_cache(policy.cfg, 1, bucket(padded + len(plan.node_ids), 64))
+  cache = models.init_cache(policy.cfg, 1, bucket(padded + len(plan.node_ids), 512))
   if base:
     toks = np.zeros((1, padded), np.int32)
     toks[0, :base] = prompt[:-1]
