@@ -340,10 +340,44 @@ def generate_summaries(cfg: SweepConfig, task, specs, student_name, models: Mode
   return out
 
 
+def sample_demo_pools(cfg: SweepConfig, task, student: Model, prompts: list[list[int]], exs,
+                      indices: list[int]) -> list:
+  """The DemoPool of each question: ``cfg.demo_samples`` extra student rollouts, keyed by
+  dataset index + DEMO_STREAM so they never coincide with the scored rollouts (which use the
+  plain index), decoded and verified. prompts: the student's prompt ids, one per example."""
+  from gradalign_jax import contexts, sampling
+
+  n = cfg.demo_samples
+  dro = sampling.sample(student.cfg, student.params, prompts, student.sampling(cfg),
+                        num_samples=n, seed=cfg.seed,
+                        question_ids=[DEMO_STREAM + i for i in indices], vocab_mask=student.mask)
+  pools = []
+  for j, ex in enumerate(exs):
+    texts = [student.decode(dro.sequence(r)) for r in range(j * n, (j + 1) * n)]
+    pools.append(contexts.DemoPool(tuple(texts), tuple(bool(task.verify(t, ex)) for t in texts)))
+  return pools
+
+
+def context_prompt(cfg: SweepConfig, task, spec, model: Model, example, think: bool, demos,
+                   summary: str | None) -> tuple[list[int] | None, str]:
+  """(prompt ids, "ok") of ``model`` reading the spec's context before ``example``, or
+  (None, why) when the question cannot carry that context (contexts.ContextUnavailable).
+  Refuses a prompt that leaves no room for ``cfg.max_new_tokens``."""
+  from gradalign_jax import contexts
+
+  try:
+    text = contexts.teacher_prompt(spec, task, model.tok, example, think, demos, summary)
+  except contexts.ContextUnavailable as e:
+    return None, str(e)
+  ids = model.encode(text)
+  check_lengths(model, {example.id: ids}, cfg.max_new_tokens, f"teacher ({spec.text})")
+  return ids, "ok"
+
+
 def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, examples,
               indices: list[int], summaries) -> dict[int, dict]:
   """Every result of a fixed group of questions: {dataset index: {table: rows}}."""
-  from gradalign_jax import contexts, sampling, scoring, targeted
+  from gradalign_jax import sampling, scoring, targeted
 
   think = thinking(cfg, task)
   exs = [examples[i] for i in indices]
@@ -361,16 +395,7 @@ def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, exa
     pools.append(pool)
   demo_pools = [None] * len(exs)
   if any(s.needs_rollout_demos for s in specs):
-    dro = sampling.sample(student.cfg, student.params, prompts, scfg,
-                          num_samples=cfg.demo_samples, seed=cfg.seed,
-                          question_ids=[DEMO_STREAM + i for i in indices],
-                          vocab_mask=student.mask)
-    n = cfg.demo_samples
-    demo_pools = []
-    for j, ex in enumerate(exs):
-      texts = [student.decode(dro.sequence(r)) for r in range(j * n, (j + 1) * n)]
-      demo_pools.append(contexts.DemoPool(
-          tuple(texts), tuple(bool(task.verify(t, ex)) for t in texts)))
+    demo_pools = sample_demo_pools(cfg, task, student, prompts, exs, indices)
   # Teacher prompts per spec and question (or why the context is unavailable).
   policies: dict[str, list] = {}
   status: dict[str, list[str]] = {}
@@ -378,17 +403,11 @@ def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, exa
     model = teachers[spec.text]
     policies[spec.text], status[spec.text] = [], []
     for j, ex in enumerate(exs):
-      try:
-        text = contexts.teacher_prompt(spec, task, model.tok, ex, think, demo_pools[j],
-                                       summaries.get((spec.text, ex.id)))
-      except contexts.ContextUnavailable as e:
-        policies[spec.text].append(None)
-        status[spec.text].append(str(e))
-        continue
-      ids = model.encode(text)
-      check_lengths(model, {ex.id: ids}, cfg.max_new_tokens, f"teacher ({spec.text})")
-      policies[spec.text].append(scoring.Policy(model.cfg, model.params, ids, model.tok))
-      status[spec.text].append("ok")
+      ids, why = context_prompt(cfg, task, spec, model, ex, think, demo_pools[j],
+                                summaries.get((spec.text, ex.id)))
+      policies[spec.text].append(
+          None if ids is None else scoring.Policy(model.cfg, model.params, ids, model.tok))
+      status[spec.text].append(why)
   students = [scoring.Policy(student.cfg, student.params, p, student.tok) for p in prompts]
   # Targeted rollouts: each spec spends its share of the budget by its own priority.
   shares = [cfg.budget // len(specs) + (k < cfg.budget % len(specs)) for k in range(len(specs))]
