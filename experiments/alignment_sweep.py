@@ -435,7 +435,8 @@ def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, exa
       policy = policies[spec.text][j]
       qrow = dict(key, question_index=i, n_rollouts=g, n_correct=n_correct,
                   accuracy=n_correct / g, context=status[spec.text][j],
-                  context_tokens=0 if policy is None else len(policy.prompt),
+                  prompt_tokens=0 if policy is None else len(policy.prompt),
+                  context_tokens=0 if policy is None else len(policy.prompt) - len(prompts[j]),
                   targeted=len(tree.rollouts) - g, n_nodes=0, n_informative=0)
       if policy is None:
         qrow.update({f"mean_{d}": float("nan") for d in cfg.directions})
@@ -536,9 +537,11 @@ def run(cfg: SweepConfig, out: str, *, overwrite: bool = False, stop_after: int 
         write_part(out, tag, i, tables)
       groups_done += 1
       left = len(todo) - n - 1
-      logging.info("%s: questions %d–%d done (%d/%d groups, %.1f s; %.0f s elapsed, ~%.0f s "
-                   "left for this student)", name, grp[0], grp[-1], n + 1, len(todo),
-                   time.time() - t0, time.time() - start, left * (time.time() - t0))
+      bar = "#" * (20 * (n + 1) // len(todo))
+      logging.info("%s [%-20s] questions %d–%d done (group %d/%d in %.1f s; %.0f s elapsed, "
+                   "~%.0f s left for this student)", name, bar, grp[0], grp[-1], n + 1,
+                   len(todo), time.time() - t0, time.time() - start,
+                   left * (time.time() - t0))
   return finish(cfg, out, examples, time.time() - start)
 
 

@@ -27,6 +27,10 @@ flags.DEFINE_string("out", "assets/toy", "where the three checkpoints and the to
 flags.DEFINE_list("models", ["student_small", "student_large", "teacher"], "which to train")
 flags.DEFINE_integer("batch", 64, "sequences per step")
 flags.DEFINE_integer("seed", 0, "data and init seed")
+flags.DEFINE_integer("incontext_steps", 400, "students: most steps of the second phase, "
+                     "mostly on prompts with contexts")
+flags.DEFINE_bool("continue_saved", False, "start from the checkpoints already in --out (skip "
+                  "phase 1 where one exists)")
 flags.DEFINE_integer("eval_every", 20, "steps between evaluations (learning is abrupt: a "
                      "student can go from 0.2 to 0.85 reference probability in 200 steps)")
 FLAGS = flags.FLAGS
@@ -47,7 +51,7 @@ MODELS = {
     "student_large": (dict(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4,
                            num_kv_heads=2, head_dim=24), 1500, 3e-3, 0.55),
     "teacher": (dict(hidden_size=128, intermediate_size=320, num_layers=3, num_heads=8,
-                     num_kv_heads=4, head_dim=16), 1200, 2e-3, 0.95),
+                     num_kv_heads=4, head_dim=16), 1000, 2e-3, 0.9),
 }
 VOCAB_SIZE = 64  # padded past the tokenizer's ids, as real Qwen3 pads its vocabulary
 
@@ -82,12 +86,14 @@ def models_chat(tok, user):
   return models.chat_prompt(tok, user, enable_thinking=False)
 
 
-def make_batch(task, tok, rng, batch):
-  """tokens int32[B, L] (right-padded) and a loss mask over target tokens."""
+def make_batch(task, tok, rng, batch, shares=None):
+  """tokens int32[B, L] (right-padded) and a loss mask over target tokens. shares: {kind:
+  probability} of the batch kinds (default BATCH_KINDS' shares)."""
   from gradalign_jax.tasks import synthetic
 
-  kinds = list(BATCH_KINDS)
-  kind = kinds[rng.choice(len(kinds), p=[BATCH_KINDS[k][1] for k in kinds])]
+  shares = shares or {k: share for k, (_, share) in BATCH_KINDS.items()}
+  kinds = list(shares)
+  kind = kinds[rng.choice(len(kinds), p=[shares[k] for k in kinds])]
   length = BATCH_KINDS[kind][0]
   exs = [synthetic.make_example(rng, int(rng.integers(task.min_steps, task.max_steps + 1)), "")
          for _ in range(2 * batch)]
@@ -106,17 +112,20 @@ def make_batch(task, tok, rng, batch):
   return tokens, mask
 
 
-def reference_probability(cfg, params, task, tok, examples):
-  """Mean over examples of P(reference solution + EOS | prompt) under the model (T=1)."""
+def reference_probability(cfg, params, task, tok, examples, with_demo=False):
+  """Mean over examples of P(reference solution + EOS | prompt) under the model (T=1); with
+  ``with_demo`` the prompt first shows the same question solved (``self:correct_demo``)."""
   import jax
   import jax.numpy as jnp
 
   from gradalign_jax import models
 
-  tokens = np.full((len(examples), BATCH_KINDS["plain"][0]), tok.pad_token_id, np.int32)
-  target = np.zeros((len(examples), BATCH_KINDS["plain"][0]), bool)  # positions whose next token is scored
+  length = BATCH_KINDS["demo" if with_demo else "plain"][0]
+  tokens = np.full((len(examples), length), tok.pad_token_id, np.int32)
+  target = np.zeros((len(examples), length), bool)  # positions whose next token is scored
   for i, ex in enumerate(examples):
-    p = tok(task.prompt(tok, ex), add_special_tokens=False)["input_ids"]
+    demo = [task.context_turn(ex, "correct", ex.solution)] if with_demo else None
+    p = tok(task.prompt(tok, ex, demonstration=demo), add_special_tokens=False)["input_ids"]
     t = tok(ex.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     tokens[i, :len(p) + len(t)] = p + t
     target[i, len(p) - 1:len(p) + len(t) - 1] = True
@@ -126,21 +135,12 @@ def reference_probability(cfg, params, task, tok, examples):
   return float(jnp.mean(jnp.exp(seq_logp)))
 
 
-def train_one(name, task, tok, out_dir):
+def _trainer(cfg, opt):
   import jax
   import jax.numpy as jnp
   import optax
 
-  from gradalign_jax.models import checkpoint, qwen3
-
-  arch, steps, lr, cap = MODELS[name]
-  cfg = qwen3.Qwen3Config(vocab_size=VOCAB_SIZE, rope_theta=10_000.0,
-                          max_position_embeddings=512, **arch)
-  params = qwen3.init_params(cfg, seed=FLAGS.seed)
-  warmup = min(100, steps // 2)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.05)
-  opt = optax.adamw(schedule, weight_decay=0.01)
-  opt_state = opt.init(params)
+  from gradalign_jax.models import qwen3
 
   def loss_fn(params, tokens, mask):
     logits = qwen3.bind(cfg, params)(tokens[:, :-1])[0]
@@ -154,29 +154,86 @@ def train_one(name, task, tok, out_dir):
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  rng = np.random.default_rng([FLAGS.seed, hash(name) % 1000])
-  held_out = task.generate(32, seed=10_000 + FLAGS.seed)
-  t0, history = time.perf_counter(), []
-  for i in range(1, steps + 1):
-    tokens, mask = make_batch(task, tok, rng, FLAGS.batch)
-    params, opt_state, loss = step(params, opt_state, tokens, mask)
-    if i % FLAGS.eval_every == 0 or i == steps:
-      p_ref = reference_probability(cfg, params, task, tok, held_out)
-      history.append({"step": i, "loss": float(loss), "p_reference": p_ref,
-                      "seconds": time.perf_counter() - t0})
-      logging.info("%s step %d loss %.4f p_ref %.3f (%.0fs)", name, i, float(loss), p_ref,
-                   time.perf_counter() - t0)
-      if p_ref >= cap:
-        break
+  return step
+
+
+def train_one(name, task, tok, out_dir):
+  """Phase 1: the full mixture until the reference probability reaches the model's cap.
+  Phase 2 (students, ``--incontext_steps``): mostly prompts with contexts (demonstrations,
+  summaries; 20% plain ones so the plain skill is not forgotten) at a tenth of the learning
+  rate, so the students learn to use them; the params kept are those that read a
+  demonstration best while the plain reference probability stays in [cap / 2, cap + 0.15]."""
+  import jax
+  import optax
+
+  from gradalign_jax import models
+  from gradalign_jax.models import checkpoint, qwen3
+
+  arch, steps, lr, cap = MODELS[name]
   path = os.path.join(out_dir, name)
-  checkpoint.save_pretrained(cfg, params, path, extra_config={
+  held_out = task.generate(32, seed=10_000 + FLAGS.seed)
+  rng = np.random.default_rng([FLAGS.seed, sum(map(ord, name))])
+  t0, history = time.perf_counter(), []
+
+  def evaluate(phase, i, loss):
+    rec = {"phase": phase, "step": i, "loss": float(loss),
+           "p_reference": reference_probability(cfg, params, task, tok, held_out),
+           "p_reference_with_demo": reference_probability(cfg, params, task, tok, held_out,
+                                                          with_demo=True),
+           "seconds": time.perf_counter() - t0}
+    history.append(rec)
+    logging.info("%s %s step %d loss %.4f p_ref %.3f with demo %.3f (%.0fs)", name, phase, i,
+                 rec["loss"], rec["p_reference"], rec["p_reference_with_demo"], rec["seconds"])
+    return rec
+
+  if FLAGS.continue_saved and os.path.exists(os.path.join(path, "model.safetensors")):
+    cfg, params = models.load_pretrained(path)
+    with open(os.path.join(path, "training.json")) as f:
+      history = [h for h in json.load(f)["history"] if h.get("phase", "mixture") == "mixture"]
+    logging.info("%s: continuing from %s (phase 1 done: %s)", name, path, history[-1])
+  else:
+    cfg = qwen3.Qwen3Config(vocab_size=VOCAB_SIZE, rope_theta=10_000.0,
+                            max_position_embeddings=512, **arch)
+    params = qwen3.init_params(cfg, seed=FLAGS.seed)
+    warmup = min(100, steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
+                                                  lr * 0.05)
+    opt = optax.adamw(schedule, weight_decay=0.01)
+    opt_state, step = opt.init(params), _trainer(cfg, opt)
+    for i in range(1, steps + 1):
+      tokens, mask = make_batch(task, tok, rng, FLAGS.batch)
+      params, opt_state, loss = step(params, opt_state, tokens, mask)
+      if i % FLAGS.eval_every == 0 or i == steps:
+        if evaluate("mixture", i, loss)["p_reference"] >= cap:
+          break
+  if cap < 0.9 and FLAGS.incontext_steps > 0:
+    # Keep the evaluated params that read demonstrations best while the plain reference
+    # probability stays within [cap / 2, cap + 0.15] (the students must stay imperfect).
+    opt = optax.adamw(lr / 10, weight_decay=0.01)
+    opt_state, step = opt.init(params), _trainer(cfg, opt)
+    shares = {"plain": 0.2, "demo": 0.4, "demo2": 0.2, "summarize": 0.2}
+    best, best_demo = params, -1.0
+    for i in range(1, FLAGS.incontext_steps + 1):
+      tokens, mask = make_batch(task, tok, rng, FLAGS.batch, shares)
+      params, opt_state, loss = step(params, opt_state, tokens, mask)
+      if i % FLAGS.eval_every == 0 or i == FLAGS.incontext_steps:
+        rec = evaluate("contexts", i, loss)
+        if cap / 2 <= rec["p_reference"] <= cap + 0.15 and \
+            rec["p_reference_with_demo"] > best_demo:
+          best, best_demo = params, rec["p_reference_with_demo"]
+          history[-1]["kept"] = True
+        if rec["p_reference"] > cap + 0.15 or rec["p_reference_with_demo"] >= 0.95:
+          break
+    params = best
+  checkpoint.save_pretrained(cfg, jax.device_get(params), path, extra_config={
       "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
   from gradalign_jax.tasks import synthetic
   synthetic.write_tokenizer(path)
+  final = evaluate("final", 0, float("nan"))
   with open(os.path.join(path, "training.json"), "w") as f:
     json.dump({"model": name, "params": cfg.num_params(), "config": dataclasses.asdict(cfg),
                "batch": FLAGS.batch, "seed": FLAGS.seed, "history": history}, f, indent=2)
-  return history[-1]
+  return final
 
 
 def main(argv):

@@ -4,7 +4,6 @@ recomputation from full forwards, the report, and resume after an interruption."
 import json
 import os
 
-import jax
 import numpy as np
 import pandas as pd
 import pytest
