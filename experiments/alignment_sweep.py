@@ -43,7 +43,7 @@ DIRECTIONS = ("reverse_kl", "forward_kl", "jsd", "topk_reverse_kl", "topk_revers
               "single_sample", "minillm")
 COVARIATES = ("kl_pq", "kl_qp", "l2_pq", "cos_pq", "entropy_p", "entropy_q")
 DEFAULT_TEACHERS = ("teacher", "teacher:correct_demo", "self:correct_demo",
-                    "self:correct_and_wrong_demo", "self:summary", "self:summary_by=teacher")
+                    "self:correct_and_wrong_demo", "self:summary")
 DEMO_STREAM = 1 << 20  # demo rollouts fold question index + this: streams apart from scored ones
 
 flags.DEFINE_list("students", ["student_small", "student_large"],
@@ -56,7 +56,7 @@ flags.DEFINE_string("task", "synthetic", "task name: synthetic, boolq, mmlu, aim
 flags.DEFINE_string("data", "synthetic:seed=1,n=256",
                     "data source: a jsonl/json/parquet file or directory, hf:<name>[:<config>]"
                     ":<split>, or synthetic[:seed=S,n=N]")
-flags.DEFINE_integer("num_questions", 24, "questions to use (the first ones of --data)")
+flags.DEFINE_integer("num_questions", 16, "questions to use (the first ones of --data)")
 flags.DEFINE_integer("num_rollouts", 16, "G: on-policy rollouts per question")
 flags.DEFINE_float("temperature", 1.0, "sampling temperature T (π = softmax(z/T))")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling (1 = off)")
@@ -93,7 +93,7 @@ class SweepConfig:
   teachers: tuple[str, ...] = DEFAULT_TEACHERS
   task: str = "synthetic"
   data: str = "synthetic:seed=1,n=256"
-  num_questions: int = 24
+  num_questions: int = 16
   num_rollouts: int = 16
   temperature: float = 1.0
   top_p: float = 1.0
