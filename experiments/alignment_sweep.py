@@ -374,12 +374,28 @@ def context_prompt(cfg: SweepConfig, task, spec, model: Model, example, think: b
   return ids, "ok"
 
 
+def scoring_shapes(cfg: SweepConfig):
+  """Padding for every scoring pass of the run, fixed by the settings (so results never
+  depend on which questions came first): prompts padded to ≥ 64 tokens, and when the largest
+  possible tree (every rollout distinct) fits 8192 cache slots, one cache size and full
+  chunks, so each model compiles a few scoring programs in all rather than a few per tree
+  size (on the toy models compilation is most of the run time)."""
+  from gradalign_jax import scoring
+  from gradalign_jax.shapes import bucket
+
+  most = 256 + 1 + (cfg.num_rollouts + cfg.budget) * cfg.max_new_tokens
+  if most <= 8192:
+    return scoring.Shapes(min_prompt=64, min_capacity=bucket(most), full_chunks=True)
+  return scoring.Shapes(min_prompt=64)
+
+
 def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, examples,
               indices: list[int], summaries) -> dict[int, dict]:
   """Every result of a fixed group of questions: {dataset index: {table: rows}}."""
   from gradalign_jax import sampling, scoring, targeted
 
   think = thinking(cfg, task)
+  shapes = scoring_shapes(cfg)
   exs = [examples[i] for i in indices]
   g = cfg.num_rollouts
   scfg = student.sampling(cfg)
@@ -410,7 +426,12 @@ def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, exa
       status[spec.text].append(why)
   students = [scoring.Policy(student.cfg, student.params, p, student.tok) for p in prompts]
   # Targeted rollouts: each spec spends its share of the budget by its own priority.
-  shares = [cfg.budget // len(specs) + (k < cfg.budget % len(specs)) for k in range(len(specs))]
+  # Shares in whole multiples of M where possible, so that pairs get exactly M continuations
+  # (one branch program) rather than remainders.
+  m = cfg.num_continuations
+  units, rest = divmod(cfg.budget, m)
+  shares = [m * (units // len(specs) + (k < units % len(specs))) for k in range(len(specs))]
+  shares[0] += rest
   for k, (spec, share) in enumerate(zip(specs, shares)):
     live = [j for j in range(len(exs)) if policies[spec.text][j] is not None]
     if share == 0 or not live:
@@ -420,7 +441,8 @@ def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, exa
     targeted.targeted_rollouts([pools[j] for j in live], [students[j] for j in live],
                                [policies[spec.text][j] for j in live], tcfg,
                                [reward_fns[j] for j in live], student.mask, cfg.temperature,
-                               seed=cfg.seed * 7919 + k, chunk_nodes=cfg.chunk_nodes)
+                               seed=cfg.seed * 7919 + k, chunk_nodes=cfg.chunk_nodes,
+                               shapes=shapes)
   # The final pass: every spec scored on the refreshed tree.
   results = {}
   for j, (i, ex) in enumerate(zip(indices, exs)):
@@ -443,7 +465,7 @@ def run_batch(cfg: SweepConfig, task, specs, student: Model, teachers: dict, exa
         tables["questions"].append(qrow)
         continue
       cols, _ = scoring.score_tree(tree, students[j], policy, cfg.chunk_nodes, student.mask,
-                                   cfg.jsd_beta, cfg.topk, cfg.temperature)
+                                   cfg.jsd_beta, cfg.topk, cfg.temperature, shapes)
       info = cols["informative"].astype(bool)
       qrow.update(n_nodes=len(info), n_informative=int(info.sum()))
       qrow.update({f"mean_{d}": float(np.mean(cols[f"align_{d}"][info])) if info.any()

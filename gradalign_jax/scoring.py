@@ -68,6 +68,21 @@ class Policy:
   tokenizer: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """How a scoring pass pads, i.e. how many programs a sweep compiles.
+
+  min_prompt: the prompt is prefilled padded to a power of two ≥ this. min_capacity: the KV
+  cache holds a power of two ≥ this many slots. full_chunks: pad the last chunk of nodes to
+  the full chunk size (one chunk program) instead of a power of two (less padding). A sweep
+  over a small model sets min_capacity to bound every tree it will meet and full_chunks, so
+  that it compiles one chunk program per model: compilation, not compute, dominates there.
+  """
+  min_prompt: int = 16
+  min_capacity: int = 512
+  full_chunks: bool = False
+
+
 def check_compatible(student_cfg: models.Qwen3Config, teacher_cfg: models.Qwen3Config,
                      student_tokenizer=None, teacher_tokenizer=None) -> None:
   """Raises ValueError unless student and teacher share the vocabulary (MATH.md)."""
@@ -101,7 +116,7 @@ class TreePlan:
   chunks: tuple[tuple[int, int], ...]
 
 
-def plan_tree(arrays: TreeArrays, chunk_nodes: int) -> TreePlan:
+def plan_tree(arrays: TreeArrays, chunk_nodes: int, full_chunks: bool = False) -> TreePlan:
   """Orders the scored nodes (root + every node with a child) in preorder. O(N)."""
   pre = arrays.preorder
   scored = (arrays.child_count > 0)
@@ -124,7 +139,7 @@ def plan_tree(arrays: TreeArrays, chunk_nodes: int) -> TreePlan:
     chunks.append((start, chunk_nodes))
     start += chunk_nodes
   if m > start:  # the remainder: one chunk of a power of two, padded
-    size = min(chunk_nodes, bucket(m - start, granule))
+    size = chunk_nodes if full_chunks else min(chunk_nodes, bucket(m - start, granule))
     chunks.append((start, size))
     m = start = start + size
   assert start == m, (start, m)
@@ -156,7 +171,8 @@ class _Counter:
   prompt_padding = 0
 
 
-def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator[jax.Array]:
+def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter,
+                  shapes: Shapes) -> Iterator[jax.Array]:
   """Yields f32[C, V] logits of each chunk of ``plan`` for one model."""
   prompt = [int(t) for t in policy.prompt]
   if not prompt:
@@ -164,8 +180,9 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter) -> Iterator
   base = len(prompt) - 1
   # The prompt is prefilled padded to a bucket (padding slots are invalid, never attended),
   # so prompts of many lengths share a handful of compiled programs.
-  padded = bucket(base, 16) if base else 0
-  cache = models.init_cache(policy.cfg, 1, bucket(padded + len(plan.node_ids), 512))
+  padded = bucket(base, shapes.min_prompt) if base else 0
+  cache = models.init_cache(policy.cfg, 1,
+                            bucket(padded + len(plan.node_ids), shapes.min_capacity))
   if base:
     toks = np.zeros((1, padded), np.int32)
     toks[0, :base] = prompt[:-1]
@@ -225,8 +242,8 @@ class NodeLogits(NamedTuple):
 
 
 def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: Policy,
-                      chunk_nodes: int = 256, stats_out: list | None = None
-                      ) -> Iterator[NodeLogits]:
+                      chunk_nodes: int = 256, stats_out: list | None = None,
+                      shapes: Shapes = Shapes()) -> Iterator[NodeLogits]:
   """Student and teacher logits at every scored node, one chunk of C nodes at a time.
 
   Scored nodes: the root and every node with at least one child (a leaf has no decision).
@@ -236,9 +253,10 @@ def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: P
   check_compatible(student.cfg, teacher.cfg, student.tokenizer if both else None,
                    teacher.tokenizer if both else None)
   arrays = tree.arrays() if isinstance(tree, PrefixTree) else tree
-  plan = plan_tree(arrays, chunk_nodes)
+  plan = plan_tree(arrays, chunk_nodes, shapes.full_chunks)
   s_count, t_count = _Counter(), _Counter()
-  streams = zip(_logit_stream(student, plan, s_count), _logit_stream(teacher, plan, t_count))
+  streams = zip(_logit_stream(student, plan, s_count, shapes),
+                _logit_stream(teacher, plan, t_count, shapes))
   for (start, c), (s_logits, t_logits) in zip(plan.chunks, streams):
     yield NodeLogits(plan.node_ids[start:start + c], s_logits, t_logits)
   if stats_out is not None:
@@ -320,7 +338,8 @@ def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np
 
 def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: int = 256,
                vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
-               temperature: float = 1.0) -> tuple[dict[str, np.ndarray], ScoringStats]:
+               temperature: float = 1.0, shapes: Shapes = Shapes()
+               ) -> tuple[dict[str, np.ndarray], ScoringStats]:
   """The final pass: per scored node, every direction's alignment with ĝ* and the covariates.
 
   Logits are divided by ``temperature`` (the sampling temperature; MATH.md's π = softmax(z/T)),
@@ -339,7 +358,7 @@ def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: 
   per_node = {"g_dot_p": np.zeros(n), "d_dot_p": np.zeros(n), "sq_p": np.zeros(n)}
   stats: list = []
   cols: dict[str, list] = {}
-  for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats):
+  for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
     # Pad every chunk to C rows: one compiled _chunk_scores, whatever the split.
     extra = chunk_nodes - len(chunk.node_ids)
     node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])

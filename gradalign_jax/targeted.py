@@ -222,7 +222,8 @@ def _chunk_candidates(student_logits, teacher_logits, temperature, vocab_mask, r
 
 def candidates(tree: PrefixTree | TreeArrays, student: scoring.Policy, teacher: scoring.Policy,
                cfg: TargetedConfig, vocab_mask=None, temperature: float = 1.0,
-               chunk_nodes: int = 256) -> Candidates:
+               chunk_nodes: int = 256, shapes: scoring.Shapes = scoring.Shapes()
+               ) -> Candidates:
   """Every eligible (node, token) pair of the tree's scored nodes with its priority.
 
   A node is a candidate when it has a child (it is a decision some rollout took; a leaf ended
@@ -236,7 +237,7 @@ def candidates(tree: PrefixTree | TreeArrays, student: scoring.Policy, teacher: 
   mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
   k = min(cfg.max_pairs_per_node, v)
   out = []
-  for chunk in scoring.node_logit_chunks(arrays, student, teacher, chunk_nodes):
+  for chunk in scoring.node_logit_chunks(arrays, student, teacher, chunk_nodes, shapes=shapes):
     # Every chunk padded to C rows and the edges to a power of two ≥ 2C: one compiled
     # _chunk_candidates for nearly every chunk of a sweep.
     extra = chunk_nodes - len(chunk.node_ids)
@@ -313,7 +314,8 @@ def find_sources(pool: RolloutPool, node_ids: Sequence[int],
 
   A rollout passes through u and goes on iff its last node lies strictly inside u's subtree
   in preorder; its KV state then holds u's whole prefix (a branched row holds the part before
-  its branch point in its shared prefix). Raises if a node has none (it has no child).
+  its branch point in its shared prefix). Among those, one of the earliest added batch is
+  chosen. Raises if a node has none (it has no child).
   """
   if len(pool.tree.rollouts) != len(pool.origin):
     raise ValueError(f"the pool's tree holds {len(pool.tree.rollouts)} rollouts but the pool "
@@ -326,15 +328,19 @@ def find_sources(pool: RolloutPool, node_ids: Sequence[int],
   leaf_pos = pos[leaves]
   order = np.argsort(leaf_pos, kind="stable")
   sorted_pos = leaf_pos[order]
+  batch_of = np.asarray([b for b, _ in pool.origin], np.int64)[order]
   out = []
   for u in node_ids:
     lo = pos[u] + 1  # strictly below u
     hi = pos[u] + arrays.subtree_size[u]
-    i = np.searchsorted(sorted_pos, lo)
-    if i >= len(sorted_pos) or sorted_pos[i] >= hi:
+    i, j = np.searchsorted(sorted_pos, lo), np.searchsorted(sorted_pos, hi)
+    if i >= j:
       raise ValueError(f"node {u} has no rollout that goes on past it (a leaf); only nodes "
                        "with a child can be branched from")
-    out.append(pool.origin[int(order[i])])
+    # The earliest batch (the on-policy samples where possible): branches then share the
+    # source state's shapes, hence the compiled branch programs.
+    k = i + int(np.argmin(batch_of[i:j]))
+    out.append(pool.origin[int(order[k])])
   return out
 
 
@@ -430,7 +436,8 @@ def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.P
                       teachers: Sequence[scoring.Policy], cfg: TargetedConfig,
                       reward_fn: RewardFn | Sequence[RewardFn], vocab_mask=None,
                       temperature: float = 1.0, seed: int = 0,
-                      chunk_nodes: int = 256) -> list[list[RoundLog]]:
+                      chunk_nodes: int = 256, shapes: scoring.Shapes = scoring.Shapes()
+                      ) -> list[list[RoundLog]]:
   """All rounds of targeted rollouts for a batch of questions (one pool, student and teacher
   Policy each; the students share cfg and params, which also sample the continuations).
 
@@ -446,7 +453,7 @@ def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.P
                          f"temperature={temperature}: priorities must use the sampled policy")
   out = []
   for r, budget in enumerate(cfg.round_budgets()):
-    cands = [candidates(p.tree, s, t, cfg, vocab_mask, temperature, chunk_nodes)
+    cands = [candidates(p.tree, s, t, cfg, vocab_mask, temperature, chunk_nodes, shapes)
              for p, s, t in zip(pools, students, teachers)]
     out.append(run_round(pools, cands, budget, cfg.num_continuations, students[0].cfg,
                          students[0].params, reward_fn, vocab_mask, seed=seed * 101 + r,
