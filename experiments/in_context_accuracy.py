@@ -62,14 +62,14 @@ class AccuracyConfig:
   teachers: tuple[str, ...] = sweep.DEFAULT_TEACHERS
   task: str = "synthetic"
   data: str = "synthetic:seed=1,n=256"
-  num_questions: int = 24
+  num_questions: int = 16
   num_rollouts: int = 16
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
   max_new_tokens: int = 48
   thinking: str = "task"
-  demo_samples: int = 8
+  demo_samples: int = 16
   summary_tokens: int = 32
   question_batch: int = 8
   dtype: str = "float32"

@@ -59,7 +59,7 @@ def plot_correct_vs_incorrect(summary: dict, path: str) -> str:
       labels.append(f"{student}\n{spec}")
       for split in values:
         values[split].append((_f(b[split][d]["mean"]), *map(_f, b[split][d]["mean_ci"])))
-  fig, (ax,) = _figure(1, max(4.0, 0.9 * len(labels) + 1.5), 4.0)
+  fig, (ax,) = _figure(1, max(4.0, 0.9 * len(labels) + 1.5), 5.0)
   if not labels:
     _empty(ax)
     return _save(fig, path)
@@ -70,7 +70,7 @@ def plot_correct_vs_incorrect(summary: dict, path: str) -> str:
     err = np.abs(np.nan_to_num(v[:, 1:].T - v[:, 0], nan=0.0))[:, ok]
     ax.bar(x[ok] + offset, v[ok, 0], width=0.4, color=color, label=split, yerr=err, capsize=3)
   ax.axhline(0, color="black", lw=0.6)
-  ax.set_xticks(x, labels, fontsize=8)
+  ax.set_xticks(x, labels, fontsize=8, rotation=35, ha="right")
   ax.set_ylabel(f"mean cosine ({d})")
   ax.set_title("Alignment of correct vs incorrect rollouts")
   ax.legend()

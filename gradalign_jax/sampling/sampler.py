@@ -337,7 +337,8 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]],
   for i, p in enumerate(prompts + [[sampling.pad_id]] * (qb - nq)):
     tok[i, pb - len(p):], pos[i, pb - len(p):], valid[i, pb - len(p):] = p, np.arange(len(p)), True
   all_qids = np.concatenate([qids, np.full(qb - nq, -1)]).astype(np.int32)
-  keys = _sample_keys(seed, np.repeat(all_qids, g), np.tile(np.arange(g, dtype=np.int32), qb))
+  keys = _sample_keys(int(seed) % 2**31, np.repeat(all_qids, g),
+                      np.tile(np.arange(g, dtype=np.int32), qb))
   active = np.arange(qb * g) < nq * g
   toks, lps, count, state = _sample_program(
       cfg, sampling, g, params, tok, pos, valid, keys, active, _mask_arg(vocab_mask, cfg))
@@ -391,7 +392,8 @@ def branch(cfg: qwen3.Qwen3Config, params, source: Rollouts, rows: Sequence[int]
   rows_b = np.concatenate([rows, np.zeros(pad, np.int64)]).astype(np.int32)
   depths_b = np.concatenate([depths, np.zeros(pad, np.int64)]).astype(np.int32)
   forced_b = np.concatenate([forced, np.zeros(pad, np.int64)]).astype(np.int32)
-  keys = _branch_keys(seed, np.repeat(source.keys[rows_b], m, axis=0), np.repeat(depths_b, m),
+  keys = _branch_keys(int(seed) % 2**31, np.repeat(source.keys[rows_b], m, axis=0),
+                      np.repeat(depths_b, m),
                       np.repeat(forced_b, m), np.tile(np.arange(m, dtype=np.int32), nb))
   active = np.arange(nb * m) < n * m
   toks, lps, count, state = _branch_program(
