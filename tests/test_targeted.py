@@ -4,6 +4,7 @@ alone, Q̂ converging to the exact Q (exact.enumerate_tree) as M grows, and a sm
 experiments/validate_estimator.py."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -237,17 +238,18 @@ def test_config_errors_name_the_fix():
 
 
 def test_validate_estimator_smoke(tmp_path):
-  from absl import flags
-  from experiments import validate_estimator as ve
+  # A subprocess: absl flags are process-global, and other experiment modules imported by
+  # the test session define flags of the same names (--out, --seed).
+  import subprocess
+  import sys
 
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS([
-      "ve", f"--out={tmp_path}", "--budgets=8", "--seeds=1", "--questions=1",
-      "--horizon=3", "--initial_rollouts=4", "--bootstrap=50"])
-  try:
-    ve.main([])
-  finally:
-    flags.FLAGS.unparse_flags()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run(
+      [sys.executable, "-m", "experiments.validate_estimator", f"--out={tmp_path}",
+       "--budgets=8", "--seeds=1", "--questions=1", "--horizon=3", "--initial_rollouts=4",
+       "--bootstrap=50"], cwd=root, capture_output=True, text=True,
+      env=dict(os.environ, PYTHONPATH=root))
+  assert run.returncode == 0, run.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   recs = summary["records"]
   assert {(r["method"], r["budget"]) for r in recs} == {(m, b) for m in ("uniform", "targeted")
