@@ -49,6 +49,17 @@ def _informative(nodes: pd.DataFrame, columns) -> pd.DataFrame:
   return nodes[nodes["informative"].astype(bool)]
 
 
+def _student_panels(nodes: pd.DataFrame, columns, width: float):
+  """Informative rows with columns, their students in order, and a figure with a panel per
+  student (one "no data" panel when there is none)."""
+  data = _informative(nodes, columns)
+  students = list(dict.fromkeys(data["student"]))
+  fig, axes = _figure(len(students), width, 3.8)
+  if not students:
+    _empty(axes[0])
+  return data, students, fig, axes
+
+
 def plot_correct_vs_incorrect(summary: dict, path: str) -> str:
   """Grouped bars: mean cosine (primary direction) of correct and incorrect rollouts per
   student × spec, with 95% bootstrap CI error bars."""
@@ -89,11 +100,8 @@ def plot_alignment_by_depth(nodes: pd.DataFrame, path: str, direction: str = "re
   """Mean alignment of informative nodes per depth window ([0,1), [1,2), [2,4), …), one line
   per spec, one panel per student."""
   col = f"align_{direction}"
-  data = _informative(nodes, ["depth", col])
-  students = list(dict.fromkeys(data["student"]))
-  fig, axes = _figure(len(students), 5.0, 3.8)
+  data, students, fig, axes = _student_panels(nodes, ["depth", col], 5.0)
   if not students:
-    _empty(axes[0])
     return _save(fig, path)
   bins, labels = _depth_bins(data["depth"].to_numpy(int))
   data = data.assign(_bin=bins)
@@ -142,11 +150,8 @@ def plot_directions(summary: dict, path: str) -> str:
 def plot_covariates(nodes: pd.DataFrame, path: str, direction: str = "reverse_kl") -> str:
   """Alignment vs KL(p‖q) of informative nodes, one panel per student (hexbin when dense)."""
   col = f"align_{direction}"
-  data = _informative(nodes, ["kl_pq", col])
-  students = list(dict.fromkeys(data["student"]))
-  fig, axes = _figure(len(students), 4.5, 3.8)
+  data, students, fig, axes = _student_panels(nodes, ["kl_pq", col], 4.5)
   if not students:
-    _empty(axes[0])
     return _save(fig, path)
   for ax, student in zip(axes, students):
     s = data[data["student"] == student]
