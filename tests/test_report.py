@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from experiments import files
 from gradalign_jax.analysis import plots, report, token_view
 
 DIRS = ("reverse_kl", "jsd")
@@ -339,6 +341,14 @@ def test_write_report_empty(tmp_path):
   summary = report.summarize(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), DIRS)
   text = open(report.write_report(summary, str(tmp_path))).read()
   assert "## Findings" in text and "no best one" in text
+
+
+def test_write_text_replaces_whole_file(tmp_path):
+  path = str(tmp_path / "report.md")
+  files.write_text(path, "old, longer text")
+  assert files.write_text(path, "ρ – new") == path
+  assert open(path, encoding="utf-8").read() == "ρ – new"
+  assert os.listdir(tmp_path) == ["report.md"]  # no .tmp left behind
 
 
 # ---------------------------------------------------------------------------------------
