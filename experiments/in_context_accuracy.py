@@ -235,6 +235,7 @@ def finish(cfg: AccuracyConfig, out: str, num_examples: int, seconds: float) -> 
   """Writes accuracy.parquet/.csv, summary.json, report.md and the plot from the parts."""
   import pandas as pd
 
+  from experiments.files import save_figure, write_text
   from gradalign_jax.analysis import in_context, report
 
   parts = [pd.read_parquet(os.path.join(sweep.part_dir(out, sweep.student_tag(s), i),
@@ -249,10 +250,10 @@ def finish(cfg: AccuracyConfig, out: str, num_examples: int, seconds: float) -> 
   summary = in_context.summarize(table, config, seed=cfg.seed)
   with open(os.path.join(out, "summary.json"), "w") as f:
     f.write(report.to_json(summary))
-  png = in_context.plot_accuracy(summary, os.path.join(out, "in_context_accuracy.png"))
-  in_context.write_report(summary, out, os.path.basename(png))
-  logging.info("wrote %s (report.md, summary.json, accuracy.parquet/.csv, %s)", out,
-               os.path.basename(png))
+  png = "in_context_accuracy.png"
+  save_figure(in_context.plot_accuracy(summary), os.path.join(out, png))
+  write_text(os.path.join(out, "report.md"), in_context.render_report(summary, png))
+  logging.info("wrote %s (report.md, summary.json, accuracy.parquet/.csv, %s)", out, png)
   return summary
 
 

@@ -19,8 +19,10 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 
 from experiments import alignment_sweep as sweep
+from experiments import files
 from experiments import in_context_accuracy as ica
 from gradalign_jax import contexts, models, sampling
 from gradalign_jax.analysis import in_context
@@ -220,9 +222,12 @@ def test_summarize_by_hand(student, spec, accuracy, n_q, n_unavail, baseline_sam
 
 def test_report_cells(tmp_path):
   summary = in_context.summarize(HAND, n_boot=200)
-  text = open(in_context.write_report(summary, str(tmp_path), "p.png")).read()
+  text = in_context.render_report(summary, "p.png")
   assert "| spec | a | b |" in text
   assert "| self:x | 0.88 [0.75, 1.00] |" in text  # q0 0.75, q2 1.0: bootstrap hits both ends
   assert "2/3 (1× no correct rollout)" in text
-  in_context.plot_accuracy(summary, str(tmp_path / "p.png"))
+  assert "![in-context accuracy](p.png)" in text
+  fig = in_context.plot_accuracy(summary)
+  assert isinstance(fig, Figure) and not os.listdir(tmp_path)  # building it writes nothing
+  files.save_figure(fig, str(tmp_path / "p.png"))
   assert os.path.getsize(tmp_path / "p.png") > 0

@@ -10,18 +10,18 @@ Intervals are percentile bootstraps over *questions* (a question's samples share
 difficulty, so resampling samples would understate the uncertainty); differences are paired
 per question against the student's plain accuracy on the same questions, so a context that
 is only available on easy questions (a correct rollout demo) is not credited for that.
-``summarize`` is pure; ``write_report`` and ``plot_accuracy`` write one file each.
+Every function is pure: ``render_report`` gives report.md's text and ``plot_accuracy`` a
+Figure; experiments/in_context_accuracy.py writes them.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from gradalign_jax.analysis import stats
-from gradalign_jax.analysis.plots import _empty, _figure, _save
+from gradalign_jax.analysis.plots import _empty, _figure
 from gradalign_jax.analysis.report import _config_value, _num, _table
 
 BASELINE = "student (no context)"
@@ -105,9 +105,9 @@ def _difference_cell(entry: dict | None) -> str:
   return f"{_signed(entry['difference'])} [{_signed(lo)}, {_signed(hi)}]"
 
 
-def write_report(summary: dict, out_dir: str, plot: str | None = None) -> str:
-  """report.md: accuracy per spec (rows) and student (columns), paired differences,
-  availability of each context, the plot. Returns its path."""
+def render_report(summary: dict, plot: str | None = None) -> str:
+  """report.md's markdown: accuracy per spec (rows) and student (columns), paired
+  differences, availability of each context, the plot (a png path relative to the report)."""
   students, specs = list(summary["students"]), summary["specs"]
   get = lambda student, spec: summary["students"][student].get(spec)
   lines = ["# In-context accuracy", "",
@@ -145,20 +145,17 @@ def write_report(summary: dict, out_dir: str, plot: str | None = None) -> str:
     lines += ["## Settings", ""]
     lines += [f"- {k}: {f'{v:.0f}' if k == 'seconds' else _config_value(v)}"
               for k, v in config.items()] + [""]
-  path = os.path.join(out_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
-  return path
+  return "\n".join(lines)
 
 
-def plot_accuracy(summary: dict, path: str) -> str:
+def plot_accuracy(summary: dict) -> Figure:
   """Grouped bars: accuracy per spec (the student's plain accuracy first), one bar per
-  student, 95% interval error bars. Writes a PNG; returns its path."""
+  student, 95% interval error bars."""
   students, specs = list(summary["students"]), summary["specs"]
   fig, (ax,) = _figure(1, max(4.0, 1.1 * len(specs) * max(len(students), 1) ** 0.5 + 2), 4.2)
   if not students or not specs:
     _empty(ax)
-    return _save(fig, path)
+    return fig
   x = np.arange(len(specs))
   width = 0.8 / len(students)
   for k, student in enumerate(students):
@@ -176,11 +173,11 @@ def plot_accuracy(summary: dict, path: str) -> str:
   ax.set_ylabel("accuracy")
   ax.set_title("accuracy with each teacher context (95% CI over questions)")
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return fig
 
 
 def _nan(x) -> float:
   return np.nan if x is None else float(x)
 
 
-__all__ = ["BASELINE", "plot_accuracy", "summarize", "write_report"]
+__all__ = ["BASELINE", "plot_accuracy", "render_report", "summarize"]
