@@ -582,6 +582,7 @@ def load_tables(cfg: SweepConfig, out: str, num_examples: int):
 
 def finish(cfg: SweepConfig, out: str, examples, seconds: float) -> dict:
   """Writes the tables, summary.json, report.md, the plots and the token view."""
+  from experiments.files import save_figure, write_text
   from gradalign_jax.analysis import plots, report, token_view
 
   tables = load_tables(cfg, out, len(examples))
@@ -597,13 +598,14 @@ def finish(cfg: SweepConfig, out: str, examples, seconds: float) -> dict:
   with open(os.path.join(out, "summary.json"), "w") as f:
     f.write(report.to_json(summary))
   primary = cfg.directions[0]
-  pngs = [plots.plot_correct_vs_incorrect(summary, os.path.join(out, "correct_vs_incorrect.png")),
-          plots.plot_alignment_by_depth(tables["nodes"], os.path.join(out, "by_depth.png"),
-                                        primary),
-          plots.plot_directions(summary, os.path.join(out, "directions.png")),
-          plots.plot_covariates(tables["nodes"], os.path.join(out, "covariates.png"), primary)]
-  report.write_report(summary, out, [os.path.basename(p) for p in pngs])
-  token_view.write_token_view(tables["rollouts"], os.path.join(out, "tokens.html"), primary)
+  figures = {"correct_vs_incorrect.png": plots.plot_correct_vs_incorrect(summary),
+             "by_depth.png": plots.plot_alignment_by_depth(tables["nodes"], primary),
+             "directions.png": plots.plot_directions(summary),
+             "covariates.png": plots.plot_covariates(tables["nodes"], primary)}
+  for name, fig in figures.items():
+    save_figure(fig, os.path.join(out, name))
+  write_text(os.path.join(out, "report.md"), report.render(summary, list(figures)))
+  write_text(os.path.join(out, "tokens.html"), token_view.render(tables["rollouts"], primary))
   logging.info("wrote %s (report.md, summary.json, tables, plots, tokens.html)", out)
   return summary
 

@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from scipy import stats as sps
 
 from experiments import files
@@ -298,7 +300,7 @@ def _p_text(p):
   return f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}"
 
 
-def test_write_report_numbers_and_findings(tmp_path):
+def test_render_numbers_and_findings():
   rng = np.random.default_rng(3)
   rows = []
   # "strong": incorrect rollouts align far better on both specs; "flat": correct do
@@ -312,10 +314,9 @@ def test_write_report_numbers_and_findings(tmp_path):
   rollouts = rollouts_from_means(rows)
   summary = report.summarize(rollouts, questions_for(rollouts), pd.DataFrame(), DIRS,
                              {"task": "synthetic", "G": 6}, n_boot=N_BOOT)
-  # summary.json round trip: write_report reads null as n/a
+  # summary.json round trip: render reads null as n/a
   summary = json.loads(report.to_json(summary))
-  path = report.write_report(summary, str(tmp_path), ["correct_vs_incorrect.png"])
-  text = open(path).read()
+  text = report.render(summary, ["correct_vs_incorrect.png"])
 
   for spec in ("self", "teacher"):
     assert f"| {spec} |" in text
@@ -337,10 +338,10 @@ def test_p_value_format(p, text):
   assert report._p(p) == text
 
 
-def test_write_report_empty(tmp_path):
+def test_render_empty():
   summary = report.summarize(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), DIRS)
-  text = open(report.write_report(summary, str(tmp_path))).read()
-  assert "## Findings" in text and "no best one" in text
+  text = report.render(summary)
+  assert "## Findings" in text and "no best one" in text and "## Plots" not in text
 
 
 def test_write_text_replaces_whole_file(tmp_path):
@@ -355,33 +356,38 @@ def test_write_text_replaces_whole_file(tmp_path):
 # plots
 
 
-def _assert_png(path):
+def _assert_png(fig, path):
+  """fig is an Agg Figure (no pyplot) and saving it writes a PNG."""
+  assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
+  assert files.save_figure(fig, str(path)) == str(path)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not os.path.exists(str(path) + ".tmp")
 
 
 @pytest.mark.parametrize("empty", [False, True], ids=["data", "empty"])
-def test_plots_write_pngs(sweep, tmp_path, empty):
+def test_plots_return_figures(sweep, tmp_path, empty):
   _, _, nodes, summary = sweep
   if empty:
     nodes = pd.DataFrame()
     summary = report.summarize(pd.DataFrame(), pd.DataFrame(), nodes, DIRS)
-  made = [plots.plot_correct_vs_incorrect(summary, str(tmp_path / "a.png")),
-          plots.plot_alignment_by_depth(nodes, str(tmp_path / "b.png"), "reverse_kl"),
-          plots.plot_directions(summary, str(tmp_path / "c.png")),
-          plots.plot_covariates(nodes, str(tmp_path / "d.png"), "jsd")]
-  for path in made:
-    _assert_png(path)
+  made = {"a.png": plots.plot_correct_vs_incorrect(summary),
+          "b.png": plots.plot_alignment_by_depth(nodes, "reverse_kl"),
+          "c.png": plots.plot_directions(summary),
+          "d.png": plots.plot_covariates(nodes, "jsd")}
+  assert not os.listdir(tmp_path)  # building a figure writes nothing
+  for name, fig in made.items():
+    _assert_png(fig, tmp_path / name)
 
 
 def test_plots_survive_null_summary_and_uninformative_nodes(sweep, tmp_path):
   _, _, nodes, summary = sweep
   summary = json.loads(report.to_json(summary))  # NaN → None, as read back from disk
-  _assert_png(plots.plot_correct_vs_incorrect(summary, str(tmp_path / "a.png")))
-  _assert_png(plots.plot_directions(summary, str(tmp_path / "c.png")))
+  _assert_png(plots.plot_correct_vs_incorrect(summary), tmp_path / "a.png")
+  _assert_png(plots.plot_directions(summary), tmp_path / "c.png")
   dull = nodes.assign(informative=False)
-  _assert_png(plots.plot_alignment_by_depth(dull, str(tmp_path / "b.png")))
-  _assert_png(plots.plot_covariates(dull, str(tmp_path / "d.png")))
+  _assert_png(plots.plot_alignment_by_depth(dull), tmp_path / "b.png")
+  _assert_png(plots.plot_covariates(dull), tmp_path / "d.png")
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,9 +407,9 @@ def _token_rollouts():
   return pd.DataFrame(rows)
 
 
-def test_token_view_escapes_and_spans(tmp_path):
+def test_token_view_escapes_and_spans():
   rollouts = _token_rollouts()
-  html = open(token_view.write_token_view(rollouts, str(tmp_path / "v.html"))).read()
+  html = token_view.render(rollouts)
   assert "&lt;|im_end|&gt;" in html and "<|im_end|>" not in html
   assert " &lt;b&gt;&amp;" in html and "<b>" not in html
   assert html.count('class="tok"') == sum(len(t) for t in rollouts.token_text)
@@ -415,16 +421,15 @@ def test_token_view_escapes_and_spans(tmp_path):
   assert order == [1, 3, 0, 2]
 
 
-def test_token_view_limit_keeps_both_kinds(tmp_path):
-  html = open(token_view.write_token_view(_token_rollouts(), str(tmp_path / "v.html"),
-                                          max_rollouts_per_group=2)).read()
+def test_token_view_limit_keeps_both_kinds():
+  html = token_view.render(_token_rollouts(), max_rollouts_per_group=2)
   assert [int(m) for m in re.findall(r"rollout (\d+) ·", html)] == [1, 0]
 
 
-def test_token_view_checks_lengths_and_empty(tmp_path):
+def test_token_view_checks_lengths_and_empty():
   bad = _token_rollouts()
   bad.at[0, "token_text"] = ["only one"]
   with pytest.raises(ValueError, match="one of each per generated token"):
-    token_view.write_token_view(bad, str(tmp_path / "v.html"))
-  html = open(token_view.write_token_view(pd.DataFrame(), str(tmp_path / "e.html"))).read()
+    token_view.render(bad)
+  html = token_view.render(pd.DataFrame())
   assert "No rollouts." in html

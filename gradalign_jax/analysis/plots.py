@@ -1,8 +1,9 @@
 """PNG figures of a sweep: correct vs incorrect, alignment by depth, directions, covariates.
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so no
-global state or display is involved. Each function writes one PNG and returns its path; a
-panel with no data shows a note instead of failing. ``summary`` is report.summarize's output
+global state or display is involved. Each function returns its Figure and writes nothing (the
+experiments save it, experiments/files.py); a panel with no data shows a note instead of
+failing. ``summary`` is report.summarize's output
 (or summary.json loaded back, null for NaN); ``nodes`` is the sweep's node table.
 """
 
@@ -37,11 +38,6 @@ def _empty(ax, note: str = "no data"):
   ax.set_yticks([])
 
 
-def _save(fig, path: str) -> str:
-  fig.savefig(path, dpi=110)
-  return path
-
-
 def _informative(nodes: pd.DataFrame, columns) -> pd.DataFrame:
   """Informative rows with the named columns; an empty table if any is missing."""
   if len(nodes) == 0 or any(c not in nodes.columns for c in ("informative", *columns)):
@@ -60,7 +56,7 @@ def _student_panels(nodes: pd.DataFrame, columns, width: float):
   return data, students, fig, axes
 
 
-def plot_correct_vs_incorrect(summary: dict, path: str) -> str:
+def plot_correct_vs_incorrect(summary: dict) -> Figure:
   """Grouped bars: mean cosine (primary direction) of correct and incorrect rollouts per
   student × spec, with 95% bootstrap CI error bars."""
   d = summary["directions"][0]
@@ -73,7 +69,7 @@ def plot_correct_vs_incorrect(summary: dict, path: str) -> str:
   fig, (ax,) = _figure(1, max(4.0, 0.9 * len(labels) + 1.5), 5.0)
   if not labels:
     _empty(ax)
-    return _save(fig, path)
+    return fig
   x = np.arange(len(labels))
   for offset, split, color in ((-0.2, "correct", CORRECT), (0.2, "incorrect", INCORRECT)):
     v = np.array(values[split], float).reshape(-1, 3)
@@ -85,7 +81,7 @@ def plot_correct_vs_incorrect(summary: dict, path: str) -> str:
   ax.set_ylabel(f"mean cosine ({d})")
   ax.set_title("Alignment of correct vs incorrect rollouts")
   ax.legend()
-  return _save(fig, path)
+  return fig
 
 
 def _depth_bins(depth: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -96,13 +92,13 @@ def _depth_bins(depth: np.ndarray) -> tuple[np.ndarray, list[str]]:
   return np.searchsorted(edges, depth, side="right") - 1, labels
 
 
-def plot_alignment_by_depth(nodes: pd.DataFrame, path: str, direction: str = "reverse_kl") -> str:
+def plot_alignment_by_depth(nodes: pd.DataFrame, direction: str = "reverse_kl") -> Figure:
   """Mean alignment of informative nodes per depth window ([0,1), [1,2), [2,4), …), one line
   per spec, one panel per student."""
   col = f"align_{direction}"
   data, students, fig, axes = _student_panels(nodes, ["depth", col], 5.0)
   if not students:
-    return _save(fig, path)
+    return fig
   bins, labels = _depth_bins(data["depth"].to_numpy(int))
   data = data.assign(_bin=bins)
   for ax, student in zip(axes, students):
@@ -116,10 +112,10 @@ def plot_alignment_by_depth(nodes: pd.DataFrame, path: str, direction: str = "re
     ax.set_ylabel(f"mean cosine ({direction})")
     ax.set_title(str(student))
     ax.legend(fontsize=7)
-  return _save(fig, path)
+  return fig
 
 
-def plot_directions(summary: dict, path: str) -> str:
+def plot_directions(summary: dict) -> Figure:
   """Heatmap per student of incorrect − correct mean cosine, specs × directions."""
   dirs = summary["directions"]
   students = summary["students"]
@@ -127,7 +123,7 @@ def plot_directions(summary: dict, path: str) -> str:
       (len(s["specs"]) for s in students.values()), default=1) + 2.0)
   if not students:
     _empty(axes[0])
-    return _save(fig, path)
+    return fig
   for ax, (student, s) in zip(axes, students.items()):
     specs = list(s["specs"])
     v = np.array([[_f(s["specs"][sp]["tests"][d]["difference"]) for d in dirs] for sp in specs],
@@ -144,15 +140,15 @@ def plot_directions(summary: dict, path: str) -> str:
     ax.set_yticks(range(len(specs)), specs, fontsize=8)
     ax.set_title(f"{student}: incorrect − correct")
     fig.colorbar(im, ax=ax, shrink=0.8)
-  return _save(fig, path)
+  return fig
 
 
-def plot_covariates(nodes: pd.DataFrame, path: str, direction: str = "reverse_kl") -> str:
+def plot_covariates(nodes: pd.DataFrame, direction: str = "reverse_kl") -> Figure:
   """Alignment vs KL(p‖q) of informative nodes, one panel per student (hexbin when dense)."""
   col = f"align_{direction}"
   data, students, fig, axes = _student_panels(nodes, ["kl_pq", col], 4.5)
   if not students:
-    return _save(fig, path)
+    return fig
   for ax, student in zip(axes, students):
     s = data[data["student"] == student]
     x, y = s["kl_pq"].to_numpy(float), s[col].to_numpy(float)
@@ -171,4 +167,4 @@ def plot_covariates(nodes: pd.DataFrame, path: str, direction: str = "reverse_kl
     ax.set_ylabel(f"cosine ({direction})")
     rho, _ = stats.spearman(x, y)
     ax.set_title(f"{student} (Spearman ρ = {rho:.2f}, {len(x)} nodes)")
-  return _save(fig, path)
+  return fig

@@ -12,9 +12,9 @@ reported directions (the first is the primary one):
   ``align_<d>, norm_<d>`` and the covariates (``kl_pq, kl_qp, l2_pq, cos_pq, entropy_p,
   entropy_q, norm_ideal``).
 
-Everything but ``write_report`` (which writes report.md) is a pure function of the tables;
-``summarize`` returns plain Python values (NaN where a quantity is undefined), ``to_json``
-turns NaN into null.
+Every function is pure (the sweep writes the files): ``summarize`` returns plain Python
+values (NaN where a quantity is undefined), ``to_json`` turns NaN into null and ``render``
+gives report.md's text.
 """
 
 from __future__ import annotations
@@ -338,10 +338,10 @@ def _findings_text(summary: dict) -> list[str]:
   return lines + [""]
 
 
-def write_report(summary: dict, out_dir: str, plots=()) -> str:
-  """Write ``report.md`` into out_dir from a summary (as returned by summarize, or loaded
-  back from summary.json with null for NaN). plots: png paths relative to out_dir, embedded
-  in order. Returns the report's path."""
+def render(summary: dict, plots=()) -> str:
+  """The markdown of ``report.md`` from a summary (as returned by summarize, or loaded back
+  from summary.json with null for NaN). plots: png paths relative to the report, embedded in
+  order."""
   dirs = summary["directions"]
   primary = dirs[0]
   students = summary["students"]
@@ -406,8 +406,4 @@ def write_report(summary: dict, out_dir: str, plots=()) -> str:
   if plots:
     lines += ["## Plots", ""]
     lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({p})\n" for p in plots]
-  path = os.path.join(out_dir, "report.md")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
-  return path
+  return "\n".join(lines)

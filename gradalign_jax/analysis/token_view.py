@@ -69,11 +69,11 @@ def _pick(group: pd.DataFrame, limit: int) -> pd.DataFrame:
   return pd.concat([correct.head(limit - n_inc), incorrect.head(n_inc)])
 
 
-def write_token_view(rollouts: pd.DataFrame, path: str, direction: str = "reverse_kl",
-                     max_rollouts_per_group: int = 8) -> str:
-  """Write the HTML view of rollouts (the sweep's rollouts table: ``student, spec,
-  question_id, rollout, correct, tokens, token_text, mean_<direction>, path_<direction>``,
-  list columns one entry per generated token) to path; returns path."""
+def render(rollouts: pd.DataFrame, direction: str = "reverse_kl",
+           max_rollouts_per_group: int = 8) -> str:
+  """The HTML page of rollouts (the sweep's rollouts table: ``student, spec, question_id,
+  rollout, correct, tokens, token_text, mean_<direction>, path_<direction>``, list columns
+  one entry per generated token)."""
   if max_rollouts_per_group < 1:
     raise ValueError(f"max_rollouts_per_group={max_rollouts_per_group}; pass 1 or more")
   needed = ["student", "spec", "question_id", "rollout", "correct", "tokens", "token_text",
@@ -104,6 +104,4 @@ def write_token_view(rollouts: pd.DataFrame, path: str, direction: str = "revers
                  f"showing {len(shown)}</p>")
     parts += [_rollout_html(row, direction) for _, row in shown.iterrows()]
   parts.append("</body></html>")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(parts))
-  return path
+  return "\n".join(parts)
