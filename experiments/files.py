@@ -1,4 +1,5 @@
-"""Writing what analysis/ renders: the one place experiments turn figures and text into files.
+"""Writing what analysis/ renders: the one place experiments turn tables, figures and text into
+files.
 
 Each write goes to ``path + '.tmp'`` and is then renamed over path, so an interrupted run
 leaves the previous file or the new one, never half of one.
@@ -25,5 +26,18 @@ def write_text(path: str, text: str) -> str:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def save_table(df, path: str) -> str:
+  """Write a pandas DataFrame as parquet or CSV (no index), by path's extension; returns path."""
+  tmp = path + ".tmp"
+  if path.endswith(".csv"):
+    df.to_csv(tmp, index=False)
+  elif path.endswith(".parquet"):
+    df.to_parquet(tmp)
+  else:
+    raise ValueError(f"{path}: save_table writes .parquet or .csv files")
   os.replace(tmp, path)
   return path

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import re
 from typing import Sequence
 
+from gradalign_jax.models.loaded import TOY_MODELS
+from gradalign_jax.models.tokenizer import chat_prompt
 from gradalign_jax.tasks.base import Example, Task
 
-TOY_MODELS = ("student_small", "student_large", "teacher")
-TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "assets", "toy")
 CONTEXTS = ("none", "correct_demo", "correct_demo=rollout", "correct_and_wrong_demo", "summary",
             "summary_by")
 VALID_SPECS = ("self", "self:correct_demo", "self:correct_demo=rollout",
@@ -71,10 +71,6 @@ class TeacherSpec:
   def needs_rollout_demos(self) -> bool:
     """Whether the context draws on the student's own (extra) rollouts."""
     return self.context in ("correct_demo=rollout", "correct_and_wrong_demo")
-
-  def models(self) -> set[str]:
-    """Every model reference the spec needs, "self" included."""
-    return {self.model} | ({self.summarizer} if self.summarizer else set())
 
 
 def _check_model(ref: str, spec: str) -> str:
@@ -117,13 +113,32 @@ def parse_specs(texts: Sequence[str]) -> list[TeacherSpec]:
   return specs
 
 
-def resolve_model(ref: str, student: str) -> str:
-  """The checkpoint directory or hub id of a model reference ("self" → ``student``)."""
-  if ref == "self":
-    return resolve_model(student, student) if student in TOY_MODELS else student
-  if ref in TOY_MODELS and not os.path.isdir(ref):
-    return os.path.join(TOY_DIR, ref)
-  return ref
+@dataclasses.dataclass(frozen=True)
+class ContextConfig:
+  """How teacher contexts and prompts are built.
+
+  thinking: Qwen3 thinking mode of every prompt: ``"task"`` (the task's default), ``"on"``
+    or ``"off"``.
+  demo_samples: extra student rollouts per question that rollout demonstrations are drawn
+    from (never the scored ones).
+  summary_tokens: most tokens of a generated summary.
+  """
+  thinking: str = "task"
+  demo_samples: int = 16
+  summary_tokens: int = 32
+
+  def __post_init__(self):
+    if self.thinking not in ("task", "on", "off"):
+      raise ValueError(f"thinking={self.thinking!r} must be 'task', 'on' or 'off'")
+    if self.demo_samples < 1 or self.summary_tokens < 1:
+      raise ValueError(f"need demo_samples ≥ 1 and summary_tokens ≥ 1 (got "
+                       f"{self.demo_samples}, {self.summary_tokens})")
+
+  def enable_thinking(self, task: Task) -> bool:
+    """The thinking mode of ``task``'s prompts under this setting."""
+    if self.thinking == "task":
+      return inspect.signature(task.prompt).parameters["enable_thinking"].default
+    return self.thinking == "on"
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,7 +202,7 @@ def context_turns(spec: TeacherSpec, task: Task, example: Example,
   """The (user, assistant) turns the teacher reads before the question.
 
   demos: the question's DemoPool (needed by the rollout-demo contexts); summary: the text
-  of a summary context (``summaries_needed`` says which to generate). Raises
+  of a summary context (``pipeline.write_summaries`` generates it). Raises
   ContextUnavailable when the pool has no rollout of the outcome needed.
   """
   reference = task.reference_response(example)
@@ -198,7 +213,7 @@ def context_turns(spec: TeacherSpec, task: Task, example: Example,
   if spec.context in ("summary", "summary_by"):
     if summary is None:
       raise ValueError(f"spec {spec.text!r} needs the summary text; generate it first "
-                       "(summaries_needed / write_summaries)")
+                       "(pipeline.write_summaries)")
     return [task.context_turn(example, "summary", summary)]
   if demos is None:
     raise ValueError(f"spec {spec.text!r} draws demonstrations from the student's extra "
@@ -228,12 +243,10 @@ def teacher_prompt(spec: TeacherSpec, task: Task, tokenizer, example: Example,
 
 def summary_prompt(task: Task, tokenizer, example: Example) -> str:
   """The prompt a summariser answers: summarise the question's reference solution."""
-  from gradalign_jax.models.tokenizer import chat_prompt
-
   return chat_prompt(tokenizer, task.summary_request(task.reference_response(example)),
                      enable_thinking=False)
 
 
-__all__ = ["CONTEXTS", "ContextUnavailable", "DemoPool", "SpecError", "SummaryCache",
-           "TOY_MODELS", "TeacherSpec", "VALID_SPECS", "context_turns", "parse_spec",
-           "parse_specs", "resolve_model", "summary_prompt", "teacher_prompt"]
+__all__ = ["CONTEXTS", "ContextConfig", "ContextUnavailable", "DemoPool", "SpecError",
+           "SummaryCache", "TeacherSpec", "VALID_SPECS", "context_turns", "parse_spec",
+           "parse_specs", "summary_prompt", "teacher_prompt"]

@@ -1,6 +1,6 @@
-"""Logit-space directions of MATH.md, their alignment, node covariates and aggregates.
+"""Logit-space directions of MATH.md, their registry, alignment and node covariates.
 
-Shape letters: V vocab, C nodes of a chunk; ``...`` any leading axes (every function
+Shape letters (gradalign_jax/__init__.py): V vocab, C nodes of a chunk; ``...`` any leading axes (every function
 broadcasts over them and reduces over the last, vocab, axis).
 
 Conventions (MATH.md is the contract):
@@ -13,15 +13,16 @@ Conventions (MATH.md is the contract):
   * all arithmetic is fp32.
 
 The closed forms below are checked against ``jax.grad`` of independently written losses in
-tests/test_gradients.py. ``node_scores`` is the per-node function, vmapped over a chunk of
-nodes and jitted; ``AlignmentSums`` are the (sum, count) reductions that combine exactly
-across chunks, shards and hosts.
+tests/test_gradients.py. ``DIRECTIONS`` is the one registry of directions; ``node_scores`` is
+the per-node function, vmapped over a chunk of nodes and jitted. The (sum, count) aggregates
+of per-node scores live with the tables (``analysis/tables.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -196,8 +197,12 @@ def alignment(a, b) -> jax.Array:
   return jnp.where(ok, jnp.sum(a * b, axis=-1) / jnp.where(ok, na * nb, 1.0), 0.0)
 
 
+COVARIATES = ("kl_pq", "kl_qp", "l2_pq", "cos_pq", "entropy_p", "entropy_q")
+
+
 def node_covariates(student_logits, teacher_logits, vocab_mask=None) -> dict[str, jax.Array]:
-  """KL(p‖q), KL(q‖p), ‖p−q‖₂, cos(p,q), H(p), H(q) over the last axis (each f32[...])."""
+  """KL(p‖q), KL(q‖p), ‖p−q‖₂, cos(p,q), H(p), H(q) over the last axis (each f32[...]);
+  keys: COVARIATES, in that order."""
   mask = _mask_like(jnp.asarray(student_logits), vocab_mask)
   logp = masked_log_softmax(student_logits, mask)
   logq = masked_log_softmax(teacher_logits, mask)
@@ -216,30 +221,61 @@ def node_covariates(student_logits, teacher_logits, vocab_mask=None) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------
-# Per-node scores, vmapped over a chunk
+# The registry of directions: scoring, the tables, targeting and the report all read it, so
+# adding a direction touches this one place.
 
-DIRECTIONS = ("reverse_kl", "forward_kl", "jsd", "topk_reverse_kl", "topk_reverse_kl_sg",
-              "single_sample")
+
+@dataclasses.dataclass(frozen=True)
+class Direction:
+  """One distillation direction of MATH.md's table.
+
+  name: its column suffix (``align_<name>``, ``dot_<name>``, ``norm_<name>``).
+  doc: one line for ``--help`` and the report.
+  at_node: the descent direction at one node, ``(student_logits f32[V], teacher_logits f32[V],
+    visit_freq f32[V], vocab_mask bool[V], jsd_beta, topk) → f32[V]``; None when the final
+    pass finishes it from per-edge terms instead (MiniLLM: its R̄ needs the teacher along every
+    rollout's future, known only once every node is scored).
+  uses_tree: whether it reads the tree (visit frequencies or future rewards); a direction
+    that does not can rank targeted (node, token) pairs by |d_k| (``targeted.PRIORITIES``).
+  """
+  name: str
+  doc: str
+  at_node: Callable | None
+  uses_tree: bool = False
+
+
+def _registry(*directions: Direction) -> dict[str, Direction]:
+  return {d.name: d for d in directions}
+
+
+DIRECTIONS: dict[str, Direction] = _registry(
+    Direction("reverse_kl", "−∇ KL(p‖q) (GKD β=1)",
+              lambda s, t, w, m, beta, k: reverse_kl_direction(s, t, m)),
+    Direction("forward_kl", "−∇ KL(q‖p) (supervised KD)",
+              lambda s, t, w, m, beta, k: forward_kl_direction(s, t, m)),
+    Direction("jsd", "−∇ generalised JSD(β) (GKD)",
+              lambda s, t, w, m, beta, k: jsd_direction(s, t, beta, m)),
+    Direction("topk_reverse_kl", "reverse KL on the student's top-k, renormalised",
+              lambda s, t, w, m, beta, k: topk_reverse_kl_direction(s, t, k, False, m)),
+    Direction("topk_reverse_kl_sg", "top-k reverse KL, stop-gradient through the normaliser",
+              lambda s, t, w, m, beta, k: topk_reverse_kl_direction(s, t, k, True, m)),
+    Direction("single_sample", "on-policy distillation, per-token reward −ℓ_y",
+              lambda s, t, w, m, beta, k: single_sample_direction(s, t, w, m), uses_tree=True),
+    Direction("minillm", "reverse KL + long-term policy gradient (MiniLLM)", None,
+              uses_tree=True),
+)
 
 
 def _node_scores_one(student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask,
                      jsd_beta, topk):
   """All scores of one node. Logits, q_hat, visit_freq: f32[V]; observed, vocab_mask: bool[V]."""
   g = ideal_direction(student_logits, q_hat, observed, vocab_mask)
-  dirs = {
-      "reverse_kl": reverse_kl_direction(student_logits, teacher_logits, vocab_mask),
-      "forward_kl": forward_kl_direction(student_logits, teacher_logits, vocab_mask),
-      "jsd": jsd_direction(student_logits, teacher_logits, jsd_beta, vocab_mask),
-      "topk_reverse_kl": topk_reverse_kl_direction(student_logits, teacher_logits, topk, False,
-                                                   vocab_mask),
-      "topk_reverse_kl_sg": topk_reverse_kl_direction(student_logits, teacher_logits, topk, True,
-                                                      vocab_mask),
-      "single_sample": single_sample_direction(student_logits, teacher_logits, visit_freq,
-                                               vocab_mask),
-  }
   out = dict(node_covariates(student_logits, teacher_logits, vocab_mask))
   out["norm_ideal"] = jnp.linalg.norm(g)
-  for name, d in dirs.items():
+  for name, direction in DIRECTIONS.items():
+    if direction.at_node is None:
+      continue
+    d = direction.at_node(student_logits, teacher_logits, visit_freq, vocab_mask, jsd_beta, topk)
     out[f"align_{name}"] = alignment(g, d)
     out[f"dot_{name}"] = jnp.sum(g * d)
     out[f"norm_{name}"] = jnp.linalg.norm(d)
@@ -253,7 +289,8 @@ def node_scores(student_logits, teacher_logits, q_hat, observed, visit_freq, voc
 
   student_logits, teacher_logits, q_hat, visit_freq: f32[C, V]; observed: bool[C, V];
   vocab_mask: bool[V] or None. Returns {name: f32[C]}: ``align_<dir>``, ``dot_<dir>``,
-  ``norm_<dir>`` for each of DIRECTIONS, ``norm_ideal`` and the covariates. Written for one
+  ``norm_<dir>`` for each direction of DIRECTIONS computed at the node (all but MiniLLM),
+  ``norm_ideal`` and the covariates (COVARIATES). Written for one
   node and vmapped: a chunk never holds more than C × V of any intermediate.
   """
   if vocab_mask is None:
@@ -263,7 +300,7 @@ def node_scores(student_logits, teacher_logits, q_hat, observed, visit_freq, voc
       student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask)
 
 
-def minillm_from_parts(dot_rkl, sq_rkl, g_dot_p, d_dot_p, sq_p, sum_gh, sum_dh, sum_hh, sum_hp,
+def minillm_from_terms(dot_rkl, sq_rkl, g_dot_p, d_dot_p, sq_p, sum_gh, sum_dh, sum_hh, sum_hp,
                        sum_h):
   """⟨ĝ*, d_minillm⟩ and ‖d_minillm‖² from reverse-KL terms and the long-term weights.
 
@@ -277,54 +314,3 @@ def minillm_from_parts(dot_rkl, sq_rkl, g_dot_p, d_dot_p, sq_p, sum_gh, sum_dh, 
   sq = (sq_rkl + 2.0 * (sum_dh - sum_h * d_dot_p) + sum_hh - 2.0 * sum_h * sum_hp
         + sum_h * sum_h * sq_p)
   return dot, jnp.maximum(sq, 0.0)
-
-
-# ---------------------------------------------------------------------------------------
-# Aggregates as (sum, count) reductions
-
-
-class AlignmentSums(NamedTuple):
-  """Sums over a set of nodes that combine by addition (chunks, shards, hosts).
-
-  count: nodes; positive: nodes with cos > 0; cos: Σ cos; dot: Σ⟨ĝ*, d⟩;
-  norm_prod: Σ ‖ĝ*‖‖d‖; sq_g: Σ ‖ĝ*‖²; sq_d: Σ ‖d‖². All f32[] (or f32[...] per group).
-  """
-  count: jax.Array
-  positive: jax.Array
-  cos: jax.Array
-  dot: jax.Array
-  norm_prod: jax.Array
-  sq_g: jax.Array
-  sq_d: jax.Array
-
-  def __add__(self, other):
-    return AlignmentSums(*(a + b for a, b in zip(self, other)))
-
-
-def alignment_sums(cos, dot, norm_g, norm_d, weight) -> AlignmentSums:
-  """(sum, count) reductions over the node axis (the last) of per-node values.
-
-  cos, dot, norm_g, norm_d: f32[..., C] per-node alignment, ⟨ĝ*, d⟩, ‖ĝ*‖, ‖d‖;
-  weight: bool or {0,1} f32[..., C] selecting nodes (informative, on a given rollout, …).
-  """
-  w = jnp.asarray(weight, jnp.float32)
-  s = lambda x: jnp.sum(w * jnp.asarray(x, jnp.float32), axis=-1)
-  return AlignmentSums(count=jnp.sum(w, axis=-1), positive=s(jnp.asarray(cos) > 0), cos=s(cos),
-                       dot=s(dot), norm_prod=s(jnp.asarray(norm_g) * jnp.asarray(norm_d)),
-                       sq_g=s(jnp.square(norm_g)), sq_d=s(jnp.square(norm_d)))
-
-
-def _ratio(num, den):
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
-
-
-def alignment_summary(sums: AlignmentSums) -> dict[str, jax.Array]:
-  """mean cosine, weighted cosine Σ⟨ĝ*,d⟩/Σ‖ĝ*‖‖d‖, pooled cosine Σ⟨ĝ*,d⟩/√(Σ‖ĝ*‖² Σ‖d‖²),
-  fraction positive, and the node count. NaN where the set is empty (or all norms 0)."""
-  return {
-      "mean_cos": _ratio(sums.cos, sums.count),
-      "weighted_cos": _ratio(sums.dot, sums.norm_prod),
-      "pooled_cos": _ratio(sums.dot, jnp.sqrt(sums.sq_g * sums.sq_d)),
-      "frac_positive": _ratio(sums.positive, sums.count),
-      "count": sums.count,
-  }

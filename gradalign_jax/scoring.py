@@ -1,6 +1,9 @@
 """Student and teacher logits at every unique node of a prefix tree, chunk by chunk.
 
-Shape letters: C nodes per chunk, S cache slots, V vocab, P prompt length.
+Shape letters (gradalign_jax/__init__.py): U scored nodes, C nodes per chunk, S cache slots,
+V vocab, P prompt length. This module stops at logits; the final pass that turns them into
+directions and cosines is ``alignment.py``, and targeted rollouts rank pairs from the same
+chunks (``padded_chunks`` serves both).
 
 How (each node computed once, each prompt prefilled once):
   1. The model's prompt minus its last token is prefilled once into a KV cache (the teacher's
@@ -14,16 +17,16 @@ How (each node computed once, each prompt prefilled once):
      mask "slot s holds an ancestor-or-self of node i" is ``lo[s] <= i < hi[s]``, built on
      device from two int32[S] arrays and passed as ``attend_mask`` over the cache (prompt
      slots: always visible). Nothing of nodes × vocab is kept beyond one chunk: consumers get
-     f32[C, V] per chunk (``node_logit_chunks``) or reduce it at once (``score_tree``).
+     f32[C, V] per chunk (``node_logit_chunks``, ``padded_chunks``).
 
 Why this and not the alternatives (measured by ``ScoringStats``; see tests/test_scoring.py
 and the numbers below): a forward per rollout ("cached prefixes" without a tree) processes
 Σ_r (P − 1 + L_r) positions, re-running every shared prefix once per rollout that shares it; a
-single tree-masked chunk processes the same N positions as this scheme but needs an N × N
-mask and N × V logits at once. Appending the preorder chunk by chunk processes exactly
-(P − 1) + N positions, plus padding (the prompt is prefilled padded to a power of two ≥ 16 and
+single tree-masked chunk processes the same U positions as this scheme but needs a U × U
+mask and U × V logits at once. Appending the preorder chunk by chunk processes exactly
+(P − 1) + U positions, plus padding (the prompt is prefilled padded to a power of two ≥ 16 and
 the last chunk of nodes to a power of two, so a sweep over many questions and contexts
-compiles a handful of programs), with memory O(C × (P + N) + C × V).
+compiles a handful of programs), with memory O(C × (P + U) + C × V).
 Measured on the sample tree of tests/test_scoring.py::test_positions_processed (16 rollouts of
 48 tokens, each branching off an earlier one; question P = 8, teacher context + question
 P = 48; C = 8): 439 unique scored nodes; positions processed 456 = 7 + 439 + 1 node padding
@@ -31,9 +34,9 @@ P = 48; C = 8): 439 unique scored nodes; positions processed 456 = 7 + 439 + 1 n
 context + prompt padding; forwards per rollout would process 880 (student) and 1520
 (teacher), 1.9× and 3.0× more.
 
-The attention of a chunk is dense over the whole cache (S = P − 1 + N rounded up to a power
+The attention of a chunk is dense over the whole cache (S = P − 1 + U rounded up to a power
 of two): time
-O(N × (P + N)) per model, which is fine for trees of a few thousand nodes; a much larger tree
+O(U × (P + U)) per model, which is fine for trees of a few thousand nodes; a much larger tree
 would want per-subtree cache windows.
 """
 
@@ -47,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradalign_jax import gradients, models
+from gradalign_jax import models
 from gradalign_jax.shapes import bucket
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
@@ -55,12 +58,12 @@ _NEVER = np.iinfo(np.int32).max
 
 
 @dataclasses.dataclass(frozen=True)
-class Policy:
+class PromptedModel:
   """A model and the tokens it reads before the student's generated prefix.
 
   cfg, params: the Qwen3 model. prompt: int ids, the question as the student sees it, or the
   teacher's privileged context followed by the same question (at least one token).
-  tokenizer: optional; when both policies have one, their vocabularies are compared too.
+  tokenizer: optional; when both models have one, their vocabularies are compared too.
   """
   cfg: models.Qwen3Config
   params: Any
@@ -101,11 +104,11 @@ def check_compatible(student_cfg: models.Qwen3Config, teacher_cfg: models.Qwen3C
 class TreePlan:
   """The scored nodes of a tree in preorder, padded to whole chunks (shared by both models).
 
-  node_ids int32[M] (−1 = padding); depth, token int32[M];
-  lo, hi int32[M]: node j's subtree is the order interval [lo[j], hi[j]) (empty for padding);
+  node_ids int32[U'] (U' = U padded to whole chunks; −1 = padding); depth, token int32[U'];
+  lo, hi int32[U']: node j's subtree is the order interval [lo[j], hi[j]) (empty for padding);
   chunks: (start, size) of each chunk: full chunks of C, then the remainder as one chunk of
   a power of two (≥ 8 when C ≥ 8): a tree uses at most two chunk programs and a sweep at
-  most log2(C) + 1, at the cost of padding under half the last chunk (M − N < C/2 + 8).
+  most log2(C) + 1, at the cost of padding under half the last chunk (padded − U < C/2 + 8).
   """
   node_ids: np.ndarray
   depth: np.ndarray
@@ -117,7 +120,7 @@ class TreePlan:
 
 
 def plan_tree(arrays: TreeArrays, chunk_nodes: int, full_chunks: bool = False) -> TreePlan:
-  """Orders the scored nodes (root + every node with a child) in preorder. O(N)."""
+  """Orders the scored nodes (root + every node with a child) in preorder. O(U)."""
   pre = arrays.preorder
   scored = (arrays.child_count > 0)
   scored[0] = True
@@ -171,22 +174,23 @@ class _Counter:
   prompt_padding = 0
 
 
-def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter,
+def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
                   shapes: Shapes) -> Iterator[jax.Array]:
   """Yields f32[C, V] logits of each chunk of ``plan`` for one model."""
-  prompt = [int(t) for t in policy.prompt]
+  prompt = [int(t) for t in model.prompt]
   if not prompt:
-    raise ValueError("a Policy prompt needs at least one token (the root is its last token)")
+    raise ValueError("a PromptedModel's prompt needs at least one token (the root is its last "
+                     "token)")
   base = len(prompt) - 1
   # The prompt is prefilled padded to a bucket (padding slots are invalid, never attended),
   # so prompts of many lengths share a handful of compiled programs.
   padded = bucket(base, shapes.min_prompt) if base else 0
-  cache = models.init_cache(policy.cfg, 1,
+  cache = models.init_cache(model.cfg, 1,
                             bucket(padded + len(plan.node_ids), shapes.min_capacity))
   if base:
     toks = np.zeros((1, padded), np.int32)
     toks[0, :base] = prompt[:-1]
-    _, cache = models.forward_cached(policy.cfg, policy.params, jnp.asarray(toks),
+    _, cache = models.forward_cached(model.cfg, model.params, jnp.asarray(toks),
                                      jnp.arange(padded, dtype=jnp.int32)[None],
                                      jnp.asarray(np.arange(padded) < base)[None], cache)
     counter.positions += padded
@@ -202,7 +206,7 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter,
   for start, c in plan.chunks:
     sl = slice(start, start + c)
     order = np.arange(start, start + c, dtype=np.int32)
-    logits, cache = _tree_chunk(policy.cfg, policy.params, jnp.asarray(tokens[sl])[None],
+    logits, cache = _tree_chunk(model.cfg, model.params, jnp.asarray(tokens[sl])[None],
                                 jnp.asarray(base + plan.depth[sl])[None],
                                 jnp.asarray(plan.node_ids[sl] >= 0)[None], jnp.asarray(order)[None],
                                 slot_lo, slot_hi, cache)
@@ -214,7 +218,7 @@ def _logit_stream(policy: Policy, plan: TreePlan, counter: _Counter,
 class ScoringStats:
   """What a scoring pass processed, next to what it had to.
 
-  unique_nodes: scored nodes N (root + nodes with a child); student_context, teacher_context:
+  unique_nodes: scored nodes U (root + nodes with a child); student_context, teacher_context:
   prompt lengths P; student_positions, teacher_positions: token positions run through each
   model (prefill + chunks, padding included); padding: padded node positions per model;
   student_prompt_padding, teacher_prompt_padding: padded prefill positions (the prompt minus
@@ -241,7 +245,7 @@ class NodeLogits(NamedTuple):
   teacher: jax.Array
 
 
-def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: Policy,
+def node_logit_chunks(tree: PrefixTree | TreeArrays, student: PromptedModel, teacher: PromptedModel,
                       chunk_nodes: int = 256, stats_out: list | None = None,
                       shapes: Shapes = Shapes()) -> Iterator[NodeLogits]:
   """Student and teacher logits at every scored node, one chunk of C nodes at a time.
@@ -272,8 +276,8 @@ def node_logit_chunks(tree: PrefixTree | TreeArrays, student: Policy, teacher: P
         teacher_prompt_padding=t_count.prompt_padding))
 
 
-def node_logits(tree, student: Policy, teacher: Policy, chunk_nodes: int = 256):
-  """All scored nodes at once (small trees, tests): (node_ids int32[N], f32[N, V] × 2, stats)."""
+def node_logits(tree, student: PromptedModel, teacher: PromptedModel, chunk_nodes: int = 256):
+  """All scored nodes at once (small trees, tests): (node_ids int32[U], f32[U, V] × 2, stats)."""
   stats: list = []
   ids, s, t = [], [], []
   for chunk in node_logit_chunks(tree, student, teacher, chunk_nodes, stats):
@@ -284,123 +288,37 @@ def node_logits(tree, student: Policy, teacher: Policy, chunk_nodes: int = 256):
   return np.concatenate(ids), np.concatenate(s), np.concatenate(t), stats[0]
 
 
-@functools.partial(jax.jit, static_argnames=("topk",))
-def _chunk_scores(student_logits, teacher_logits, temperature, vocab_mask, rows, toks, q_edge,
-                  observed_edge, visit_edge, jsd_beta, topk):
-  """One chunk of the final pass, on device.
+class PaddedChunk(NamedTuple):
+  """One chunk padded to C rows, with the child edges of its nodes (for device scatters).
 
-  student_logits, teacher_logits: f32[C, V] raw; vocab_mask: bool[V]; rows, toks: int32[E]
-  child edges (rows ≥ C are padding, dropped); q_edge, visit_edge: f32[E]; observed_edge:
-  bool[E]. The tree's statistics are scattered to [C, V] here, not on the host. Returns
-  (gradients.node_scores' dict of f32[C], MiniLLM parts: ĝ*_k, d_rkl_k, p_k, ℓ_k f32[E] and
-  ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖² f32[C]).
+  node_ids: int32[C] (−1 = padding); student, teacher: f32[C, V] logits (padding rows 0);
+  rows: int[E'] row (into node_ids) of each child edge; kids: int32[E'] child node ids;
+  num_edges: E, the edge arrays' padded length (a power of two ≥ 2C, so nearly every chunk
+  of a sweep shares one compiled consumer).
   """
-  c, v = student_logits.shape
-  zs, zt = student_logits / temperature, teacher_logits / temperature
-  dense = lambda x, dt: jnp.zeros((c, v), dt).at[rows, toks].set(x.astype(dt), mode="drop")
-  q, obs, w = (dense(q_edge, jnp.float32), dense(observed_edge, bool),
-               dense(visit_edge, jnp.float32))
-  scores = gradients.node_scores(zs, zt, q, obs, w, vocab_mask, jsd_beta=jsd_beta, topk=topk)
-  g = gradients.ideal_direction(zs, q, obs, vocab_mask)
-  d = gradients.reverse_kl_direction(zs, zt, vocab_mask)
-  logp = gradients.masked_log_softmax(zs, vocab_mask)
-  logq = gradients.masked_log_softmax(zt, vocab_mask)
-  p = gradients.masked_softmax(zs, vocab_mask)
-  at = lambda x: x[jnp.minimum(rows, c - 1), toks]
-  parts = (at(g), at(d), at(p), at(logp) - at(logq), jnp.sum(g * p, -1), jnp.sum(d * p, -1),
-           jnp.sum(p * p, -1))
-  return scores, parts
+  node_ids: np.ndarray
+  student: jax.Array
+  teacher: jax.Array
+  rows: np.ndarray
+  kids: np.ndarray
+  num_edges: int
+
+  def pad_edges(self, x, fill, dtype=None) -> jax.Array:
+    """An int/float/bool[E'] per-edge array padded with ``fill`` to [E], on device."""
+    x = np.asarray(x)
+    return jnp.asarray(np.concatenate([x, np.full(self.num_edges - len(x), fill, x.dtype)]),
+                       dtype)
 
 
-def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np.ndarray:
-  """R̄ per edge (float64[N], indexed by child id): mean over the rollouts that visit the edge
-  on-policy of Σ_{t'>t} (−ℓ_{y_t'}) / (L − t − 1) (0 for a rollout's last token). ell:
-  float64[N], ℓ of the edge into each node. O(total tokens)."""
-  total = np.zeros(arrays.num_nodes)
-  for leaf, _, branch_depth in tree.rollouts:
-    path = []
-    node = leaf
-    while node > 0:
-      path.append(node)
-      node = arrays.parent[node]
-    path = np.asarray(path[::-1])  # path[t] = the child at depth t + 1 (token y_t)
-    n = len(path)
-    if not n:
-      continue
-    neg = -ell[path]
-    after = np.concatenate([np.cumsum(neg[::-1])[::-1][1:], [0.0]])  # Σ_{t' > t}
-    future = after / np.maximum(n - np.arange(n) - 1, 1)
-    b = -1 if branch_depth is None else branch_depth
-    total[path[b + 1:]] += future[b + 1:]  # on-policy edges only, as visits
-  return np.where(arrays.visits > 0, total / np.maximum(arrays.visits, 1), 0.0)
-
-
-
-def score_tree(tree: PrefixTree, student: Policy, teacher: Policy, chunk_nodes: int = 256,
-               vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
-               temperature: float = 1.0, shapes: Shapes = Shapes()
-               ) -> tuple[dict[str, np.ndarray], ScoringStats]:
-  """The final pass: per scored node, every direction's alignment with ĝ* and the covariates.
-
-  Logits are divided by ``temperature`` (the sampling temperature; MATH.md's π = softmax(z/T)),
-  q̂ / observed / visit frequencies come from the tree, and ``gradients.node_scores`` reduces
-  each chunk to per-node scalars, so nothing of size N × V is kept. MiniLLM's R̄ needs ℓ along
-  every rollout's future, known only once all nodes are scored: each chunk keeps ĝ*, d_rkl, p
-  at the (few) children of its nodes and ``gradients.minillm_from_parts`` finishes it exactly.
-  Returns ({column: [N]} with ``node_id``, ``depth``, ``informative``, ``num_observed``,
-  ``min_trials``, gradients.node_scores' columns and ``{align,dot,norm}_minillm``, stats).
-  """
-  arrays = tree.arrays()
-  v = student.cfg.vocab_size
-  mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
-  n = arrays.num_nodes
-  g_k, d_k, p_k, ell = (np.zeros(n) for _ in range(4))
-  per_node = {"g_dot_p": np.zeros(n), "d_dot_p": np.zeros(n), "sq_p": np.zeros(n)}
-  stats: list = []
-  cols: dict[str, list] = {}
-  for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
-    # Pad every chunk to C rows: one compiled _chunk_scores, whatever the split.
+def padded_chunks(arrays: TreeArrays, student: PromptedModel, teacher: PromptedModel,
+                  chunk_nodes: int = 256, stats_out: list | None = None,
+                  shapes: Shapes = Shapes()) -> Iterator[PaddedChunk]:
+  """``node_logit_chunks`` with every chunk padded to C rows and its child edges listed:
+  what both the final pass and the targeted-rollout candidates consume."""
+  for chunk in node_logit_chunks(arrays, student, teacher, chunk_nodes, stats_out, shapes):
     extra = chunk_nodes - len(chunk.node_ids)
     node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])
-    chunk = chunk._replace(student=jnp.pad(chunk.student, ((0, extra), (0, 0))),
-                           teacher=jnp.pad(chunk.teacher, ((0, extra), (0, 0))))
-    rows, kids, q_e, obs_e, w_e = arrays.child_stats(node_ids)
-    e = bucket(len(kids), 2 * chunk_nodes)  # edges: usually one size, one compiled program
-    pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill, x.dtype)]))
-    out, terms = _chunk_scores(chunk.student, chunk.teacher, temperature, mask,
-                               pad(rows.astype(np.int32), chunk_nodes), pad(arrays.token[kids], 0),
-                               pad(q_e, 0), pad(obs_e, False), pad(w_e, 0), jsd_beta, topk=topk)
-    for dst, src in zip((g_k, d_k, p_k, ell), terms[:4]):
-      dst[kids] = np.asarray(src)[:len(kids)]
-    keep = node_ids >= 0
-    ids = node_ids[keep]
-    for name, src in zip(per_node, terms[4:]):
-      per_node[name][ids] = np.asarray(src)[keep]
-    out = {k: np.asarray(x)[keep] for k, x in out.items()}
-    out.update(node_id=ids, depth=arrays.depth[ids], informative=arrays.informative[ids],
-               num_observed=arrays.num_observed[ids], min_trials=arrays.min_trials[ids])
-    for k, x in out.items():
-      cols.setdefault(k, []).append(x)
-  cols = {k: np.concatenate(x) for k, x in cols.items()}
-  # MiniLLM: h_k = w_k R̄_k on visited children, summed per parent.
-  kids = np.arange(1, n)
-  par = arrays.parent[kids]
-  tot = arrays.total_visits[par]
-  h = np.where(tot > 0, arrays.visits[kids] / np.maximum(tot, 1), 0.0)
-  h = h * _future_rewards(tree, arrays, ell)[kids]
-  sums = {}
-  for name, x in [("gh", g_k[kids] * h), ("dh", d_k[kids] * h), ("hh", h * h),
-                  ("hp", h * p_k[kids]), ("h", h)]:
-    sums[name] = np.zeros(n)
-    np.add.at(sums[name], par, x)
-  ids = cols["node_id"]
-  dot, sq = gradients.minillm_from_parts(
-      cols["dot_reverse_kl"], cols["norm_reverse_kl"] ** 2, per_node["g_dot_p"][ids],
-      per_node["d_dot_p"][ids], per_node["sq_p"][ids], sums["gh"][ids], sums["dh"][ids],
-      sums["hh"][ids], sums["hp"][ids], sums["h"][ids])
-  norm = np.sqrt(np.asarray(sq))
-  den = cols["norm_ideal"] * norm
-  cols["dot_minillm"] = np.asarray(dot)
-  cols["norm_minillm"] = norm
-  cols["align_minillm"] = np.where(den > 0, cols["dot_minillm"] / np.where(den > 0, den, 1), 0.0)
-  return cols, stats[0]
+    rows, kids = arrays.child_edges(node_ids)
+    yield PaddedChunk(node_ids, jnp.pad(chunk.student, ((0, extra), (0, 0))),
+                      jnp.pad(chunk.teacher, ((0, extra), (0, 0))), rows, kids,
+                      bucket(len(kids), 2 * chunk_nodes))

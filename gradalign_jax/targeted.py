@@ -1,13 +1,14 @@
 """Targeted rollouts (MATH.md "Targeted rollouts"): spend a rollout budget on the (node, token)
 pairs that decide the cosine, branching from cached prefixes.
 
-Shape letters: C nodes of a chunk, V vocab, K candidates kept per node, P pairs.
+Shape letters (gradalign_jax/__init__.py): C nodes of a chunk, V vocab, E child edges of a
+chunk; here also A candidates kept per node and I chosen (node, token) pairs.
 
 One round:
   1. Candidates: every scored node u of the tree (root and nodes with a child) and every
      token k of the vocabulary mask with n_k < ``min_trials``; priority |d_k(u)| for the chosen
      distillation direction, or |p_k − q_k| (``priorities``). Logits come chunk by chunk from
-     ``scoring.node_logit_chunks``; only the K best tokens of each node leave the device.
+     ``scoring.padded_chunks``; only the A best tokens of each node leave the device.
   2. Depth windows [0,1), [1,2), [2,4), [4,8), … (``window_index``): the round's pairs are split
      equally across the windows that have candidates, a window with fewer candidates than its
      share hands the rest on (``split_budget``); within a window the highest priorities win
@@ -36,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import gradients, sampling, scoring
-from gradalign_jax.shapes import bucket
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
+# |d_k| of the registry's directions that need no tree statistics (the top-k ones are left
+# out: their support is the student's own top-k, so |d_k| says little about other tokens),
+# and |p_k − q_k|.
 PRIORITIES = ("reverse_kl", "forward_kl", "jsd", "prob_gap")
 
 
@@ -147,7 +150,7 @@ def split_budget(available: Sequence[int], total: int) -> np.ndarray:
 
 
 class Candidates(NamedTuple):
-  """Candidate pairs (one entry per (node, token)); all arrays of length P.
+  """Candidate pairs (one entry per (node, token)); all arrays of one length.
 
   node int32 (tree node id), token int32, depth int32 (of the node), priority float32,
   trials int64 (n_k so far).
@@ -190,16 +193,14 @@ def select(cands: Candidates, num_pairs: int) -> np.ndarray:
 def priorities(student_logits, teacher_logits, kind: str, vocab_mask=None,
                jsd_beta: float = 0.5) -> jax.Array:
   """Priority of every token at a chunk of nodes: f32[C, V] logits (temperature applied) →
-  f32[C, V], 0 on masked rows. kind: one of PRIORITIES."""
-  if kind == "reverse_kl":
-    d = gradients.reverse_kl_direction(student_logits, teacher_logits, vocab_mask)
-  elif kind == "forward_kl":
-    d = gradients.forward_kl_direction(student_logits, teacher_logits, vocab_mask)
-  elif kind == "jsd":
-    d = gradients.jsd_direction(student_logits, teacher_logits, jsd_beta, vocab_mask)
-  elif kind == "prob_gap":
+  f32[C, V], 0 on masked rows. kind: one of PRIORITIES (|d_k| of that registry direction, or
+  |p_k − q_k| for ``"prob_gap"``)."""
+  if kind == "prob_gap":
     d = (gradients.masked_softmax(student_logits, vocab_mask)
          - gradients.masked_softmax(teacher_logits, vocab_mask))
+  elif kind in PRIORITIES:
+    d = gradients.DIRECTIONS[kind].at_node(student_logits, teacher_logits, None, vocab_mask,
+                                           jsd_beta, None)
   else:
     raise ValueError(f"priority {kind!r} is not one of {PRIORITIES}")
   return jnp.abs(d)
@@ -209,8 +210,8 @@ def priorities(student_logits, teacher_logits, kind: str, vocab_mask=None,
 def _chunk_candidates(student_logits, teacher_logits, temperature, vocab_mask, rows, toks,
                       trials_edge, min_trials, jsd_beta, kind, k):
   """Top-k eligible tokens per node of a chunk. rows, toks: int32[E] child edges (rows ≥ C:
-  padding); trials_edge int32[E]. Returns (priority f32[C, k], token int32[C, k], trials
-  int32[C, k]); priority −1 where no eligible token is left."""
+  padding); trials_edge int32[E]. Returns (priority f32[C, A], token int32[C, A], trials
+  int32[C, A]), A = k; priority −1 where no eligible token is left."""
   c, v = student_logits.shape
   prio = priorities(student_logits / temperature, teacher_logits / temperature, kind,
                     vocab_mask, jsd_beta)
@@ -220,8 +221,8 @@ def _chunk_candidates(student_logits, teacher_logits, temperature, vocab_mask, r
   return val, tok, jnp.take_along_axis(trials, tok, axis=1)
 
 
-def candidates(tree: PrefixTree | TreeArrays, student: scoring.Policy, teacher: scoring.Policy,
-               cfg: TargetedConfig, vocab_mask=None, temperature: float = 1.0,
+def candidates(tree: PrefixTree | TreeArrays, student: scoring.PromptedModel,
+               teacher: scoring.PromptedModel, cfg: TargetedConfig, vocab_mask=None, temperature: float = 1.0,
                chunk_nodes: int = 256, shapes: scoring.Shapes = scoring.Shapes()
                ) -> Candidates:
   """Every eligible (node, token) pair of the tree's scored nodes with its priority.
@@ -237,19 +238,13 @@ def candidates(tree: PrefixTree | TreeArrays, student: scoring.Policy, teacher: 
   mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
   k = min(cfg.max_pairs_per_node, v)
   out = []
-  for chunk in scoring.node_logit_chunks(arrays, student, teacher, chunk_nodes, shapes=shapes):
-    # Every chunk padded to C rows and the edges to a power of two ≥ 2C: one compiled
-    # _chunk_candidates for nearly every chunk of a sweep.
-    extra = chunk_nodes - len(chunk.node_ids)
-    node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])
-    chunk = chunk._replace(student=jnp.pad(chunk.student, ((0, extra), (0, 0))),
-                           teacher=jnp.pad(chunk.teacher, ((0, extra), (0, 0))))
-    rows, kids = arrays.child_edges(node_ids)
-    e = bucket(len(kids), 2 * chunk_nodes)
-    pad = lambda x, fill: jnp.asarray(np.concatenate([x, np.full(e - len(x), fill)]), jnp.int32)
+  for chunk in scoring.padded_chunks(arrays, student, teacher, chunk_nodes, shapes=shapes):
+    node_ids, kids = chunk.node_ids, chunk.kids
     val, tok, tr = _chunk_candidates(
-        chunk.student, chunk.teacher, temperature, mask, pad(rows, len(node_ids)),
-        pad(arrays.token[kids], 0), pad(np.minimum(arrays.trials[kids], 2**30), 0),
+        chunk.student, chunk.teacher, temperature, mask,
+        chunk.pad_edges(chunk.rows, len(node_ids), jnp.int32),
+        chunk.pad_edges(arrays.token[kids], 0, jnp.int32),
+        chunk.pad_edges(np.minimum(arrays.trials[kids], 2**30), 0, jnp.int32),
         min(cfg.min_trials, 2**31 - 1), cfg.jsd_beta, kind=cfg.priority, k=k)
     val, tok, tr = np.asarray(val), np.asarray(tok), np.asarray(tr)
     real = node_ids >= 0
@@ -346,7 +341,7 @@ def find_sources(pool: RolloutPool, node_ids: Sequence[int],
 
 @dataclasses.dataclass(frozen=True)
 class RoundLog:
-  """What one round did: the chosen pairs (Candidates) and the rollouts each got (int[P])."""
+  """What one round did: the chosen pairs (Candidates) and the rollouts each got (int[I])."""
   pairs: Candidates
   rollouts: np.ndarray
   window: np.ndarray
@@ -361,7 +356,7 @@ def plan_round(cands: Candidates, budget: int, m: int,
   When the candidates run out first, every candidate is chosen and gets m, and the surplus
   is dealt evenly (``surplus="even"``) or in proportion to the pairs' priorities
   (``"priority"``, largest remainders first), so the whole budget is still spent. Returns
-  (idx int64[P], rollouts int64[P]), Σ rollouts = budget (0 with no candidates).
+  (idx int64[I], rollouts int64[I]), Σ rollouts = budget (0 with no candidates).
   """
   budget, m = int(budget), int(m)
   if surplus not in ("even", "priority"):
@@ -432,20 +427,20 @@ def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget:
   return logs
 
 
-def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.Policy],
-                      teachers: Sequence[scoring.Policy], cfg: TargetedConfig,
+def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.PromptedModel],
+                      teachers: Sequence[scoring.PromptedModel], cfg: TargetedConfig,
                       reward_fn: RewardFn | Sequence[RewardFn], vocab_mask=None,
                       temperature: float = 1.0, seed: int = 0,
                       chunk_nodes: int = 256, shapes: scoring.Shapes = scoring.Shapes()
                       ) -> list[list[RoundLog]]:
   """All rounds of targeted rollouts for a batch of questions (one pool, student and teacher
-  Policy each; the students share cfg and params, which also sample the continuations).
+  PromptedModel each; the students share cfg and params, which also sample the continuations).
 
   temperature must be the sampling temperature of the pools' rollouts. Returns, per round,
   one RoundLog per question. The pools' trees hold the refreshed estimates afterwards.
   """
   if not (len(pools) == len(students) == len(teachers)):
-    raise ValueError("pass one student Policy and one teacher Policy per pool")
+    raise ValueError("pass one student and one teacher PromptedModel per pool")
   for pool in pools:
     for ro in pool.batches:
       if ro.sampling.temperature != temperature:

@@ -1,0 +1,159 @@
+"""The experiments' flags, in groups, and the configs they build.
+
+Each flag is defined once, here (absl flags are process-global, so two scripts defining the
+same flag could not be imported together). An experiment names the groups it reads
+(``use``): they are listed by its ``--help``, a flag of another group given on its command
+line is refused, and ``settings`` collects their values as one flat dict (what ``config.json``
+records and a resumed run must match). The ``*_config`` functions turn settings into the
+library's frozen configs; building them is the validation, so a bad value is refused before
+any model is loaded.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from gradalign_jax import alignment, contexts, gradients, pipeline, sampling, targeted
+
+DEFAULT_TEACHERS = ("teacher", "teacher:correct_demo", "self:correct_demo",
+                    "self:correct_and_wrong_demo", "self:summary")
+
+flags.DEFINE_list("students", ["student_small", "student_large"],
+                  "student models: bundled toy names, checkpoint directories or hub ids")
+flags.DEFINE_list("teachers", list(DEFAULT_TEACHERS),
+                  "teacher specs, one per column of results (gradalign_jax/contexts.py): "
+                  "self[:context] or <model>[:context]; contexts: correct_demo, "
+                  "correct_demo=rollout, correct_and_wrong_demo, summary, summary_by=<model>")
+flags.DEFINE_string("task", "synthetic", "task name: synthetic, boolq, mmlu, aime, gsm8k, math")
+flags.DEFINE_string("data", "synthetic:seed=1,n=256",
+                    "data source: a jsonl/json/parquet file or directory, hf:<name>[:<config>]"
+                    ":<split>, or synthetic[:seed=S,n=N]")
+flags.DEFINE_integer("num_questions", 16, "questions to use (the first ones of --data)")
+flags.DEFINE_integer("num_rollouts", 16, "G: rollouts (samples) per question")
+flags.DEFINE_float("temperature", 1.0, "sampling temperature T (π = softmax(z/T))")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling (1 = off)")
+flags.DEFINE_integer("top_k", 0, "top-k sampling (0 = off)")
+flags.DEFINE_integer("max_new_tokens", 48, "rollout horizon in generated tokens")
+flags.DEFINE_enum("thinking", "task", ["task", "on", "off"],
+                  "Qwen3 thinking mode of the prompts (task: the task's default)")
+flags.DEFINE_integer("budget", 32, "targeted rollouts per question, split across teacher specs")
+flags.DEFINE_integer("num_continuations", 4, "M: continuations per targeted (node, token) pair")
+flags.DEFINE_enum("priority", "reverse_kl", list(targeted.PRIORITIES),
+                  "how targeted rollouts rank (node, token) pairs")
+flags.DEFINE_list("directions", list(gradients.DIRECTIONS),
+                  "distillation directions in the tables and report; the first is the headline")
+flags.DEFINE_integer("demo_samples", 16, "extra student rollouts per question that "
+                     "demonstrations are drawn from (never the scored ones); equal to "
+                     "--num_rollouts, they reuse its compiled sampler")
+flags.DEFINE_integer("summary_tokens", 32, "most tokens of a generated summary")
+flags.DEFINE_integer("question_batch", 8, "questions sampled together (fixed groups of the "
+                     "dataset order, so results do not depend on where a run was resumed)")
+flags.DEFINE_float("jsd_beta", 0.5, "β of the JSD direction (and of the jsd priority)")
+flags.DEFINE_integer("topk", 20, "k of the top-k reverse-KL directions")
+flags.DEFINE_integer("chunk_nodes", 256, "nodes per scoring chunk (memory: chunk × vocab)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "weight dtype")
+flags.DEFINE_integer("seed", 0, "seed of every random draw")
+flags.DEFINE_string("out", None, "output directory (reruns resume from its parts/)")
+flags.DEFINE_bool("overwrite", False, "delete --out first instead of resuming")
+FLAGS = flags.FLAGS
+
+GROUPS = {
+    "models": ("students", "teachers", "dtype"),
+    "data": ("task", "data", "num_questions", "question_batch", "seed"),
+    "sampling": ("num_rollouts", "temperature", "top_p", "top_k", "max_new_tokens"),
+    "contexts": ("thinking", "demo_samples", "summary_tokens"),
+    "targeted": ("budget", "num_continuations", "priority"),
+    "scoring": ("directions", "jsd_beta", "topk", "chunk_nodes"),
+}
+ALWAYS = ("models", "data", "sampling")  # every experiment reads these
+# The order settings are recorded in (config.json, the report's settings table).
+ORDER = ("students", "teachers", "task", "data", "num_questions", "num_rollouts", "temperature",
+         "top_p", "top_k", "max_new_tokens", "thinking", "budget", "num_continuations",
+         "priority", "directions", "demo_samples", "summary_tokens", "question_batch",
+         "jsd_beta", "topk", "chunk_nodes", "dtype", "seed")
+OUTPUT = ("out", "overwrite")
+
+
+def _names(groups) -> list[str]:
+  unknown = set(groups) - set(GROUPS)
+  if unknown:
+    raise ValueError(f"unknown flag groups {sorted(unknown)}; choose from {list(GROUPS)}")
+  chosen = {n for g in set(ALWAYS) | set(groups) for n in GROUPS[g]}
+  return [n for n in ORDER if n in chosen]
+
+
+def use(groups, default_out: str) -> None:
+  """Declares the flags of ``groups`` (and the ones every experiment reads) as the script's
+  key flags (its ``--help`` lists them) and sets the default of ``--out``. Call at import."""
+  for name in _names(groups) + list(OUTPUT):
+    flags.declare_key_flag(name)
+  FLAGS.set_default("out", default_out)
+
+
+def refuse_others(groups) -> None:
+  """Raises ValueError naming any flag given on the command line that ``groups`` do not read."""
+  mine = set(_names(groups)) | set(OUTPUT)
+  ours = {f.name for f in FLAGS.flags_by_module_dict().get(__name__, [])}
+  foreign = sorted(n for n in ours - mine if FLAGS[n].present)
+  if foreign:
+    raise ValueError(f"flags this experiment does not use: --{', --'.join(foreign)}; drop "
+                     "them (--help lists its flags)")
+
+
+def settings(groups, **overrides) -> dict:
+  """The flat settings of ``groups``: parsed flag values (their defaults before parsing),
+  replaced by ``overrides`` (tests and notebooks); lists become tuples. Validated by building
+  every config they feed."""
+  names = _names(groups)
+  unknown = sorted(set(overrides) - set(names))
+  if unknown:
+    raise ValueError(f"unknown settings {unknown}; this experiment reads {names}")
+  out = {}
+  for n in names:
+    value = overrides[n] if n in overrides else (FLAGS[n].value if FLAGS.is_parsed()
+                                                 else FLAGS[n].default)
+    out[n] = tuple(value) if isinstance(value, (list, tuple)) else value
+  if not out["students"]:
+    raise ValueError("no student given: pass --students")
+  if out["num_questions"] < 1:
+    raise ValueError(f"num_questions={out['num_questions']} must be ≥ 1")
+  if "budget" in out and out["num_rollouts"] < 2:
+    raise ValueError(f"num_rollouts={out['num_rollouts']} must be ≥ 2: a tree needs a branch")
+  contexts.parse_specs(out["teachers"])
+  diagnose_config(out)
+  return out
+
+
+def sampling_config(s: dict) -> sampling.SamplingConfig:
+  """The student's policy (each model's EOS ids are filled in by the pipeline)."""
+  return sampling.SamplingConfig(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
+                                 top_p=s["top_p"], top_k=s["top_k"])
+
+
+def targeted_config(s: dict) -> targeted.TargetedConfig:
+  return targeted.TargetedConfig(budget=s["budget"], num_continuations=s["num_continuations"],
+                                 priority=s["priority"], jsd_beta=s["jsd_beta"])
+
+
+def scoring_config(s: dict) -> alignment.ScoringConfig:
+  return alignment.ScoringConfig(directions=s["directions"], chunk_nodes=s["chunk_nodes"],
+                                 jsd_beta=s["jsd_beta"], topk=s["topk"])
+
+
+def context_config(s: dict) -> contexts.ContextConfig:
+  return contexts.ContextConfig(thinking=s.get("thinking", "task"),
+                                demo_samples=s.get("demo_samples", 16),
+                                summary_tokens=s.get("summary_tokens", 32))
+
+
+def diagnose_config(s: dict) -> pipeline.DiagnoseConfig:
+  """The pipeline's config; groups the settings lack keep the library's defaults."""
+  parts = {}
+  if "budget" in s:
+    parts["targeted"] = targeted_config(s)
+  if "directions" in s:
+    parts["scoring"] = scoring_config(s)
+  return pipeline.DiagnoseConfig(num_rollouts=s["num_rollouts"],
+                                 question_batch=s["question_batch"], seed=s["seed"],
+                                 sampling=sampling_config(s), contexts=context_config(s),
+                                 **parts)
