@@ -42,7 +42,8 @@ from gradalign_jax.analysis import plots, report, token_view
 from gradalign_jax.models.loaded import ModelCache
 
 GROUPS = ("contexts", "targeted", "scoring")
-flags_lib.use(GROUPS, default_out="runs/sweep")
+flags_lib.use(GROUPS)
+DEFAULT_OUT = "runs/sweep"
 FLAGS = flags_lib.FLAGS
 
 
@@ -122,4 +123,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("out", DEFAULT_OUT)  # only as the script: others keep their own
   app.run(main)

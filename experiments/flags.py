@@ -82,12 +82,11 @@ def _names(groups) -> list[str]:
   return [n for n in ORDER if n in chosen]
 
 
-def use(groups, default_out: str) -> None:
+def use(groups) -> None:
   """Declares the flags of ``groups`` (and the ones every experiment reads) as the script's
-  key flags (its ``--help`` lists them) and sets the default of ``--out``. Call at import."""
+  key flags: its ``--help`` lists them. Call at import."""
   for name in _names(groups) + list(OUTPUT):
     flags.declare_key_flag(name)
-  FLAGS.set_default("out", default_out)
 
 
 def refuse_others(groups) -> None:

@@ -194,8 +194,8 @@ def run_one(method, budget, seed, setup, tcfg_kwargs):
   if method == "targeted" and budget > initial:
     tcfg = targeted.TargetedConfig(budget=budget - initial, **tcfg_kwargs)
     targeted.targeted_rollouts(
-        pools, [scoring.Policy(cfg, student, p) for p in prompts],
-        [scoring.Policy(cfg, teacher, p) for p in prompts], tcfg, reward_fn, mask,
+        pools, [scoring.PromptedModel(cfg, student, p) for p in prompts],
+        [scoring.PromptedModel(cfg, teacher, p) for p in prompts], tcfg, reward_fn, mask,
         temperature=scfg.temperature, seed=seed, chunk_nodes=64)
     for pool in pools:
       for br in pool.batches[1:]:

@@ -10,10 +10,11 @@ import pytest
 
 from experiments import alignment_sweep as sweep
 from gradalign_jax import contexts, gradients, models, tasks
+from gradalign_jax.models import loaded
 
 pytestmark = pytest.mark.slow
 
-TOY = contexts.TOY_DIR
+TOY = loaded.TOY_DIR
 needs_toy = pytest.mark.skipif(not os.path.isdir(os.path.join(TOY, "student_small")),
                                reason="bundled toy models not trained yet (train_toy.py)")
 
@@ -25,7 +26,7 @@ SMALL = dict(students=("student_small",), teachers=("teacher", "self:correct_and
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("sweep"))
-  cfg = sweep.SweepConfig(**SMALL)
+  cfg = sweep.settings(**SMALL)
   summary = sweep.run(cfg, out)
   return cfg, out, summary
 
@@ -43,8 +44,8 @@ def test_outputs_exist_and_agree(small_run):
     assert os.path.getsize(os.path.join(out, f)) > 0, f
   t = _tables(out)
   q = t["questions"]
-  assert len(q) == 3 * len(cfg.teachers)
-  assert set(q["spec"]) == set(cfg.teachers)
+  assert len(q) == 3 * len(cfg["teachers"])
+  assert set(q["spec"]) == set(cfg["teachers"])
   # Per-rollout correctness matches the per-question counts, for every spec.
   r = t["rollouts"]
   counts = r.groupby(["spec", "question_id"])["correct"].sum()
@@ -81,7 +82,7 @@ def test_node_alignment_matches_full_forwards(small_run):
   cfg, out, _ = small_run
   t = _tables(out)
   task = tasks.get_task("synthetic")
-  ex = {e.id: e for e in task.load(cfg.data, limit=cfg.num_questions)}
+  ex = {e.id: e for e in task.load(cfg["data"], limit=cfg["num_questions"])}
   s_cfg, s_params = models.load_pretrained(os.path.join(TOY, "student_small"))
   t_cfg, t_params = models.load_pretrained(os.path.join(TOY, "teacher"))
   tok = models.load_tokenizer(os.path.join(TOY, "student_small"))
@@ -136,13 +137,13 @@ def test_resume_gives_identical_tables(small_run, tmp_path):
 @needs_toy
 def test_resume_refuses_other_settings(small_run):
   cfg, out, _ = small_run
-  other = sweep.SweepConfig(**dict(SMALL, num_rollouts=4))
+  other = sweep.settings(**dict(SMALL, num_rollouts=4))
   with pytest.raises(ValueError, match="num_rollouts: 8 there, 4 now"):
     sweep.run(other, out)
 
 
 def test_config_checks():
   with pytest.raises(ValueError, match="unknown directions"):
-    sweep.SweepConfig(directions=("reverse_kl", "kl"))
+    sweep.settings(directions=("reverse_kl", "kl"))
   with pytest.raises(contexts.SpecError, match="Valid specs"):
-    sweep.run(sweep.SweepConfig(teachers=("tacher",)), "/nonexistent/never_written")
+    sweep.run(sweep.settings(teachers=("tacher",)), "/nonexistent/never_written")

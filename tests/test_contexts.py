@@ -5,6 +5,7 @@ import os
 import pytest
 
 from gradalign_jax import contexts, models
+from gradalign_jax.models import loaded
 from gradalign_jax.tasks import synthetic
 
 
@@ -63,11 +64,11 @@ def test_parse_specs_refuses_repeats_and_nothing():
 
 
 def test_resolve_model():
-  assert contexts.resolve_model("teacher", "x") == os.path.join(contexts.TOY_DIR, "teacher")
-  assert contexts.resolve_model("self", "student_small") == os.path.join(contexts.TOY_DIR,
+  assert loaded.resolve_model("teacher", "x") == os.path.join(loaded.TOY_DIR, "teacher")
+  assert loaded.resolve_model("self", "student_small") == os.path.join(loaded.TOY_DIR,
                                                                          "student_small")
-  assert contexts.resolve_model("self", "/ckpt/a") == "/ckpt/a"
-  assert contexts.resolve_model("Qwen/Qwen3-8B", "x") == "Qwen/Qwen3-8B"
+  assert loaded.resolve_model("self", "/ckpt/a") == "/ckpt/a"
+  assert loaded.resolve_model("Qwen/Qwen3-8B", "x") == "Qwen/Qwen3-8B"
 
 
 def test_context_turns_and_prompts(toy_tok):

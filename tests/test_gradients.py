@@ -324,29 +324,6 @@ def test_node_scores_vmapped_equals_per_node_calls():
                              np.asarray(G.node_covariates(z, t, mask)["kl_pq"]), rtol=1e-5)
 
 
-def test_aggregates_are_exact_across_chunks():
-  rng = np.random.default_rng(6)
-  g, d = rng.normal(size=(50, 9)), rng.normal(size=(50, 9))
-  keep = rng.random(50) < 0.7
-  cos = np.asarray(G.alignment(g, d))
-  dot = (g * d).sum(-1)
-  ng, nd = np.linalg.norm(g, axis=-1), np.linalg.norm(d, axis=-1)
-  parts = [G.alignment_sums(cos[s], dot[s], ng[s], nd[s], keep[s])
-           for s in (slice(0, 13), slice(13, 40), slice(40, 50))]
-  total = parts[0] + parts[1] + parts[2]
-  got = {k: float(v) for k, v in G.alignment_summary(total).items()}
-  k = keep
-  assert got["count"] == k.sum()
-  np.testing.assert_allclose(got["mean_cos"], cos[k].mean(), rtol=1e-5)
-  np.testing.assert_allclose(got["weighted_cos"], dot[k].sum() / (ng[k] * nd[k]).sum(), rtol=1e-5)
-  np.testing.assert_allclose(got["pooled_cos"],
-                             (g[k] * d[k]).sum() / np.linalg.norm(g[k]) / np.linalg.norm(d[k]),
-                             rtol=1e-5)
-  np.testing.assert_allclose(got["frac_positive"], (cos[k] > 0).mean(), rtol=1e-6)
-  empty = G.alignment_summary(G.alignment_sums(cos, dot, ng, nd, np.zeros(50, bool)))
-  assert np.isnan(float(empty["mean_cos"])) and float(empty["count"]) == 0
-
-
 @pytest.mark.parametrize("name,min_cos", [("reverse_kl", 0.99999), ("forward_kl", 0.99),
                                           ("single_sample_on_policy", 0.99999), ("jsd", 0.99),
                                           ("minillm_no_future", 0.99999)])

@@ -21,11 +21,10 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from experiments import alignment_sweep as sweep
 from experiments import files
 from experiments import in_context_accuracy as ica
-from gradalign_jax import contexts, models, sampling
-from gradalign_jax.analysis import in_context
+from gradalign_jax import contexts, models, pipeline, sampling
+from gradalign_jax.analysis import in_context, tables
 from gradalign_jax.models import checkpoint, qwen3
 from gradalign_jax.tasks import synthetic
 
@@ -70,7 +69,7 @@ def setup(tmp_path_factory):
   tok = models.load_tokenizer(paths["student"])
 
   def config(specs, **kw):
-    return ica.AccuracyConfig(
+    return ica.settings(
         students=(paths["student"],), teachers=[s.format(other=paths["other"]) for s in specs],
         data=data, num_questions=len(QUESTIONS), num_rollouts=G, max_new_tokens=HORIZON,
         demo_samples=G, summary_tokens=3, seed=SEED, **kw)
@@ -117,7 +116,7 @@ def test_counts_match_independent_resampling(setup):
     scored_ok = [_correct(t, ex.id) for t in first]
     assert rows.loc[in_context.BASELINE, "n_correct"] == sum(scored_ok)
     # Demonstrations come from the extra rollouts (question id + DEMO_STREAM) ...
-    demo_first, demo_texts, _ = _sample(paths["student"], tok, plain, sweep.DEMO_STREAM + i, G)
+    demo_first, demo_texts, _ = _sample(paths["student"], tok, plain, pipeline.DEMO_STREAM + i, G)
     pool = contexts.DemoPool(tuple(demo_texts), tuple(_correct(t, ex.id) for t in demo_first))
     scored_pool = contexts.DemoPool(tuple(scored_texts), tuple(scored_ok))
     summary = cache.get(paths["student"], ex, task.reference_response(ex))
@@ -135,7 +134,7 @@ def test_counts_match_independent_resampling(setup):
       first_t, _, ids = _sample(path, tok, prompt, i, G)
       n_correct = sum(_correct(t, ex.id) for t in first_t)
       assert row["context"] == "ok"
-      assert row["prompt_hash"] == ica.prompt_hash(ids), (text, ex.id)
+      assert row["prompt_hash"] == tables.prompt_hash(ids), (text, ex.id)
       assert (row["n_samples"], row["n_correct"]) == (G, n_correct), (text, ex.id)
       assert row["accuracy"] == n_correct / G
       assert row["context_tokens"] == len(ids) - len(plain_ids)
@@ -183,9 +182,9 @@ def test_outputs(setup):
 
 
 def test_unknown_spec_is_refused_before_any_work(tmp_path):
-  cfg = ica.AccuracyConfig(students=("student_small",), teachers=("self:hint",))
   with pytest.raises(contexts.SpecError, match=r"unknown context 'hint'.*Valid specs: self, "):
-    ica.run(cfg, str(tmp_path / "x"))
+    ica.run(ica.settings(students=("student_small",), teachers=("self:hint",)),
+            str(tmp_path / "x"))
   assert not os.path.exists(tmp_path / "x")
 
 

@@ -59,8 +59,8 @@ def _full_node_logits(cfg, params, prompt, t, rollouts, node_ids):
                          ids=["chunks8", "one_chunk_one_token_question"])
 def test_node_logits_equal_full_forward(chunk_nodes, question):
   t, rollouts = _tree()
-  student = scoring.Policy(STUDENT_CFG, S_PARAMS, question)
-  teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + question)
+  student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, question)
+  teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + question)
   ids, s, te, stats = scoring.node_logits(t, student, teacher, chunk_nodes)
   a = t.arrays()
   want_ids = np.flatnonzero((a.child_count > 0) | (np.arange(a.num_nodes) == 0))
@@ -104,8 +104,8 @@ def test_positions_processed():
   t = tree.PrefixTree()
   for i, r in enumerate(_branching_rollouts(16, 48, seed=3)):
     t.add(r, i % 2)
-  student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
-  teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
+  student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
+  teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
   chunks = list(scoring.node_logit_chunks(t, student, teacher, 8, stats := []))
   st = stats[0]
   print(f"\nscoring: unique nodes {st.unique_nodes}, student positions {st.student_positions} "
@@ -123,10 +123,10 @@ def test_positions_processed():
 
 def test_score_tree_matches_per_node_gradients():
   t, rollouts = _tree()
-  student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
-  teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
+  student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
+  teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
   mask = np.arange(V) < V - 5
-  cols, stats = scoring.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
+  cols, stats = alignment.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
                                    temperature=0.7)
   a = t.arrays()
   assert stats.unique_nodes == len(cols["node_id"])
@@ -147,7 +147,7 @@ def test_score_tree_matches_per_node_gradients():
 
 
 def test_tree_without_rollouts_scores_the_root():
-  student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
+  student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
   ids, s, _, stats = scoring.node_logits(tree.PrefixTree(), student, student, 8)
   want = np.asarray(models.forward(STUDENT_CFG, S_PARAMS, jnp.asarray([QUESTION], jnp.int32)))
   assert ids.tolist() == [0] and stats.unique_nodes == 1
@@ -158,8 +158,8 @@ def test_vocab_mismatch_is_a_clear_error():
   other = models.Qwen3Config(vocab_size=V + 1, hidden_size=32, intermediate_size=48, num_layers=1,
                              num_heads=4, num_kv_heads=2, head_dim=8)
   with pytest.raises(ValueError, match="vocab_size=61 differs from teacher vocab_size=62"):
-    list(scoring.node_logit_chunks(_tree()[0], scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION),
-                                   scoring.Policy(other, S_PARAMS, QUESTION)))
+    list(scoring.node_logit_chunks(_tree()[0], scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION),
+                                   scoring.PromptedModel(other, S_PARAMS, QUESTION)))
 
 
 def test_attend_mask_hides_cache_slots():
@@ -192,9 +192,9 @@ def test_score_tree_minillm_matches_dense_direction():
   mask = np.ones(V, bool)  # padded rows: only ids no rollout sampled (a policy never samples them)
   mask[sorted(set(range(V)) - {y for r in rollouts for y in r})[:5]] = False
   assert mask.sum() == V - 5
-  student = scoring.Policy(STUDENT_CFG, S_PARAMS, QUESTION)
-  teacher = scoring.Policy(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
-  cols, _ = scoring.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
+  student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
+  teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
+  cols, _ = alignment.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
                                temperature=temp)
   ids = cols["node_id"]
   zs = _full_node_logits(STUDENT_CFG, S_PARAMS, QUESTION, t, rollouts, ids) / temp

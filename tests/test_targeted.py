@@ -109,8 +109,8 @@ def _numpy_logp(params, prefix):
 def test_candidates_priorities_and_eligibility(priority):
   t = _hand_tree()
   cfg = targeted.TargetedConfig(priority=priority, min_trials=2)
-  c = targeted.candidates(t, scoring.Policy(CFG, STUDENT, PROMPT),
-                          scoring.Policy(CFG, TEACHER, PROMPT), cfg, MASK, chunk_nodes=8)
+  c = targeted.candidates(t, scoring.PromptedModel(CFG, STUDENT, PROMPT),
+                          scoring.PromptedModel(CFG, TEACHER, PROMPT), cfg, MASK, chunk_nodes=8)
   a = t.arrays()
   scored = {int(i) for i in np.flatnonzero(a.child_count > 0)}
   assert set(c.node.tolist()) <= scored and set(c.token.tolist()) <= set(VOCAB)
