@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import gradients, models
-from gradalign_jax.sampling.cache import gather_rows
+from gradalign_jax.models.cache import gather_rows
 
 Prefix = tuple[int, ...]
 

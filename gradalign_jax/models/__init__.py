@@ -15,7 +15,7 @@ import importlib
 # public name → submodule that defines it
 _EXPORTS = {
     "CheckpointError": "paths",
-    "KVCache": "qwen3",
+    "KVCache": "cache",
     "Qwen3Config": "qwen3",
     "bind": "qwen3",
     "chat_prompt": "tokenizer",
@@ -23,7 +23,7 @@ _EXPORTS = {
     "encode_chat": "tokenizer",
     "forward": "qwen3",
     "forward_cached": "qwen3",
-    "init_cache": "qwen3",
+    "init_cache": "cache",
     "init_params": "qwen3",
     "load_pretrained": "checkpoint",
     "load_tokenizer": "tokenizer",
@@ -31,7 +31,7 @@ _EXPORTS = {
 }
 
 # read as attributes too (``models.qwen3.Qwen3``), as when this file imported them eagerly
-_SUBMODULES = ("checkpoint", "paths", "qwen3", "tokenizer")
+_SUBMODULES = ("cache", "checkpoint", "paths", "qwen3", "tokenizer")
 
 __all__ = sorted(_EXPORTS)
 

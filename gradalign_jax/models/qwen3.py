@@ -13,11 +13,9 @@ scaled by the weight, q/k RMSNorm over the head dim *before* split-half RoPE, so
 fp32, SiLU-gated MLP. Logits are always produced in fp32 (``preferred_element_type``),
 whatever the weight dtype.
 
-The KV cache writes every row at one shared slot index (``KVCache.length``); rows of
-different lengths are handled by a per-slot validity mask and per-row RoPE positions, so
-the cache update is a single ``dynamic_update_slice`` and decode is dense matmuls.
-A ``SharedPrefix`` (e.g. a prompt's keys/values) can be attended by several consecutive
-rows without copying it per row: the sampler prefills a prompt once for its G samples.
+The cached path reads and writes a ``KVCache`` and attends a ``SharedPrefix`` (both in
+``models/cache.py``): every row writes at one shared slot index, ragged rows are a validity
+mask plus per-row RoPE positions, and a prefix is seen by a group of rows without a copy.
 """
 
 from __future__ import annotations
@@ -29,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from gradalign_jax.models.cache import KVCache, SharedPrefix
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
@@ -97,49 +97,6 @@ class Qwen3Config:
     layer = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_word_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.num_layers * layer + d + head
-
-
-# ---------------------------------------------------------------------------------------
-# KV cache
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-  """Per-layer keys/values written at a shared slot index.
-
-  k, v:   [L, B, S, K, H] (model dtype), keys already rotated.
-  valid:  bool[B, S], slot holds a real token of that row.
-  length: int32[] slots written so far (the next write index, shared by all rows).
-  """
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  length: jax.Array
-
-  @property
-  def capacity(self) -> int:
-    return self.k.shape[2]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SharedPrefix:
-  """Keys/values of Q prefixes, each attended by B // Q consecutive rows of a batch.
-
-  k, v:  [L, Q, P, K, H] (model dtype), keys already rotated.
-  valid: bool[Q, P], slot holds a real token of that prefix (every row of the group sees it).
-  """
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-
-
-def init_cache(cfg: Qwen3Config, batch: int, capacity: int) -> KVCache:
-  """An empty cache for ``batch`` rows and ``capacity`` slots."""
-  shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
-                 valid=jnp.zeros((batch, capacity), bool), length=jnp.zeros((), jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradalign_jax.models import cache as cache_lib
 from gradalign_jax.models import qwen3
-from gradalign_jax.sampling import cache as cache_lib
 from gradalign_jax.shapes import bucket
 
 STOP_EOS, STOP_MAX_TOKENS = 0, 1
@@ -207,7 +207,7 @@ def _decode(model, sampling, vocab_mask, prefix, first_tok, first_lp, base_pos, 
   lps = jnp.full((b, n_slots), jnp.nan, jnp.float32).at[:, 0].set(first_lp)
   count = active.astype(jnp.int32)
   finished = ~active | _is_eos(first_tok, sampling) | (limit <= 1)
-  gen = qwen3.init_cache(model.cfg, b, n_slots)
+  gen = cache_lib.init_cache(model.cfg, b, n_slots)
   # Every draw's uniform at once: threefry per step inside the loop costs a small model 10%.
   u_all = _uniforms(keys, depth0[:, None] + jnp.arange(n_slots, dtype=jnp.int32)[None])
 
@@ -242,8 +242,8 @@ def _sample_program(cfg, sampling, group_size, params, prompt_tok, prompt_pos, p
   """Prefill Q left-padded prompts once, then sample group_size rows from each."""
   model = qwen3.bind(cfg, params)
   nq, p = prompt_tok.shape
-  logits, pcache = model(prompt_tok, prompt_pos, prompt_valid, qwen3.init_cache(cfg, nq, p))
-  prefix = qwen3.SharedPrefix(k=pcache.k, v=pcache.v, valid=pcache.valid)
+  logits, pcache = model(prompt_tok, prompt_pos, prompt_valid, cache_lib.init_cache(cfg, nq, p))
+  prefix = cache_lib.SharedPrefix(k=pcache.k, v=pcache.v, valid=pcache.valid)
   logp = jnp.repeat(policy_logprobs(logits[:, -1], sampling, vocab_mask), group_size, axis=0)
   b = nq * group_size
   first_tok, first_lp = _draw(logp, _uniforms(keys, jnp.zeros((b, 1), jnp.int32))[:, 0])

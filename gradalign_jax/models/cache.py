@@ -1,9 +1,20 @@
-"""KV state that rollouts keep for branching, and the pytree helpers that gather and truncate it.
+"""Every KV-cache pytree and its helpers: the model's cache, a shared prefix, rollout state.
+
+It lives in ``models`` (the lower layer) because the model's forward reads and writes a
+``KVCache`` and attends a ``SharedPrefix``, while the sampler builds on the model: in
+``sampling`` it would need the model and the model would need it, a circular import.
+``sampling`` re-exports ``RolloutState``.
 
 Shape letters as in ``models/qwen3.py``, plus: Q prefix groups, R rows per group (B = Q·R),
 P prefix slots, N generated slots per row.
 
-A batch of rollouts holds two KV segments:
+``KVCache`` writes every row at one shared slot index (``KVCache.length``); rows of
+different lengths are handled by a per-slot validity mask and per-row RoPE positions, so
+the cache update is a single ``dynamic_update_slice`` and decode is dense matmuls.
+A ``SharedPrefix`` (e.g. a prompt's keys/values) can be attended by several consecutive
+rows without copying it per row: the sampler prefills a prompt once for its G samples.
+
+A batch of rollouts (``RolloutState``) holds two KV segments:
 
 - a ``SharedPrefix`` [L, Q, P, K, H]: the prompt (and, for branched rows, the source's
   generated prefix), written once and attended by the R rows of its group;
@@ -18,11 +29,52 @@ amount of KV and recomputes nothing.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from gradalign_jax.models.qwen3 import KVCache, SharedPrefix
+if TYPE_CHECKING:  # qwen3 imports this module
+  from gradalign_jax.models.qwen3 import Qwen3Config
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Per-layer keys/values written at a shared slot index.
+
+  k, v:   [L, B, S, K, H] (model dtype), keys already rotated.
+  valid:  bool[B, S], slot holds a real token of that row.
+  length: int32[] slots written so far (the next write index, shared by all rows).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  length: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SharedPrefix:
+  """Keys/values of Q prefixes, each attended by B // Q consecutive rows of a batch.
+
+  k, v:  [L, Q, P, K, H] (model dtype), keys already rotated.
+  valid: bool[Q, P], slot holds a real token of that prefix (every row of the group sees it).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+
+def init_cache(cfg: Qwen3Config, batch: int, capacity: int) -> KVCache:
+  """An empty cache for ``batch`` rows and ``capacity`` slots."""
+  shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
+                 valid=jnp.zeros((batch, capacity), bool), length=jnp.zeros((), jnp.int32))
 
 
 @jax.tree_util.register_dataclass
