@@ -196,7 +196,7 @@ def test_branch_prefix_gives_the_full_forward_logits(common):
 
 
 def test_shared_prefix_rows_match_full_forward():
-  """Q prompts in a SharedPrefix, R rows each continuing differently, chunk of 3 tokens."""
+  """J = 2 prompts in a SharedPrefix, R rows each continuing differently, chunk of 3 tokens."""
   prompts = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
   conts = np.array([[9, 10, 11], [12, 13, 14], [15, 16, 17], [18, 19, 20]], np.int32)  # R = 2
 

@@ -5,8 +5,8 @@ It lives in ``models`` (the lower layer) because the model's forward reads and w
 ``sampling`` it would need the model and the model would need it, a circular import.
 ``sampling`` re-exports ``RolloutState``.
 
-Shape letters as in ``models/qwen3.py``, plus: Q prefix groups, R rows per group (B = Q·R),
-P prefix slots, N generated slots per row.
+Shape letters: see gradalign_jax/__init__.py (J prefix groups of R rows, B = J·R; P prefix
+slots; W generated slots per row).
 
 ``KVCache`` writes every row at one shared slot index (``KVCache.length``); rows of
 different lengths are handled by a per-slot validity mask and per-row RoPE positions, so
@@ -16,9 +16,9 @@ rows without copying it per row: the sampler prefills a prompt once for its G sa
 
 A batch of rollouts (``RolloutState``) holds two KV segments:
 
-- a ``SharedPrefix`` [L, Q, P, K, H]: the prompt (and, for branched rows, the source's
+- a ``SharedPrefix`` [L, J, P, K, H]: the prompt (and, for branched rows, the source's
   generated prefix), written once and attended by the R rows of its group;
-- a per-row ``KVCache`` [L, B, N, K, H] of the generated tokens: slot i of row b holds the
+- a per-row ``KVCache`` [L, B, W, K, H] of the generated tokens: slot i of row b holds the
   token at depth ``depth0[b] + i``, RoPE position ``base_pos[b] + i``.
 
 Every slot's RoPE position is known, so "the prefix of depth t" is a validity mask
@@ -60,10 +60,10 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SharedPrefix:
-  """Keys/values of Q prefixes, each attended by B // Q consecutive rows of a batch.
+  """Keys/values of J prefixes, each attended by R = B // J consecutive rows of a batch.
 
-  k, v:  [L, Q, P, K, H] (model dtype), keys already rotated.
-  valid: bool[Q, P], slot holds a real token of that prefix (every row of the group sees it).
+  k, v:  [L, J, P, K, H] (model dtype), keys already rotated.
+  valid: bool[J, P], slot holds a real token of that prefix (every row of the group sees it).
   """
   k: jax.Array
   v: jax.Array
@@ -82,9 +82,9 @@ def init_cache(cfg: Qwen3Config, batch: int, capacity: int) -> KVCache:
 class RolloutState:
   """Device-side KV of a batch of rollouts (padding rows included; real rows come first).
 
-  prefix:     SharedPrefix, k/v [L, Q, P, K, H], valid bool[Q, P].
-  prefix_pos: int32[Q, P] RoPE position of each prefix slot.
-  gen:        KVCache, k/v [L, B, N, K, H], valid bool[B, N] (slot written with a real token).
+  prefix:     SharedPrefix, k/v [L, J, P, K, H], valid bool[J, P].
+  prefix_pos: int32[J, P] RoPE position of each prefix slot.
+  gen:        KVCache, k/v [L, B, W, K, H], valid bool[B, W] (slot written with a real token).
   base_pos:   int32[B] position of generated slot 0 (= prompt_len + depth0).
   prompt_len: int32[B] prompt tokens of the row's question (positions 0 … prompt_len - 1).
   """
@@ -116,21 +116,21 @@ def truncate(cache: KVCache, slot_pos: jax.Array, end_pos: jax.Array) -> KVCache
 
 
 def gen_positions(state: RolloutState) -> jax.Array:
-  """int32[B, N] RoPE position of every generated slot."""
-  n = state.gen.valid.shape[1]
-  return state.base_pos[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+  """int32[B, W] RoPE position of every generated slot."""
+  w = state.gen.valid.shape[1]
+  return state.base_pos[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
 
 
 def branch_prefix(state: RolloutState, rows: jax.Array, depths: jax.Array):
   """The prefix of depth ``depths[i]`` of source row ``rows[i]``, as one shared prefix each.
 
-  rows, depths: int32[Q']. Returns (SharedPrefix [L, Q', P + N, K, H], prefix_pos
-  int32[Q', P + N]): the source's group prefix followed by its generated slots, valid where
+  rows, depths: int32[J']. Returns (SharedPrefix [L, J', P + W, K, H], prefix_pos
+  int32[J', P + W]): the source's group prefix followed by its generated slots, valid where
   the slot holds a token of the prompt or of depth < ``depths[i]``. The gathered size does
   not depend on the depth.
   """
   group = rows // state.group_size
-  end = jnp.take(state.prompt_len, rows) + depths  # [Q']
+  end = jnp.take(state.prompt_len, rows) + depths  # [J']
   pre = state.prefix
   pre_pos = jnp.take(state.prefix_pos, group, axis=0)
   gen = truncate(gather_rows(state.gen, rows), jnp.take(gen_positions(state), rows, axis=0), end)

@@ -7,6 +7,8 @@ their device one at a time (reshape only; the model keeps HF's ``[out, in]`` lay
 peak host memory is one tensor, not the model. Every checkpoint tensor must be used exactly
 once and every parameter found, with the shape the config implies; anything the model does
 not implement is refused with a message that says what.
+
+Shape letters: see gradalign_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -180,9 +182,9 @@ def hf_name(parts: tuple) -> str:
 def hf_shape(parts: tuple, shape: tuple) -> tuple:
   """The HF tensor shape of a parameter: heads are merged into one axis there."""
   last = parts[-1]
-  if last in ("q_proj", "k_proj", "v_proj"):  # [N, H, D] here, [N*H, D] there
+  if last in ("q_proj", "k_proj", "v_proj"):  # [N or K, H, D] here, [X, D] there
     return (shape[0] * shape[1], shape[2])
-  if last == "o_proj":  # [D, N, H] here, [D, N*H] there
+  if last == "o_proj":  # [D, N, H] here, [D, X] there
     return (shape[0], shape[1] * shape[2])
   if last in ("q_bias", "k_bias", "v_bias"):
     return (shape[0] * shape[1],)

@@ -1,8 +1,6 @@
 """Qwen3 (dense) in Flax NNX, with a pure functional entry point and a KV-cache path.
 
-Shape letters (used in einsum strings and docstrings):
-  B batch, T query length, S key/cache length, N query heads, K kv heads, G = N // K,
-  H head dim, D model dim, F MLP dim, V vocab, L layers.
+Shape letters: see gradalign_jax/__init__.py.
 
 Weights keep the Hugging Face orientation (``[out, in]``) so a checkpoint tensor is
 memory-mapped straight to its device with a reshape, never a transpose; the einsums
@@ -176,16 +174,16 @@ class Attention(nnx.Module):
 
     Without a cache S == T. With ``kv = (k_cache, v_cache, layer)`` ([L, B, S, K, H] each)
     the new keys/values are written in place at (``layer``, slot ``write_at``) and attention
-    runs over this layer's S slots. ``prefix = (k, v, valid)`` ([Q, P, K, H] each,
-    bool[Q, P]) adds P slots that rows [q·R, (q+1)·R) all see, R = B // Q, uncopied.
+    runs over this layer's S slots. ``prefix = (k, v, valid)`` ([J, P, K, H] each,
+    bool[J, P]) adds P slots that rows [j·R, (j+1)·R) all see, R = B // J, uncopied.
     Returns (out [B, T, D], (k_cache, v_cache) or None).
     """
     cfg, prec = self.cfg, self.cfg.precision
     b, t, d = x.shape
     n, nkv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    # Projections as 2-D matmuls over flattened heads (E = N·H or K·H; the reshapes of the
+    # Projections as 2-D matmuls over flattened heads (X = N·H or K·H; the reshapes of the
     # weights are free): with the head axes apart XLA on CPU re-lays a weight out every call.
-    proj = lambda w, heads: jnp.einsum("BTD,ED->BTE", x, w.reshape(heads * h, d),
+    proj = lambda w, heads: jnp.einsum("BTD,XD->BTX", x, w.reshape(heads * h, d),
                                        precision=prec).reshape(b, t, heads, h)
     q = proj(self.q_proj[...], n)
     k = proj(self.k_proj[...], nkv)
@@ -203,8 +201,8 @@ class Attention(nnx.Module):
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
       kv = (k_all, v_all)
       k, v = k_all[layer], v_all[layer]
-    g = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, g, h)
+    a = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, a, h)
     neg = jnp.finfo(jnp.float32).min
     if t == 1:  # decode step: matrix-vector products, fused (see _einsum_by_reduction)
       dot = _einsum_by_reduction
@@ -214,29 +212,29 @@ class Attention(nnx.Module):
       # Batch axes leading (B, K) so XLA's CPU backend runs batched GEMMs instead of
       # re-laying out operands per (row, head): 2-3x faster prefill and scoring at small H.
       qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-      scores = dot("BKGTH,BKSH->BKGTS", qh, kh) * (h ** -0.5)
+      scores = dot("BKATH,BKSH->BKATS", qh, kh) * (h ** -0.5)
       scores = jnp.where(mask[:, None, None], scores, neg)
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = dot("BKGTS,BKSH->BKGTH", probs, vh).transpose(0, 3, 1, 2, 4).astype(v.dtype)
+      out = dot("BKATS,BKSH->BKATH", probs, vh).transpose(0, 3, 1, 2, 4).astype(v.dtype)
     elif prefix is None:
-      scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
+      scores = dot("BTKAH,BSKH->BKATS", q, k) * (h ** -0.5)
       scores = jnp.where(mask[:, None, None], scores, neg)
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = dot("BKGTS,BSKH->BTKGH", probs, v).astype(v.dtype)
+      out = dot("BKATS,BSKH->BTKAH", probs, v).astype(v.dtype)
     else:
-      scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
+      scores = dot("BTKAH,BSKH->BKATS", q, k) * (h ** -0.5)
       scores = jnp.where(mask[:, None, None], scores, neg)
       pk, pv, pvalid = prefix
-      nq, p = pvalid.shape
-      qr = q.reshape(nq, b // nq, t, cfg.num_kv_heads, g, h)
-      pscores = dot("QRTKGH,QPKH->QRKGTP", qr, pk) * (h ** -0.5)
+      j, p = pvalid.shape
+      q_groups = q.reshape(j, b // j, t, cfg.num_kv_heads, a, h)
+      pscores = dot("JRTKAH,JPKH->JRKATP", q_groups, pk) * (h ** -0.5)
       pscores = jnp.where(pvalid[:, None, None, None, None], pscores, neg)
       both = jnp.concatenate([pscores.reshape(b, *pscores.shape[2:]), scores], axis=-1)
       probs = jax.nn.softmax(both, axis=-1).astype(v.dtype)
-      pprobs = probs[..., :p].reshape(nq, b // nq, *probs.shape[1:-1], p)
-      out = (dot("QRKGTP,QPKH->QRTKGH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, g, h)
-             + dot("BKGTS,BSKH->BTKGH", probs[..., p:], v)).astype(v.dtype)
-    out = jnp.einsum("BTE,DE->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
+      pprobs = probs[..., :p].reshape(j, b // j, *probs.shape[1:-1], p)
+      out = (dot("JRKATP,JPKH->JRTKAH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, a, h)
+             + dot("BKATS,BSKH->BTKAH", probs[..., p:], v)).astype(v.dtype)
+    out = jnp.einsum("BTX,DX->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
                      precision=prec)
     if cfg.attention_bias:
       out = out + self.o_bias[...]
