@@ -2,11 +2,25 @@
 
 Public modules (import them as submodules: ``from gradalign_jax import models, tree, ...``):
   models     Qwen3 in JAX (Flax NNX), checkpoints, tokenizers, KV cache
+  sampling   the student's batched sampler and branching
   tree       PrefixTree over one question's rollouts, MATH.md's bookkeeping, flat arrays
   scoring    student/teacher logits at every unique tree node, chunked; the final pass
   gradients  MATH.md's directions, alignment, covariates, (sum, count) aggregates
   exact      exact V and g* by enumeration (tiny vocabulary and horizon)
 See ../shared/design/ARCHITECTURE.md and MATH.md.
+
+Shape letters, used in docstrings, comments and einsum strings. A letter means one thing
+across the package; add a new one here rather than reuse one. A prime is another count of
+the same kind (B' gathered rows, J' branch requests).
+
+  Model:   B batch rows, T query tokens (this call's chunk), S key/cache slots, D model dim,
+           F MLP dim, V vocab, L layers, N query heads, K kv heads, H head dim,
+           A query heads per kv head (N = K·A), X heads and head dim flattened (N·H or K·H).
+  Cache:   P prefix slots (a prompt, or a prompt and a source rollout's tokens), J prefix
+           groups, R rows per prefix group (B = J·R), W generated slots per row.
+  Sampler: Z blocks of the vocabulary in the two-level inverse-CDF draw.
+  Tree:    U nodes, E edges, C nodes per chunk, G rollouts per question, M continuations per
+           targeted pair, Q questions.
 """
 
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ tokens. Enumeration runs level by level through the KV-cache path: the prompt is
 once, then every live prefix of depth d is one row of a single batched decode step whose
 cache rows are gathered from the parents' (no prefix is ever re-run). The number of rows at
 the last level is (|vocab| − [eos in vocab])^(horizon − 1): keep both tiny.
+
+Shape letters: see gradalign_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import gradients, models
-from gradalign_jax.sampling.cache import gather_rows
+from gradalign_jax.models.cache import gather_rows
 
 Prefix = tuple[int, ...]
 

@@ -17,6 +17,8 @@ nothing at depths < b (the ancestors of u did not sample it).
 Storage is a trie: per node one dict of children plus a handful of scalars, so memory and
 ``add`` are linear in the tokens added (a shared prefix is walked, never copied).
 ``arrays()`` exports everything the scoring pass needs as flat numpy arrays.
+
+Shape letters: see gradalign_jax/__init__.py (U nodes, E edges, C nodes of a chunk).
 """
 
 from __future__ import annotations
@@ -48,25 +50,25 @@ def wilson_interval(successes, trials, z: float = WILSON_Z):
 
 @dataclasses.dataclass(frozen=True)
 class TreeArrays:
-  """Flat arrays over the N nodes of a tree (index = node id; node 0 is the root).
+  """Flat arrays over the U nodes of a tree (index = node id; node 0 is the root).
 
   Structure:
-    parent   int32[N]  parent id (-1 for the root)
-    token    int32[N]  the token that leads from the parent (-1 for the root)
-    depth    int32[N]  number of generated tokens in the prefix
-    child_start, child_count int32[N]: children of node i are
+    parent   int32[U]  parent id (-1 for the root)
+    token    int32[U]  the token that leads from the parent (-1 for the root)
+    depth    int32[U]  number of generated tokens in the prefix
+    child_start, child_count int32[U]: children of node i are
              ``children[child_start[i] : child_start[i] + child_count[i]]`` (sorted by token)
-    children int32[N-1] child ids grouped by parent
-    preorder int32[N]  node ids in depth-first preorder (children by token); ``subtree_size``
-             int32[N] nodes in the subtree of each node (itself included), so v is in u's
+    children int32[U-1] child ids grouped by parent
+    preorder int32[U]  node ids in depth-first preorder (children by token); ``subtree_size``
+             int32[U] nodes in the subtree of each node (itself included), so v is in u's
              subtree iff pre(u) <= pre(v) < pre(u) + subtree_size(u)
   Edge statistics (of the edge parent → node; 0 for the root):
-    successes float64[N], trials int64[N], visits int64[N], wilson_lo/hi float64[N] (of Q̂)
+    successes float64[U], trials int64[U], visits int64[U], wilson_lo/hi float64[U] (of Q̂)
   Per-node children statistics (over the node's children):
-    num_observed int32[N]  |O| = children with trials > 0
-    min_trials   int64[N]  min n_k over O (0 when O is empty)
-    total_visits int64[N]  Σ_k visits of the children (the denominator of w)
-    informative  bool[N]   |O| ≥ 2 and the Q̂_k over O are not all equal
+    num_observed int32[U]  |O| = children with trials > 0
+    min_trials   int64[U]  min n_k over O (0 when O is empty)
+    total_visits int64[U]  Σ_k visits of the children (the denominator of w)
+    informative  bool[U]   |O| ≥ 2 and the Q̂_k over O are not all equal
   """
   parent: np.ndarray
   token: np.ndarray
@@ -92,7 +94,7 @@ class TreeArrays:
 
   @property
   def q_hat(self) -> np.ndarray:
-    """float64[N] Q̂ of the edge into each node (NaN where trials == 0)."""
+    """float64[U] Q̂ of the edge into each node (NaN where trials == 0)."""
     with np.errstate(invalid="ignore", divide="ignore"):
       return np.where(self.trials > 0, self.successes / np.maximum(self.trials, 1), np.nan)
 
@@ -236,7 +238,7 @@ class PrefixTree:
     return {tok: self._visits[c] for tok, c in self._children[node].items() if self._visits[c]}
 
   def arrays(self) -> TreeArrays:
-    """Exports the tree as flat arrays (see TreeArrays). O(N log max_children)."""
+    """Exports the tree as flat arrays (see TreeArrays). O(U log max_children)."""
     n = self.num_nodes
     parent = np.asarray(self._parent, np.int32)
     token = np.asarray(self._token, np.int32)

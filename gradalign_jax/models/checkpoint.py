@@ -7,6 +7,8 @@ their device one at a time (reshape only; the model keeps HF's ``[out, in]`` lay
 peak host memory is one tensor, not the model. Every checkpoint tensor must be used exactly
 once and every parameter found, with the shape the config implies; anything the model does
 not implement is refused with a message that says what.
+
+Shape letters: see gradalign_jax/__init__.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from typing import Callable
 
 import jax
@@ -24,42 +25,14 @@ import numpy as np
 from flax import nnx
 
 from gradalign_jax.models import qwen3
+from gradalign_jax.models.paths import CheckpointError, resolve_checkpoint_dir
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "F64": np.float64}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded as Qwen3; the message says what and how to fix it."""
-
-
 # ---------------------------------------------------------------------------------------
-# Paths and config
-
-
-def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
-  """A local directory for ``path_or_hub_id`` (downloading through huggingface_hub if needed)."""
-  path = os.path.expanduser(str(path_or_hub_id))
-  if os.path.isdir(path):
-    return path
-  looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(path_or_hub_id)) is not None
-  if os.path.exists(path) or not looks_like_hub_id:
-    raise CheckpointError(
-        f"checkpoint {path_or_hub_id!r} is not a directory; pass a local Hugging Face "
-        "checkpoint directory (config.json + model.safetensors) or a hub id like 'Qwen/Qwen3-0.6B'")
-  try:
-    import huggingface_hub  # optional: only for hub ids
-  except ImportError as e:
-    raise CheckpointError(
-        f"{path_or_hub_id!r} is not a local directory and huggingface_hub is not installed; "
-        "install it (pip install 'gradalign_jax[hub]') or pass a local checkpoint directory") from e
-  try:
-    return huggingface_hub.snapshot_download(
-        str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-  except Exception as e:  # offline, unknown repo, gated repo...
-    raise CheckpointError(
-        f"could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-        "check the id and your connection, or pass a local checkpoint directory") from e
+# Config
 
 
 def config_from_dict(raw: dict, *, dtype: str = "float32", matmul_precision: str = "default",
@@ -209,9 +182,9 @@ def hf_name(parts: tuple) -> str:
 def hf_shape(parts: tuple, shape: tuple) -> tuple:
   """The HF tensor shape of a parameter: heads are merged into one axis there."""
   last = parts[-1]
-  if last in ("q_proj", "k_proj", "v_proj"):  # [N, H, D] here, [N*H, D] there
+  if last in ("q_proj", "k_proj", "v_proj"):  # [N or K, H, D] here, [X, D] there
     return (shape[0] * shape[1], shape[2])
-  if last == "o_proj":  # [D, N, H] here, [D, N*H] there
+  if last == "o_proj":  # [D, N, H] here, [D, X] there
     return (shape[0], shape[1] * shape[2])
   if last in ("q_bias", "k_bias", "v_bias"):
     return (shape[0] * shape[1],)

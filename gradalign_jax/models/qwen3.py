@@ -1,8 +1,6 @@
 """Qwen3 (dense) in Flax NNX, with a pure functional entry point and a KV-cache path.
 
-Shape letters (used in einsum strings and docstrings):
-  B batch, T query length, S key/cache length, N query heads, K kv heads, G = N // K,
-  H head dim, D model dim, F MLP dim, V vocab, L layers.
+Shape letters: see gradalign_jax/__init__.py.
 
 Weights keep the Hugging Face orientation (``[out, in]``) so a checkpoint tensor is
 memory-mapped straight to its device with a reshape, never a transpose; the einsums
@@ -13,11 +11,9 @@ scaled by the weight, q/k RMSNorm over the head dim *before* split-half RoPE, so
 fp32, SiLU-gated MLP. Logits are always produced in fp32 (``preferred_element_type``),
 whatever the weight dtype.
 
-The KV cache writes every row at one shared slot index (``KVCache.length``); rows of
-different lengths are handled by a per-slot validity mask and per-row RoPE positions, so
-the cache update is a single ``dynamic_update_slice`` and decode is dense matmuls.
-A ``SharedPrefix`` (e.g. a prompt's keys/values) can be attended by several consecutive
-rows without copying it per row: the sampler prefills a prompt once for its G samples.
+The cached path reads and writes a ``KVCache`` and attends a ``SharedPrefix`` (both in
+``models/cache.py``): every row writes at one shared slot index, ragged rows are a validity
+mask plus per-row RoPE positions, and a prefix is seen by a group of rows without a copy.
 """
 
 from __future__ import annotations
@@ -29,6 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from gradalign_jax.models.cache import KVCache, SharedPrefix
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
@@ -97,49 +95,6 @@ class Qwen3Config:
     layer = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_word_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.num_layers * layer + d + head
-
-
-# ---------------------------------------------------------------------------------------
-# KV cache
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-  """Per-layer keys/values written at a shared slot index.
-
-  k, v:   [L, B, S, K, H] (model dtype), keys already rotated.
-  valid:  bool[B, S], slot holds a real token of that row.
-  length: int32[] slots written so far (the next write index, shared by all rows).
-  """
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  length: jax.Array
-
-  @property
-  def capacity(self) -> int:
-    return self.k.shape[2]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SharedPrefix:
-  """Keys/values of Q prefixes, each attended by B // Q consecutive rows of a batch.
-
-  k, v:  [L, Q, P, K, H] (model dtype), keys already rotated.
-  valid: bool[Q, P], slot holds a real token of that prefix (every row of the group sees it).
-  """
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-
-
-def init_cache(cfg: Qwen3Config, batch: int, capacity: int) -> KVCache:
-  """An empty cache for ``batch`` rows and ``capacity`` slots."""
-  shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
-                 valid=jnp.zeros((batch, capacity), bool), length=jnp.zeros((), jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,16 +174,16 @@ class Attention(nnx.Module):
 
     Without a cache S == T. With ``kv = (k_cache, v_cache, layer)`` ([L, B, S, K, H] each)
     the new keys/values are written in place at (``layer``, slot ``write_at``) and attention
-    runs over this layer's S slots. ``prefix = (k, v, valid)`` ([Q, P, K, H] each,
-    bool[Q, P]) adds P slots that rows [q·R, (q+1)·R) all see, R = B // Q, uncopied.
+    runs over this layer's S slots. ``prefix = (k, v, valid)`` ([J, P, K, H] each,
+    bool[J, P]) adds P slots that rows [j·R, (j+1)·R) all see, R = B // J, uncopied.
     Returns (out [B, T, D], (k_cache, v_cache) or None).
     """
     cfg, prec = self.cfg, self.cfg.precision
     b, t, d = x.shape
     n, nkv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    # Projections as 2-D matmuls over flattened heads (E = N·H or K·H; the reshapes of the
+    # Projections as 2-D matmuls over flattened heads (X = N·H or K·H; the reshapes of the
     # weights are free): with the head axes apart XLA on CPU re-lays a weight out every call.
-    proj = lambda w, heads: jnp.einsum("BTD,ED->BTE", x, w.reshape(heads * h, d),
+    proj = lambda w, heads: jnp.einsum("BTD,XD->BTX", x, w.reshape(heads * h, d),
                                        precision=prec).reshape(b, t, heads, h)
     q = proj(self.q_proj[...], n)
     k = proj(self.k_proj[...], nkv)
@@ -246,8 +201,8 @@ class Attention(nnx.Module):
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
       kv = (k_all, v_all)
       k, v = k_all[layer], v_all[layer]
-    g = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, g, h)
+    a = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, a, h)
     neg = jnp.finfo(jnp.float32).min
     if t == 1:  # decode step: matrix-vector products, fused (see _einsum_by_reduction)
       dot = _einsum_by_reduction
@@ -257,29 +212,29 @@ class Attention(nnx.Module):
       # Batch axes leading (B, K) so XLA's CPU backend runs batched GEMMs instead of
       # re-laying out operands per (row, head): 2-3x faster prefill and scoring at small H.
       qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-      scores = dot("BKGTH,BKSH->BKGTS", qh, kh) * (h ** -0.5)
+      scores = dot("BKATH,BKSH->BKATS", qh, kh) * (h ** -0.5)
       scores = jnp.where(mask[:, None, None], scores, neg)
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = dot("BKGTS,BKSH->BKGTH", probs, vh).transpose(0, 3, 1, 2, 4).astype(v.dtype)
+      out = dot("BKATS,BKSH->BKATH", probs, vh).transpose(0, 3, 1, 2, 4).astype(v.dtype)
     elif prefix is None:
-      scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
+      scores = dot("BTKAH,BSKH->BKATS", q, k) * (h ** -0.5)
       scores = jnp.where(mask[:, None, None], scores, neg)
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = dot("BKGTS,BSKH->BTKGH", probs, v).astype(v.dtype)
+      out = dot("BKATS,BSKH->BTKAH", probs, v).astype(v.dtype)
     else:
-      scores = dot("BTKGH,BSKH->BKGTS", q, k) * (h ** -0.5)
+      scores = dot("BTKAH,BSKH->BKATS", q, k) * (h ** -0.5)
       scores = jnp.where(mask[:, None, None], scores, neg)
       pk, pv, pvalid = prefix
-      nq, p = pvalid.shape
-      qr = q.reshape(nq, b // nq, t, cfg.num_kv_heads, g, h)
-      pscores = dot("QRTKGH,QPKH->QRKGTP", qr, pk) * (h ** -0.5)
+      j, p = pvalid.shape
+      q_groups = q.reshape(j, b // j, t, cfg.num_kv_heads, a, h)
+      pscores = dot("JRTKAH,JPKH->JRKATP", q_groups, pk) * (h ** -0.5)
       pscores = jnp.where(pvalid[:, None, None, None, None], pscores, neg)
       both = jnp.concatenate([pscores.reshape(b, *pscores.shape[2:]), scores], axis=-1)
       probs = jax.nn.softmax(both, axis=-1).astype(v.dtype)
-      pprobs = probs[..., :p].reshape(nq, b // nq, *probs.shape[1:-1], p)
-      out = (dot("QRKGTP,QPKH->QRTKGH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, g, h)
-             + dot("BKGTS,BSKH->BTKGH", probs[..., p:], v)).astype(v.dtype)
-    out = jnp.einsum("BTE,DE->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
+      pprobs = probs[..., :p].reshape(j, b // j, *probs.shape[1:-1], p)
+      out = (dot("JRKATP,JPKH->JRTKAH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, a, h)
+             + dot("BKATS,BSKH->BTKAH", probs[..., p:], v)).astype(v.dtype)
+    out = jnp.einsum("BTX,DX->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
                      precision=prec)
     if cfg.attention_bias:
       out = out + self.o_bias[...]

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from gradalign_jax.models.checkpoint import CheckpointError, resolve_checkpoint_dir
+from gradalign_jax.models.paths import CheckpointError, resolve_checkpoint_dir
 
 
 def load_tokenizer(path_or_hub_id: str):

@@ -5,10 +5,11 @@
     ro = sampling.sample(cfg, params, prompts, cfg_s, num_samples=G, seed=0)
     br = sampling.branch(cfg, params, ro, rows, depths, tokens, num_samples=M, seed=1)
 
-See ``sampler.py`` for the contract (policy, keys, shapes) and ``cache.py`` for the KV state.
+See ``sampler.py`` for the contract (policy, keys, shapes) and ``models/cache.py`` for the KV
+state (``RolloutState`` is re-exported here).
 """
 
-from gradalign_jax.sampling.cache import RolloutState
+from gradalign_jax.models.cache import RolloutState
 from gradalign_jax.sampling.sampler import (STOP_EOS, STOP_MAX_TOKENS, STOP_REASONS, Rollouts,
                                             SamplingConfig, branch, policy_logprobs, sample)
 

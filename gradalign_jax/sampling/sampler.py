@@ -37,6 +37,9 @@ any depth. top-p sorts the vocabulary every step; temperature and top-k do not.
 
 Shapes are bucketed (questions and branch requests to a power of two, prompt length to a
 power of two ≥ 8), so a sweep compiles a handful of programs per (model, SamplingConfig, G).
+
+Shape letters: see gradalign_jax/__init__.py (a sample call's J prefix groups are its Q
+questions with R = G rows each; a branch call's are its requests, with R = M).
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradalign_jax.models import cache as cache_lib
 from gradalign_jax.models import qwen3
-from gradalign_jax.sampling import cache as cache_lib
 from gradalign_jax.shapes import bucket
 
 STOP_EOS, STOP_MAX_TOKENS = 0, 1
@@ -161,7 +164,7 @@ def _blocks(v: int) -> int:
 
 
 def _uniforms(keys: jax.Array, depth: jax.Array) -> jax.Array:
-  """The uniform of each row's draw at each depth: keys [B]; depth int32[B, N] → f32[B, N]."""
+  """The uniform of each row's draw at each depth: keys [B]; depth int32[B, W] → f32[B, W]."""
   one = lambda k, d: jax.random.uniform(jax.random.fold_in(k, d), (), jnp.float32)
   return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(keys, depth)
 
@@ -170,21 +173,22 @@ def _draw(logp: jax.Array, u: jax.Array):
   """Inverse-CDF draw per row. logp f32[B, V]; u f32[B] uniforms in [0, 1).
 
   One uniform per row (not V Gumbels: the random bits cost more than a small model's
-  step) and a two-level CDF (block masses, then one block's tokens), so no length-V scan.
+  step) and a two-level CDF (the masses of Z = _blocks(V) blocks, then one block's V / Z
+  tokens), so no length-V scan.
   A token of probability 0 is never drawn. Returns (token int32[B], its log π f32[B]).
   """
   b, v = logp.shape
-  c = _blocks(v)
-  blocks = jnp.exp(logp).reshape(b, c, v // c)
-  cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, C]
+  z = _blocks(v)
+  blocks = jnp.exp(logp).reshape(b, z, v // z)
+  cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, Z]
   target = u * cdf[:, -1]
-  ci = jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), c - 1)
-  before = jnp.where(ci > 0, jnp.take_along_axis(cdf, jnp.maximum(ci - 1, 0)[:, None], 1)[:, 0],
+  zi = jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), z - 1)
+  before = jnp.where(zi > 0, jnp.take_along_axis(cdf, jnp.maximum(zi - 1, 0)[:, None], 1)[:, 0],
                      0.0)
-  inner = jnp.take_along_axis(blocks, ci[:, None, None], axis=1)[:, 0]  # [B, V / C]
+  inner = jnp.take_along_axis(blocks, zi[:, None, None], axis=1)[:, 0]  # [B, V / Z]
   j = jnp.sum(jnp.cumsum(inner, axis=-1) <= (target - before)[:, None], axis=-1)
-  last = jnp.max(jnp.where(inner > 0, jnp.arange(v // c), 0), axis=-1)  # rounding guard
-  tok = (ci * (v // c) + jnp.minimum(j, last)).astype(jnp.int32)
+  last = jnp.max(jnp.where(inner > 0, jnp.arange(v // z), 0), axis=-1)  # rounding guard
+  tok = (zi * (v // z) + jnp.minimum(j, last)).astype(jnp.int32)
   return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
@@ -200,14 +204,14 @@ def _decode(model, sampling, vocab_mask, prefix, first_tok, first_lp, base_pos, 
 
   first_tok, first_lp: [B] buffer slot 0; base_pos int32[B] position of slot 0; limit
   int32[B] most tokens the row may hold; active bool[B] (False = padding row).
-  Returns (tokens int32[B, N], logprobs f32[B, N], count int32[B], gen KVCache).
+  Returns (tokens int32[B, W], logprobs f32[B, W], count int32[B], gen KVCache), W = n_slots.
   """
   b = first_tok.shape[0]
   toks = jnp.full((b, n_slots), sampling.pad_id, jnp.int32).at[:, 0].set(first_tok)
   lps = jnp.full((b, n_slots), jnp.nan, jnp.float32).at[:, 0].set(first_lp)
   count = active.astype(jnp.int32)
   finished = ~active | _is_eos(first_tok, sampling) | (limit <= 1)
-  gen = qwen3.init_cache(model.cfg, b, n_slots)
+  gen = cache_lib.init_cache(model.cfg, b, n_slots)
   # Every draw's uniform at once: threefry per step inside the loop costs a small model 10%.
   u_all = _uniforms(keys, depth0[:, None] + jnp.arange(n_slots, dtype=jnp.int32)[None])
 
@@ -242,8 +246,8 @@ def _sample_program(cfg, sampling, group_size, params, prompt_tok, prompt_pos, p
   """Prefill Q left-padded prompts once, then sample group_size rows from each."""
   model = qwen3.bind(cfg, params)
   nq, p = prompt_tok.shape
-  logits, pcache = model(prompt_tok, prompt_pos, prompt_valid, qwen3.init_cache(cfg, nq, p))
-  prefix = qwen3.SharedPrefix(k=pcache.k, v=pcache.v, valid=pcache.valid)
+  logits, pcache = model(prompt_tok, prompt_pos, prompt_valid, cache_lib.init_cache(cfg, nq, p))
+  prefix = cache_lib.SharedPrefix(k=pcache.k, v=pcache.v, valid=pcache.valid)
   logp = jnp.repeat(policy_logprobs(logits[:, -1], sampling, vocab_mask), group_size, axis=0)
   b = nq * group_size
   first_tok, first_lp = _draw(logp, _uniforms(keys, jnp.zeros((b, 1), jnp.int32))[:, 0])

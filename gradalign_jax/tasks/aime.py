@@ -52,10 +52,6 @@ class AIMETask(Task):
   def user_message(self, example: Example) -> str:
     return f"{example.question.strip()}\n\n{self.instruction}"
 
-  def reference_response(self, example: Example) -> str:
-    answer = f"The final answer is $\\boxed{{{example.answer}}}$."
-    return f"{example.solution.strip()}\n\n{answer}" if example.solution else answer
-
   def extract_answer(self, response_text: str) -> str | None:
     text = answers.final_section(response_text)
     boxed = answers.last_boxed(text)

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Iterator
 
+from gradalign_jax.models.tokenizer import chat_prompt
+
 _EXTENSIONS = (".jsonl", ".json", ".parquet")
 _ID_FIELDS = ("id", "ID", "unique_id", "idx")
 # Qwen3's recommended instruction for math answers
@@ -126,8 +128,6 @@ class Task:
     (user, assistant) pair of strings (``context_turn`` builds the teacher contexts' pairs).
     Qwen3's template drops thinking blocks from earlier assistant turns.
     """
-    from gradalign_jax.models.tokenizer import chat_prompt  # keeps verifiers free of jax
-
     demos = demonstration if isinstance(demonstration, list) else (
         [] if demonstration is None else [demonstration])
     history = []

@@ -28,7 +28,7 @@ import re
 import numpy as np
 
 from gradalign_jax.tasks.answers import final_section
-from gradalign_jax.tasks.base import Example, Task
+from gradalign_jax.tasks.base import Example, Task, get_text
 
 MODULUS = 10
 OPS = "+-*"
@@ -121,7 +121,6 @@ class SyntheticTask(Task):
     return self.generate(n, int(opts["seed"]))
 
   def parse_record(self, row: dict, index: int) -> Example:
-    from gradalign_jax.tasks.base import get_text
     question = get_text(row, "question")
     steps = [(m[0], int(m[1])) for m in re.findall(r"([+\-*])(\d)", question)]
     solution, answer = solve(int(question[0]), steps)
