@@ -30,21 +30,16 @@ self-distillation contexts on the synthetic task (a few minutes on a laptop CPU)
 
 from __future__ import annotations
 
-import os
-import time
-
-from absl import app, logging
+from absl import logging
 
 from experiments import files
 from experiments import flags as flags_lib
-from gradalign_jax import contexts, pipeline, rundir, tasks
+from gradalign_jax import pipeline, rundir
 from gradalign_jax.analysis import plots, report, token_view
-from gradalign_jax.models.loaded import ModelCache
 
 GROUPS = ("contexts", "targeted", "scoring")
 flags_lib.use(GROUPS)
 DEFAULT_OUT = "runs/sweep"
-FLAGS = flags_lib.FLAGS
 
 
 def settings(**overrides) -> dict:
@@ -60,30 +55,9 @@ def run(settings: dict, out: str, *, overwrite: bool = False,
   call (tests simulate an interruption with it). Returns the summary dict, or None when
   stopped early.
   """
-  config = flags_lib.diagnose_config(settings)
-  specs = contexts.parse_specs(settings["teachers"])
-  task = tasks.get_task(settings["task"])
-  examples = task.load(settings["data"], limit=settings["num_questions"])
-  if not examples:
-    raise ValueError(f"--data={settings['data']!r} gave no questions")
-  run_dir = rundir.RunDir(out, settings, overwrite=overwrite, stop_after=stop_after)
-  models = ModelCache(settings["dtype"])
-  cache = contexts.SummaryCache(run_dir.file("summaries.json"))
-  groups = pipeline.groups_of(len(examples), config.question_batch)
-  start = time.time()
-  try:
-    for name in settings["students"]:
-      setup = pipeline.setup(name, specs, task, examples, config, models)
-      todo = run_dir.todo(rundir.tag(name), groups, label=name)
-      if not todo:
-        continue
-      summaries = pipeline.write_summaries(setup, task, examples, cache, config)
-      for group in run_dir.progress(todo, label=name):
-        run_dir.write_parts(rundir.tag(name), pipeline.diagnose_group(
-            setup, task, examples, group, summaries, config))
-  except rundir.Interrupt:
-    return None
-  return finish(settings, run_dir, len(examples), time.time() - start)
+  done = flags_lib.run_groups(settings, out, pipeline.diagnose_group, overwrite=overwrite,
+                             stop_after=stop_after)
+  return None if done is None else finish(settings, *done)
 
 
 def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: float) -> dict:
@@ -111,17 +85,5 @@ def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: 
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  try:
-    flags_lib.refuse_others(GROUPS)
-    run(settings(), FLAGS.out, overwrite=FLAGS.overwrite)
-  except ValueError as e:  # contexts.SpecError is one
-    raise app.UsageError(str(e)) from None
-  print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
-
-
 if __name__ == "__main__":
-  FLAGS.set_default("out", DEFAULT_OUT)  # only as the script: others keep their own
-  app.run(main)
+  flags_lib.run_script(GROUPS, run, DEFAULT_OUT)

@@ -11,9 +11,14 @@ any model is loaded.
 
 from __future__ import annotations
 
-from absl import flags
+import os
+import time
 
-from gradalign_jax import alignment, contexts, gradients, pipeline, sampling, targeted
+from absl import app, flags
+
+from gradalign_jax import (alignment, contexts, gradients, pipeline, rundir, sampling, targeted,
+                           tasks)
+from gradalign_jax.models.loaded import ModelCache
 
 DEFAULT_TEACHERS = ("teacher", "teacher:correct_demo", "self:correct_demo",
                     "self:correct_and_wrong_demo", "self:summary")
@@ -56,6 +61,8 @@ flags.DEFINE_integer("seed", 0, "seed of every random draw")
 flags.DEFINE_string("out", None, "output directory (reruns resume from its parts/)")
 flags.DEFINE_bool("overwrite", False, "delete --out first instead of resuming")
 FLAGS = flags.FLAGS
+# From here on, key flags this module declares (``use``) belong to the experiment calling it.
+flags.disclaim_key_flags()
 
 GROUPS = {
     "models": ("students", "teachers", "dtype"),
@@ -92,7 +99,7 @@ def use(groups) -> None:
 def refuse_others(groups) -> None:
   """Raises ValueError naming any flag given on the command line that ``groups`` do not read."""
   mine = set(_names(groups)) | set(OUTPUT)
-  ours = {f.name for f in FLAGS.flags_by_module_dict().get(__name__, [])}
+  ours = {n for names in GROUPS.values() for n in names}
   foreign = sorted(n for n in ours - mine if FLAGS[n].present)
   if foreign:
     raise ValueError(f"flags this experiment does not use: --{', --'.join(foreign)}; drop "
@@ -121,6 +128,52 @@ def settings(groups, **overrides) -> dict:
   contexts.parse_specs(out["teachers"])
   diagnose_config(out)
   return out
+
+
+def prepare(s: dict):
+  """(DiagnoseConfig, teacher specs, task, examples) of the settings: everything checked and
+  the data loaded before any model is."""
+  config = diagnose_config(s)
+  specs = contexts.parse_specs(s["teachers"])
+  task = tasks.get_task(s["task"])
+  examples = task.load(s["data"], limit=s["num_questions"])
+  if not examples:
+    raise ValueError(f"--data={s['data']!r} gave no questions")
+  return config, specs, task, examples
+
+
+def run_groups(s: dict, out: str, step: pipeline.Step, *, overwrite: bool = False,
+               stop_after: int | None = None) -> tuple[rundir.RunDir, int, float] | None:
+  """Checks the settings, then runs (or resumes) ``step`` (``pipeline.resume``) over every
+  student and question group into the run directory ``out``. Returns (the RunDir, questions
+  loaded, seconds), or None when stopped after ``stop_after`` groups."""
+  config, specs, task, examples = prepare(s)
+  run_dir = rundir.RunDir(out, s, overwrite=overwrite, stop_after=stop_after)
+  start = time.time()
+  try:
+    pipeline.resume(run_dir, s["students"], specs, task, examples, config, step,
+                    ModelCache(s["dtype"]))
+  except rundir.Interrupt:
+    return None
+  return run_dir, len(examples), time.time() - start
+
+
+def run_script(groups, run, default_out: str) -> None:
+  """Runs an experiment as a script: ``run(settings, out, overwrite=...)`` with the flags of
+  ``groups``; a bad setting is reported as a usage error naming it."""
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    try:
+      refuse_others(groups)
+      run(settings(groups), FLAGS.out, overwrite=FLAGS.overwrite)
+    except ValueError as e:  # contexts.SpecError is one
+      raise app.UsageError(str(e)) from None
+    print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
+
+  FLAGS.set_default("out", default_out)  # only as the script: other experiments keep theirs
+  app.run(main)
 
 
 def sampling_config(s: dict) -> sampling.SamplingConfig:

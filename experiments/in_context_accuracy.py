@@ -34,22 +34,16 @@ The flags are the alignment sweep's minus the targeted-rollout and scoring group
 
 from __future__ import annotations
 
-import os
-import time
-
-import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import files
 from experiments import flags as flags_lib
-from gradalign_jax import contexts, pipeline, rundir, tasks
+from gradalign_jax import pipeline, rundir
 from gradalign_jax.analysis import in_context, report
-from gradalign_jax.models.loaded import ModelCache
 
 GROUPS = ("contexts",)
 flags_lib.use(GROUPS)
 DEFAULT_OUT = "runs/in_context"
-FLAGS = flags_lib.FLAGS
 
 
 def settings(**overrides) -> dict:
@@ -64,36 +58,9 @@ def run(settings: dict, out: str, *, overwrite: bool = False,
   settings: from ``settings()``. stop_after: stop after this many question groups of this
   call (to simulate an interruption). Returns the summary dict, or None when stopped early.
   """
-  config = flags_lib.diagnose_config(settings)
-  specs = contexts.parse_specs(settings["teachers"])
-  task = tasks.get_task(settings["task"])
-  examples = task.load(settings["data"], limit=settings["num_questions"])
-  if not examples:
-    raise ValueError(f"--data={settings['data']!r} gave no questions")
-  run_dir = rundir.RunDir(out, settings, overwrite=overwrite, stop_after=stop_after)
-  models = ModelCache(settings["dtype"])
-  cache = contexts.SummaryCache(run_dir.file("summaries.json"))
-  groups = pipeline.groups_of(len(examples), config.question_batch)
-  start = time.time()
-  try:
-    for name in settings["students"]:
-      setup = pipeline.setup(name, specs, task, examples, config, models)
-      todo = run_dir.todo(rundir.tag(name), groups, label=name)
-      if not todo:
-        continue
-      summaries = pipeline.write_summaries(setup, task, examples, cache, config)
-      for group in run_dir.progress(todo, label=name):
-        rows = pipeline.accuracy_group(setup, task, examples, group, summaries, config)
-        run_dir.write_parts(rundir.tag(name), {i: {"accuracy": r} for i, r in rows.items()})
-        accs = {}
-        for r in (r for group_rows in rows.values() for r in group_rows):
-          accs.setdefault(r["spec"], []).append(r["accuracy"])
-        logging.info("%s accuracy: %s", name, ", ".join(
-            f"{s} {np.nanmean(a):.2f}" if np.isfinite(a).any() else f"{s} n/a"
-            for s, a in accs.items()))
-  except rundir.Interrupt:
-    return None
-  return finish(settings, run_dir, len(examples), time.time() - start)
+  done = flags_lib.run_groups(settings, out, pipeline.accuracy_group, overwrite=overwrite,
+                             stop_after=stop_after)
+  return None if done is None else finish(settings, *done)
 
 
 def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: float) -> dict:
@@ -113,17 +80,5 @@ def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: 
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  try:
-    flags_lib.refuse_others(GROUPS)
-    run(settings(), FLAGS.out, overwrite=FLAGS.overwrite)
-  except ValueError as e:  # contexts.SpecError is one
-    raise app.UsageError(str(e)) from None
-  print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
-
-
 if __name__ == "__main__":
-  FLAGS.set_default("out", DEFAULT_OUT)  # only as the script: others keep their own
-  app.run(main)
+  flags_lib.run_script(GROUPS, run, DEFAULT_OUT)

@@ -1,11 +1,18 @@
 """gradalign_jax: does a teacher's per-token distillation signal point where success lies?
 
 Public modules (import them as submodules: ``from gradalign_jax import models, tree, ...``):
-  models     Qwen3 in JAX (Flax NNX), checkpoints, tokenizers, KV cache
+  pipeline   the diagnostic for a group of questions end to end (``pipeline.diagnose``)
+  models     Qwen3 in JAX (Flax NNX), checkpoints, tokenizers, KV cache, loaded models
   sampling   the student's batched sampler and branching
   tree       PrefixTree over one question's rollouts, MATH.md's bookkeeping, flat arrays
-  scoring    student/teacher logits at every unique tree node, chunked; the final pass
-  gradients  MATH.md's directions, alignment, covariates, (sum, count) aggregates
+  scoring    student/teacher logits at every unique tree node, chunked
+  alignment  the final pass: ĝ*, every direction, cosines, covariates per node
+  gradients  MATH.md's directions (the one registry), alignment, covariates
+  targeted   targeted rollouts: depth windows, priorities, budget
+  contexts   teacher specs, demonstrations, summaries, their prompts
+  tasks      loaders, prompts, verifiers; the synthetic toy task
+  analysis   tables (schemas, aggregates), statistics, report, plots, token view
+  rundir     a run directory: settings check, atomic per-question parts, resume, merge
   exact      exact V and g* by enumeration (tiny vocabulary and horizon)
 See ../shared/design/ARCHITECTURE.md and MATH.md.
 
@@ -20,7 +27,8 @@ the same kind (B' gathered rows, J' branch requests).
            groups, R rows per prefix group (B = J·R), W generated slots per row.
   Sampler: Z blocks of the vocabulary in the two-level inverse-CDF draw.
   Tree:    U nodes, E edges, C nodes per chunk, G rollouts per question, M continuations per
-           targeted pair, Q questions.
+           targeted pair, Q questions, Y candidate tokens kept per node, I chosen (node, token)
+           pairs.
 """
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Logit-space directions of MATH.md, their registry, alignment and node covariates.
 
-Shape letters (gradalign_jax/__init__.py): V vocab, C nodes of a chunk; ``...`` any leading axes (every function
-broadcasts over them and reduces over the last, vocab, axis).
+Shape letters (gradalign_jax/__init__.py): V vocab, C nodes of a chunk; ``...`` any leading
+axes (every function broadcasts over them and reduces over the last, vocab, axis).
 
 Conventions (MATH.md is the contract):
   * logits are raw: the caller applies the sampling temperature;

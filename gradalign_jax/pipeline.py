@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from gradalign_jax import alignment, contexts, sampling, scoring, targeted, tasks
+from gradalign_jax import alignment, contexts, rundir, sampling, scoring, targeted, tasks
 from gradalign_jax.analysis import report, tables
 from gradalign_jax.models.loaded import LoadedModel, ModelCache
 from gradalign_jax.shapes import bucket
@@ -399,6 +399,29 @@ def diagnose(student: str, teacher_specs: Sequence[str], examples: Sequence[Exam
   return Tables.from_parts([parts[i] for i in sorted(parts)], config.scoring.directions)
 
 
+Step = Callable[..., dict]
+
+
+def resume(run_dir: rundir.RunDir, students: Sequence[str],
+           specs: Sequence[contexts.TeacherSpec], task: Task, examples: Sequence[Example],
+           config: DiagnoseConfig, step: Step, models: ModelCache) -> None:
+  """For each student, ``step(setup, task, examples, indices, summaries, config) → {index:
+  {table: rows}}`` (``diagnose_group``, ``accuracy_group``) over every question group that
+  lacks a finished part in ``run_dir``, each group's parts written as it ends. Summaries are
+  generated (and cached in the run directory) only for a student with work left. Raises
+  rundir.Interrupt once the run directory's ``stop_after`` is reached."""
+  cache = contexts.SummaryCache(run_dir.file("summaries.json"))
+  groups = groups_of(len(examples), config.question_batch)
+  for name in students:
+    run = setup(name, specs, task, examples, config, models)
+    todo = run_dir.todo(rundir.tag(name), groups, label=name)
+    if not todo:
+      continue
+    summaries = write_summaries(run, task, examples, cache, config)
+    for group in run_dir.progress(todo, label=name):
+      run_dir.write_parts(rundir.tag(name), step(run, task, examples, group, summaries, config))
+
+
 # ---------------------------------------------------------------------------------------
 # In-context accuracy: each spec's model answering with its context
 
@@ -425,9 +448,10 @@ def answer(model: LoadedModel, task: Task, prompts: Sequence[list[int]],
 
 def accuracy_group(run: Setup, task: Task, examples: Sequence[Example],
                    indices: Sequence[int], summaries: dict,
-                   config: DiagnoseConfig) -> dict[int, list[dict]]:
-  """The accuracy table's rows of one group: {dataset index: rows}, the student's plain
-  accuracy (spec ``tables.BASELINE``) then each spec's model reading its context."""
+                   config: DiagnoseConfig) -> dict[int, dict[str, list[dict]]]:
+  """The accuracy table's rows of one group, {dataset index: {"accuracy": rows}}: the
+  student's plain accuracy (spec ``tables.BASELINE``) then each spec's model reading its
+  context."""
   student = run.student
   exs = [examples[i] for i in indices]
   prompts = [student_prompt(student, task, ex, config) for ex in exs]
@@ -456,11 +480,17 @@ def accuracy_group(run: Setup, task: Task, examples: Sequence[Example],
                   else len(student_prompt(model, task, ex, config)))
       key = dict(student=run.name, spec=spec.text, question_id=ex.id)
       rows[i].append(tables.accuracy_row(key, i, who, status, ids, base_len, outcomes.get(j)))
-  return rows
+  accs = {}
+  for r in (r for question in rows.values() for r in question):
+    accs.setdefault(r["spec"], []).append(r["accuracy"])
+  _log.info("%s accuracy: %s", run.name, ", ".join(
+      f"{s} {np.nanmean(a):.2f}" if np.isfinite(a).any() else f"{s} n/a"
+      for s, a in accs.items()))
+  return {i: {"accuracy": r} for i, r in rows.items()}
 
 
 __all__ = ["DEMO_STREAM", "DiagnoseConfig", "Group", "Setup", "Tables", "TeacherPrompts",
            "accuracy_group", "answer", "check_prompt_lengths", "context_prompt", "diagnose",
-           "diagnose_group", "groups_of", "sample_demo_pools", "sample_group",
+           "diagnose_group", "groups_of", "resume", "sample_demo_pools", "sample_group",
            "score_specs", "scoring_shapes", "setup", "spend_targeted_budget", "student_prompt",
            "teacher_prompts", "write_summaries"]

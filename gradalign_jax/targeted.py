@@ -2,13 +2,13 @@
 pairs that decide the cosine, branching from cached prefixes.
 
 Shape letters (gradalign_jax/__init__.py): C nodes of a chunk, V vocab, E child edges of a
-chunk; here also A candidates kept per node and I chosen (node, token) pairs.
+chunk, Y candidate tokens kept per node, I chosen (node, token) pairs.
 
 One round:
   1. Candidates: every scored node u of the tree (root and nodes with a child) and every
      token k of the vocabulary mask with n_k < ``min_trials``; priority |d_k(u)| for the chosen
      distillation direction, or |p_k − q_k| (``priorities``). Logits come chunk by chunk from
-     ``scoring.padded_chunks``; only the A best tokens of each node leave the device.
+     ``scoring.padded_chunks``; only the Y best tokens of each node leave the device.
   2. Depth windows [0,1), [1,2), [2,4), [4,8), … (``window_index``): the round's pairs are split
      equally across the windows that have candidates, a window with fewer candidates than its
      share hands the rest on (``split_budget``); within a window the highest priorities win
@@ -210,8 +210,8 @@ def priorities(student_logits, teacher_logits, kind: str, vocab_mask=None,
 def _chunk_candidates(student_logits, teacher_logits, temperature, vocab_mask, rows, toks,
                       trials_edge, min_trials, jsd_beta, kind, k):
   """Top-k eligible tokens per node of a chunk. rows, toks: int32[E] child edges (rows ≥ C:
-  padding); trials_edge int32[E]. Returns (priority f32[C, A], token int32[C, A], trials
-  int32[C, A]), A = k; priority −1 where no eligible token is left."""
+  padding); trials_edge int32[E]. Returns (priority f32[C, Y], token int32[C, Y], trials
+  int32[C, Y]), Y = k; priority −1 where no eligible token is left."""
   c, v = student_logits.shape
   prio = priorities(student_logits / temperature, teacher_logits / temperature, kind,
                     vocab_mask, jsd_beta)

@@ -1,6 +1,7 @@
 """The main job end to end on the bundled toy models: tables against an independent
 recomputation from full forwards, the report, and resume after an interruption."""
 
+import io
 import json
 import os
 
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 
 from experiments import alignment_sweep as sweep
-from gradalign_jax import contexts, gradients, models, tasks
+from gradalign_jax import (alignment, contexts, gradients, models, pipeline, sampling, targeted,
+                           tasks)
 from gradalign_jax.models import loaded
 
 pytestmark = pytest.mark.slow
@@ -117,6 +119,26 @@ def test_node_alignment_matches_full_forwards(small_run):
                     ("forward_kl", gradients.forward_kl_direction(zs, zt, mask))):
       want = float(np.dot(g, d) / (np.linalg.norm(g) * np.linalg.norm(d)))
       assert np.isclose(node[f"align_{name}"], want, atol=2e-4), (name, node.node_id)
+
+
+@needs_toy
+def test_diagnose_in_memory_equals_the_sweep_tables(small_run):
+  """The library call with the same settings (its config built here by hand, not from
+  flags) gives the tables the sweep wrote through its run directory."""
+  _, out, _ = small_run
+  config = pipeline.DiagnoseConfig(
+      num_rollouts=8, question_batch=2, seed=3,
+      sampling=sampling.SamplingConfig(max_new_tokens=40),
+      targeted=targeted.TargetedConfig(budget=8, num_continuations=4),
+      scoring=alignment.ScoringConfig(), contexts=contexts.ContextConfig(demo_samples=4))
+  task = tasks.get_task("synthetic")
+  got = pipeline.diagnose("student_small", SMALL["teachers"],
+                          task.load("synthetic:seed=1,n=256", limit=3), task, config)
+  want = _tables(out)
+  for name in want:
+    table = pd.read_parquet(io.BytesIO(getattr(got, name).to_parquet()))  # lists → arrays
+    pd.testing.assert_frame_equal(table, want[name], check_exact=True)
+  assert set(got.summary()["students"]["student_small"]["specs"]) == set(SMALL["teachers"])
 
 
 @needs_toy

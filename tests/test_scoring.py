@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from gradalign_jax import gradients, models, scoring, tree
+from gradalign_jax import alignment, gradients, models, scoring, tree
 from gradalign_jax.models import qwen3
 
 V = 61

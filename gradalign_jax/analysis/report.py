@@ -1,7 +1,8 @@
 """From the sweep's tables to ``summary.json`` and ``report.md`` (MATH.md, "Alignment").
 
-Inputs are the three tables of ``experiments/alignment_sweep.py`` (pandas DataFrames), for the
-reported directions (the first is the primary one):
+Inputs are the three tables of ``pipeline.diagnose`` (pandas DataFrames; every column is
+documented in ``analysis/tables.py``), for the reported directions (the first is the primary
+one):
 
 - rollouts: one row per on-policy rollout; ``student, spec, question_id, rollout, correct,
   length, n_nodes``, per direction ``mean_<d>, sum_dot_<d>, sum_normprod_<d>, sum_dd_<d>,
@@ -26,11 +27,11 @@ import os
 import numpy as np
 import pandas as pd
 
-from gradalign_jax.analysis import stats
+from gradalign_jax.analysis import stats, tables
+from gradalign_jax.gradients import COVARIATES
 
 ALPHA = 0.05
-NODE_COVARIATES = ("kl_pq", "kl_qp", "l2_pq", "cos_pq", "entropy_p", "entropy_q", "depth",
-                   "depth_norm", "norm_ideal")
+NODE_COVARIATES = COVARIATES + ("depth", "depth_norm", "norm_ideal")
 
 
 # ---------------------------------------------------------------------------------------
@@ -47,8 +48,9 @@ def _check_columns(df: pd.DataFrame, columns, table: str) -> pd.DataFrame:
 
 
 def _rollout_columns(dirs) -> list[str]:
-  per_dir = [f"{p}_{d}" for d in dirs for p in ("mean", "sum_dot", "sum_normprod", "sum_dd",
-                                                 "n_pos")]
+  """The rollouts-table columns the summary reads (the per-path lists are not needed)."""
+  per_dir = [c for c in tables.direction_columns(tables.ROLLOUT_DIRECTION_COLUMNS, dirs)
+             if not c.startswith("path_")]
   return ["student", "spec", "question_id", "rollout", "correct", "n_nodes", "sum_gg"] + per_dir
 
 
@@ -93,21 +95,19 @@ def split_block(rollouts: pd.DataFrame, directions, *, n_boot: int = 2000, seed:
   """
   dirs = list(directions)
   rollouts = _check_columns(rollouts, _rollout_columns(dirs), "rollouts")
-  n_nodes = float(rollouts["n_nodes"].sum())
-  sum_gg = float(rollouts["sum_gg"].sum())
   block = {"n_rollouts": int(len(rollouts)),
            "n_questions": int(rollouts["question_id"].nunique()),
-           "n_nodes": int(n_nodes),
+           "n_nodes": int(rollouts["n_nodes"].sum()),
            "n_scored": int((rollouts["n_nodes"] > 0).sum())}
   for d in dirs:
     means = rollouts[f"mean_{d}"].to_numpy(np.float64)
-    dot = float(rollouts[f"sum_dot_{d}"].sum())
+    sums = tables.rollout_sums(rollouts, d).summary()
     block[d] = {
         "mean": _mean(means),
         "mean_ci": [_float(v) for v in stats.bootstrap_ci(means, n_boot=n_boot, seed=seed)],
-        "weighted": _ratio(dot, float(rollouts[f"sum_normprod_{d}"].sum())),
-        "pooled": _ratio(dot, math.sqrt(sum_gg * float(rollouts[f"sum_dd_{d}"].sum()))),
-        "frac_pos": _ratio(float(rollouts[f"n_pos_{d}"].sum()), n_nodes),
+        "weighted": sums["weighted_cos"],
+        "pooled": sums["pooled_cos"],
+        "frac_pos": sums["frac_positive"],
     }
   return block
 
