@@ -1,15 +1,23 @@
 """The final pass (MATH.md "Alignment"): ĝ*, every distillation direction, their cosines and
-the covariates at every scored node of a tree.
+the covariates at every scored node of a tree, and the leave-one-out scores of each rollout.
 
 Shape letters (gradalign_jax/__init__.py): U tree nodes, C nodes per chunk, E child edges of a
 chunk, V vocab.
 
-``score_tree`` streams student and teacher logits chunk by chunk (``scoring.padded_chunks``),
-scatters the tree's statistics to [C, V] on device and reduces each chunk to per-node scalars
-(``gradients.node_scores``), so nothing of size U × V is kept. Every direction of the registry
-``gradients.DIRECTIONS`` is scored; MiniLLM's R̄ needs ℓ along every rollout's future, known
-only once all nodes are scored, so each chunk keeps ĝ*, d_rkl, p at the (few) children of its
-nodes and ``gradients.minillm_from_terms`` finishes it exactly.
+Two halves:
+  * on device, chunk by chunk (``scoring.padded_chunks``): every direction of the registry
+    ``gradients.DIRECTIONS`` over the vocabulary, reduced at once to what the rest needs —
+    its norm per node and its entries at the node's children (the only places ĝ* is
+    nonzero), the covariates, the student's logits at the children and its log-normaliser.
+    Nothing of size U × V is kept.
+  * on the host, in float64 over each node's observed children: ĝ* in MATH.md's stable form
+    (around the mode of π over O), its norm and its dot with every direction. So the same
+    few lines serve the full tree (``TreeTerms.node_columns``) and, with one edge's (s, n)
+    changed, the leave-one-out score of every node on a rollout's path
+    (``TreeTerms.leave_one_out``): a closed-form update, not a re-scoring.
+MiniLLM's long-term term needs R̄ (the teacher along every rollout's future), known only once
+every node is scored; its entries at the children and its norm are finished on the host from
+sums the device keeps (over the unvisited vocabulary, where the term is −p H).
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import numpy as np
 from gradalign_jax import gradients
 from gradalign_jax.scoring import PromptedModel, ScoringStats, Shapes, padded_chunks
 from gradalign_jax.tree import PrefixTree, TreeArrays
+
+_ON_DEVICE = [name for name, d in gradients.DIRECTIONS.items() if d.at_node is not None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,31 +63,45 @@ class ScoringConfig:
 
 
 @functools.partial(jax.jit, static_argnames=("topk",))
-def _chunk_scores(student_logits, teacher_logits, temperature, vocab_mask, rows, toks, q_edge,
-                  observed_edge, visit_edge, jsd_beta, topk):
-  """One chunk of the final pass, on device.
+def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, toks,
+                 visit_edge, jsd_beta, topk):
+  """One chunk of the device half.
 
   student_logits, teacher_logits: f32[C, V] raw; vocab_mask: bool[V]; rows, toks: int32[E]
-  child edges (rows ≥ C are padding, dropped); q_edge, visit_edge: f32[E]; observed_edge:
-  bool[E]. The tree's statistics are scattered to [C, V] here, not on the host. Returns
-  (gradients.node_scores' dict of f32[C], MiniLLM terms: ĝ*_k, d_rkl_k, p_k, ℓ_k f32[E] and
-  ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖² f32[C]).
+  child edges (rows ≥ C are padding, dropped); visit_edge: f32[E] visit frequencies w.
+  Returns ({name: f32[C]} per node: the covariates, ``norm_<d>``, ``lse`` (log Σ exp z/T over
+  the vocabulary), the MiniLLM sums ``unvisited_dd``, ``unvisited_dp``, ``unvisited_pp``
+  (Σ d_rkl², Σ d_rkl p, Σ p² over the unvisited vocabulary), ``off_mode`` (1 − p at the
+  mode, summed over the other rows) and ``mode`` (int32, argmax p); {name: f32[E]} per edge:
+  ``z`` (z/T), ``p``, ``ell`` (ℓ = log p − log q) and ``d_<d>``).
   """
   c, v = student_logits.shape
   zs, zt = student_logits / temperature, teacher_logits / temperature
-  dense = lambda x, dt: jnp.zeros((c, v), dt).at[rows, toks].set(x.astype(dt), mode="drop")
-  q, obs, w = (dense(q_edge, jnp.float32), dense(observed_edge, bool),
-               dense(visit_edge, jnp.float32))
-  scores = gradients.node_scores(zs, zt, q, obs, w, vocab_mask, jsd_beta=jsd_beta, topk=topk)
-  g = gradients.ideal_direction(zs, q, obs, vocab_mask)
-  d = gradients.reverse_kl_direction(zs, zt, vocab_mask)
+  mask = jnp.broadcast_to(vocab_mask, (c, v))
+  w = jnp.zeros((c, v), jnp.float32).at[rows, toks].set(visit_edge, mode="drop")
+  at = lambda x: x[jnp.minimum(rows, c - 1), toks]
+  node = dict(gradients.node_covariates(zs, zt, vocab_mask))
+  edge = {}
+  for name in _ON_DEVICE:
+    d = gradients.DIRECTIONS[name].at_node(zs, zt, w, vocab_mask, jsd_beta, topk)
+    node[f"norm_{name}"] = jnp.linalg.norm(d, axis=-1)
+    edge[f"d_{name}"] = at(d)
+    if name == "reverse_kl":
+      d_rkl = d
   logp = gradients.masked_log_softmax(zs, vocab_mask)
   logq = gradients.masked_log_softmax(zt, vocab_mask)
   p = gradients.masked_softmax(zs, vocab_mask)
-  at = lambda x: x[jnp.minimum(rows, c - 1), toks]
-  terms = (at(g), at(d), at(p), at(logp) - at(logq), jnp.sum(g * p, -1), jnp.sum(d * p, -1),
-           jnp.sum(p * p, -1))
-  return scores, terms
+  mode = jnp.argmax(p, axis=-1)
+  unvisited = mask & (w <= 0)
+  node.update(
+      lse=jax.nn.logsumexp(jnp.where(mask, zs, gradients.MASKED_LOGIT), axis=-1),
+      unvisited_dd=jnp.sum(jnp.where(unvisited, d_rkl * d_rkl, 0.0), -1),
+      unvisited_dp=jnp.sum(jnp.where(unvisited, d_rkl * p, 0.0), -1),
+      unvisited_pp=jnp.sum(jnp.where(unvisited, p * p, 0.0), -1),
+      off_mode=jnp.sum(jnp.where(jnp.arange(v) == mode[:, None], 0.0, p), -1),
+      mode=mode.astype(jnp.int32))
+  edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq))
+  return node, edge
 
 
 def rollout_paths(tree: PrefixTree, arrays: TreeArrays) -> list[np.ndarray]:
@@ -95,12 +119,12 @@ def rollout_paths(tree: PrefixTree, arrays: TreeArrays) -> list[np.ndarray]:
   return out
 
 
-def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np.ndarray:
+def _future_rewards(tree: PrefixTree, arrays: TreeArrays, paths, ell: np.ndarray) -> np.ndarray:
   """R̄ per edge (float64[U], indexed by child id): mean over the rollouts that visit the edge
   on-policy of Σ_{t'>t} (−ℓ_{y_t'}) / (L − t − 1) (0 for a rollout's last token). ell:
   float64[U], ℓ of the edge into each node. O(total tokens)."""
   total = np.zeros(arrays.num_nodes)
-  for path, (_, _, branch_depth) in zip(rollout_paths(tree, arrays), tree.rollouts):
+  for path, (_, _, branch_depth) in zip(paths, tree.rollouts):
     n = len(path)  # path[t] = the child at depth t + 1 (token y_t)
     if not n:
       continue
@@ -112,68 +136,203 @@ def _future_rewards(tree: PrefixTree, arrays: TreeArrays, ell: np.ndarray) -> np
   return np.where(arrays.visits > 0, total / np.maximum(arrays.visits, 1), 0.0)
 
 
+def _segment(values, groups, num_groups, how="sum"):
+  """Per-group reduction of per-edge values (groups need not be sorted)."""
+  if how == "sum":
+    return np.bincount(groups, weights=values, minlength=num_groups)
+  out = np.full(num_groups, -np.inf if how == "max" else np.inf)
+  (np.maximum if how == "max" else np.minimum).at(out, groups, values)
+  return out
+
+
+def ideal_scores(groups: np.ndarray, num_groups: int, z: np.ndarray, log_norm: np.ndarray,
+                 successes: np.ndarray, trials: np.ndarray,
+                 directions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """ĝ* and its dot with each direction, per group of child edges, in float64.
+
+  A group is one decision node's children (with its own counts: the full tree, or the tree
+  less one rollout). Per edge (all [N]): groups (int, the group), z (the student's logit / T
+  of the child's token), log_norm (that node's log Σ exp z/T, so π = exp(z − log_norm)),
+  successes, trials (s, n of the edge), directions {name: d at the child's token}. Over the
+  observed edges O (n > 0): π̃ = π renormalised on O, m the mode of π̃,
+  Q̂_k − V̂ = (Q̂_k − Q̂_m) − Σ_{i∈O} π̃_i (Q̂_i − Q̂_m)  (MATH.md's stable form),
+  ĝ*_k = π_k (Q̂_k − V̂). Returns per group: ``norm_ideal``, ``dot_<name>``, ``v_hat``,
+  ``num_observed`` and ``informative`` (|O| ≥ 2, Q̂ over O not all equal).
+  """
+  g_ = np.asarray(groups, np.int64)
+  n = np.asarray(trials, np.float64)
+  obs = n > 0
+  q = np.where(obs, np.asarray(successes, np.float64) / np.maximum(n, 1), 0.0)
+  z = np.asarray(z, np.float64)
+  zo = np.where(obs, z, -np.inf)
+  zmax = _segment(zo, g_, num_groups, "max")
+  has = np.isfinite(zmax)
+  weight = np.where(obs, np.exp(zo - np.where(has, zmax, 0.0)[g_]), 0.0)
+  pi_o = weight / np.maximum(_segment(weight, g_, num_groups), 1e-300)[g_]
+  # The mode: the first observed edge of the group at its largest logit.
+  idx = np.arange(len(g_))
+  first = np.full(num_groups, len(g_))
+  at_max = obs & (zo == zmax[g_])
+  np.minimum.at(first, g_[at_max], idx[at_max])
+  q_mode = np.where(has, q[np.minimum(first, len(g_) - 1)] if len(g_) else 0.0, 0.0)
+  diff = np.where(obs, q - q_mode[g_], 0.0)
+  shift = _segment(pi_o * diff, g_, num_groups)
+  pi = np.exp(z - np.asarray(log_norm, np.float64))
+  g = np.where(obs, pi * (diff - shift[g_]), 0.0)
+  out = {"norm_ideal": np.sqrt(_segment(g * g, g_, num_groups)),
+         "v_hat": np.where(has, q_mode + shift, np.nan),
+         "num_observed": np.bincount(g_[obs], minlength=num_groups)}
+  for name, d in directions.items():
+    out[f"dot_{name}"] = _segment(g * np.asarray(d, np.float64), g_, num_groups)
+  q_hi = _segment(np.where(obs, q, -np.inf), g_, num_groups, "max")
+  q_lo = _segment(np.where(obs, q, np.inf), g_, num_groups, "min")
+  out["informative"] = (out["num_observed"] >= 2) & (q_hi > q_lo)
+  return out
+
+
+def cosine(dot, norm_a, norm_b):
+  """dot / (‖a‖‖b‖); 0 where a norm is 0, NaN where anything is not finite."""
+  den = np.asarray(norm_a, np.float64) * np.asarray(norm_b, np.float64)
+  ok = den > 0
+  out = np.where(ok, np.asarray(dot, np.float64) / np.where(ok, den, 1.0), 0.0)
+  return np.where(np.isfinite(dot) & np.isfinite(den), out, np.nan)
+
+
+@dataclasses.dataclass
+class TreeTerms:
+  """What the device half leaves of one (student, teacher) pass over a tree.
+
+  arrays: the tree's TreeArrays; scored: int[U'] the scored nodes (root and nodes with a
+  child) in the pass's order; node: {name: float[U]} per node (indexed by node id; rows of
+  unscored nodes are 0): the covariates, ``norm_<d>`` for every direction, ``lse``;
+  edge: {name: float[U]} per edge, indexed by child id: ``z``, ``p``, ``ell``, ``d_<d>``.
+  """
+  arrays: TreeArrays
+  scored: np.ndarray
+  node: dict[str, np.ndarray]
+  edge: dict[str, np.ndarray]
+
+  def _children(self, nodes):
+    """(group of each edge, child ids) of the given decision nodes (one group per entry)."""
+    a = self.arrays
+    counts = a.child_count[nodes]
+    groups = np.repeat(np.arange(len(nodes)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return groups, a.children[np.repeat(a.child_start[nodes], counts) + offsets]
+
+  def _scores(self, nodes, groups, kids, successes, trials):
+    d = {name: self.edge[f"d_{name}"][kids] for name in gradients.DIRECTIONS}
+    out = ideal_scores(groups, len(nodes), self.edge["z"][kids], self.node["lse"][nodes][groups],
+                       successes, trials, d)
+    for name in gradients.DIRECTIONS:
+      out[f"align_{name}"] = cosine(out[f"dot_{name}"], out["norm_ideal"],
+                                    self.node[f"norm_{name}"][nodes])
+    return out
+
+  def node_columns(self) -> dict[str, np.ndarray]:
+    """Per scored node (the full tree's estimate): the covariates, ``norm_ideal``,
+    ``align_/dot_/norm_<d>`` of every direction, ``node_id``, ``depth``, ``informative``,
+    ``num_observed``, ``min_trials``, ``v_hat`` (the V̂ of ĝ*)."""
+    a, ids = self.arrays, self.scored
+    groups, kids = self._children(ids)
+    s = self._scores(ids, groups, kids, a.successes[kids], a.trials[kids])
+    cols = {c: self.node[c][ids] for c in gradients.COVARIATES}
+    cols["norm_ideal"] = s["norm_ideal"]
+    for name in gradients.DIRECTIONS:
+      cols[f"align_{name}"] = s[f"align_{name}"]
+      cols[f"dot_{name}"] = s[f"dot_{name}"]
+      cols[f"norm_{name}"] = self.node[f"norm_{name}"][ids]
+    cols.update(node_id=ids, depth=a.depth[ids], informative=a.informative[ids],
+                num_observed=a.num_observed[ids], min_trials=a.min_trials[ids],
+                v_hat=s["v_hat"])
+    return cols
+
+  def leave_one_out(self, path: np.ndarray, reward: float) -> dict[str, np.ndarray]:
+    """The scores at each decision node of one rollout's path with that rollout left out of
+    the counts (MATH.md): at depth t the edge ``path[t]`` loses (R, 1) from (s, n), the
+    node's informative flag is re-decided on those counts. path: ``rollout_paths``' entry
+    (int[L]); reward: the rollout's R. Returns per depth t (float64[L] / bool[L]):
+    ``norm_ideal``, ``informative``, ``align_/dot_<d>`` of every direction."""
+    a = self.arrays
+    nodes = a.parent[path]
+    groups, kids = self._children(nodes)
+    mine = kids == path[groups]
+    successes = a.successes[kids] - np.where(mine, reward, 0.0)
+    trials = a.trials[kids] - mine
+    return self._scores(nodes, groups, kids, successes, trials)
+
+
+def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
+               chunk_nodes: int = 256, vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
+               temperature: float = 1.0, shapes: Shapes = Shapes()
+               ) -> tuple[TreeTerms, ScoringStats]:
+  """The device half of the final pass over every scored node of ``tree``, and MiniLLM
+  finished from it. Logits are divided by ``temperature`` (the sampling temperature; MATH.md's
+  π = softmax(z/T))."""
+  arrays = tree.arrays()
+  v = student.cfg.vocab_size
+  mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
+  u = arrays.num_nodes
+  node: dict[str, np.ndarray] = {}
+  edge: dict[str, np.ndarray] = {}
+  stats: list = []
+  scored = []
+  for chunk in padded_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
+    rows, kids, _, _, w_e = arrays.child_stats(chunk.node_ids)
+    n_out, e_out = _chunk_terms(
+        chunk.student, chunk.teacher, temperature, mask,
+        chunk.pad_edges(rows.astype(np.int32), chunk_nodes),
+        chunk.pad_edges(arrays.token[kids], 0), chunk.pad_edges(w_e, 0), jsd_beta, topk=topk)
+    keep = chunk.node_ids >= 0
+    ids = chunk.node_ids[keep]
+    scored.append(ids)
+    for k, x in n_out.items():
+      node.setdefault(k, np.zeros(u, np.asarray(x).dtype))[ids] = np.asarray(x)[keep]
+    for k, x in e_out.items():
+      edge.setdefault(k, np.zeros(u, np.float32))[kids] = np.asarray(x)[:len(kids)]
+  _finish_minillm(tree, arrays, node, edge)
+  return TreeTerms(arrays, np.concatenate(scored), node, edge), stats[0]
+
+
+def _finish_minillm(tree, arrays, node, edge) -> None:
+  """MiniLLM's entries at the children (``d_minillm``) and norm (``norm_minillm``), float64.
+
+  d_minillm = d_rkl + h − p H with h_k = w_k R̄_k on visited children and H = Σ_k h_k.
+  Off the visited children it is d_rkl − p H, whose squared norm is Σ d² − 2H Σ d p + H² Σ p²
+  over the unvisited vocabulary (the device's sums); at the mode m of p the term
+  h_m − p_m H is taken as h_m (1 − p_m) − p_m (H − h_m), 1 − p_m summed over the other rows.
+  """
+  kids = np.arange(1, arrays.num_nodes)
+  par = arrays.parent[kids]
+  tot = arrays.total_visits[par]
+  w = np.where(tot > 0, arrays.visits[kids] / np.maximum(tot, 1), 0.0)
+  ell = edge["ell"].astype(np.float64)
+  h = w * _future_rewards(tree, arrays, rollout_paths(tree, arrays), ell)[kids]
+  big_h = np.bincount(par, weights=h, minlength=arrays.num_nodes)
+  p = edge["p"][kids].astype(np.float64)
+  is_mode = arrays.token[kids] == node["mode"][par]
+  long_term = np.where(is_mode, h * node["off_mode"][par] - p * (big_h[par] - h),
+                       h - p * big_h[par])
+  d = edge["d_reverse_kl"][kids].astype(np.float64) + long_term
+  edge["d_minillm"] = np.zeros(arrays.num_nodes)
+  edge["d_minillm"][kids] = d
+  f = lambda name: node[name].astype(np.float64)
+  visited_sq = np.bincount(par, weights=np.where(w > 0, d * d, 0.0), minlength=arrays.num_nodes)
+  sq = (f("unvisited_dd") - 2 * big_h * f("unvisited_dp") + big_h ** 2 * f("unvisited_pp")
+        + visited_sq)
+  node["norm_minillm"] = np.sqrt(np.maximum(sq, 0.0))
+
+
 def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
                chunk_nodes: int = 256, vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
                temperature: float = 1.0, shapes: Shapes = Shapes()
                ) -> tuple[dict[str, np.ndarray], ScoringStats]:
-  """Per scored node, every direction's alignment with ĝ* and the covariates.
-
-  Logits are divided by ``temperature`` (the sampling temperature; MATH.md's π = softmax(z/T)),
-  q̂ / observed / visit frequencies come from the tree. Returns ({column: [U']} over the U'
-  scored nodes (root and nodes with a child) with ``node_id``, ``depth``, ``informative``,
-  ``num_observed``, ``min_trials``, ``gradients.node_scores``' columns and
-  ``{align,dot,norm}_minillm``, stats).
-  """
-  arrays = tree.arrays()
-  v = student.cfg.vocab_size
-  mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
-  n = arrays.num_nodes
-  g_k, d_k, p_k, ell = (np.zeros(n) for _ in range(4))
-  per_node = {"g_dot_p": np.zeros(n), "d_dot_p": np.zeros(n), "sq_p": np.zeros(n)}
-  stats: list = []
-  cols: dict[str, list] = {}
-  for chunk in padded_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
-    node_ids = chunk.node_ids
-    rows, kids, q_e, obs_e, w_e = arrays.child_stats(node_ids)
-    out, terms = _chunk_scores(
-        chunk.student, chunk.teacher, temperature, mask,
-        chunk.pad_edges(rows.astype(np.int32), chunk_nodes), chunk.pad_edges(arrays.token[kids], 0),
-        chunk.pad_edges(q_e, 0), chunk.pad_edges(obs_e, False), chunk.pad_edges(w_e, 0), jsd_beta,
-        topk=topk)
-    for dst, src in zip((g_k, d_k, p_k, ell), terms[:4]):
-      dst[kids] = np.asarray(src)[:len(kids)]
-    keep = node_ids >= 0
-    ids = node_ids[keep]
-    for name, src in zip(per_node, terms[4:]):
-      per_node[name][ids] = np.asarray(src)[keep]
-    out = {k: np.asarray(x)[keep] for k, x in out.items()}
-    out.update(node_id=ids, depth=arrays.depth[ids], informative=arrays.informative[ids],
-               num_observed=arrays.num_observed[ids], min_trials=arrays.min_trials[ids])
-    for k, x in out.items():
-      cols.setdefault(k, []).append(x)
-  cols = {k: np.concatenate(x) for k, x in cols.items()}
-  # MiniLLM: h_k = w_k R̄_k on visited children, summed per parent.
-  kids = np.arange(1, n)
-  par = arrays.parent[kids]
-  tot = arrays.total_visits[par]
-  h = np.where(tot > 0, arrays.visits[kids] / np.maximum(tot, 1), 0.0)
-  h = h * _future_rewards(tree, arrays, ell)[kids]
-  sums = {}
-  for name, x in [("gh", g_k[kids] * h), ("dh", d_k[kids] * h), ("hh", h * h),
-                  ("hp", h * p_k[kids]), ("h", h)]:
-    sums[name] = np.zeros(n)
-    np.add.at(sums[name], par, x)
-  ids = cols["node_id"]
-  dot, sq = gradients.minillm_from_terms(
-      cols["dot_reverse_kl"], cols["norm_reverse_kl"] ** 2, per_node["g_dot_p"][ids],
-      per_node["d_dot_p"][ids], per_node["sq_p"][ids], sums["gh"][ids], sums["dh"][ids],
-      sums["hh"][ids], sums["hp"][ids], sums["h"][ids])
-  norm = np.sqrt(np.asarray(sq))
-  den = cols["norm_ideal"] * norm
-  cols["dot_minillm"] = np.asarray(dot)
-  cols["norm_minillm"] = norm
-  cols["align_minillm"] = np.where(den > 0, cols["dot_minillm"] / np.where(den > 0, den, 1), 0.0)
-  return cols, stats[0]
+  """Per scored node, every direction's alignment with ĝ* (full-tree estimate) and the
+  covariates: ``tree_terms(...)`` then ``TreeTerms.node_columns()``. Returns (columns, stats)."""
+  terms, stats = tree_terms(tree, student, teacher, chunk_nodes, vocab_mask, jsd_beta, topk,
+                            temperature, shapes)
+  return terms.node_columns(), stats
 
 
-__all__ = ["ScoringConfig", "rollout_paths", "score_tree"]
+__all__ = ["ScoringConfig", "TreeTerms", "cosine", "ideal_scores", "rollout_paths",
+           "score_tree", "tree_terms"]

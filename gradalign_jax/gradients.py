@@ -13,15 +13,16 @@ Conventions (MATH.md is the contract):
   * all arithmetic is fp32.
 
 The closed forms below are checked against ``jax.grad`` of independently written losses in
-tests/test_gradients.py. ``DIRECTIONS`` is the one registry of directions; ``node_scores`` is
-the per-node function, vmapped over a chunk of nodes and jitted. The (sum, count) aggregates
-of per-node scores live with the tables (``analysis/tables.py``).
+tests/test_gradients.py. ``DIRECTIONS`` is the one registry of directions; the final pass
+(``alignment.py``) computes every registry entry over a chunk of nodes. Where a node is nearly
+deterministic (one token with p ≈ 1 − 1e-8) the plain forms subtract nearly equal numbers;
+every direction is computed in a form that does not (``_centered``, ``_zero_sum_at_mode``)
+and is checked against a float64 reference there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -67,9 +68,35 @@ def _log_ratio(student_logits, teacher_logits, vocab_mask):
   return p, q, jnp.where(mask, logp - logq, 0.0), mask
 
 
+def _at_mode(x, weights):
+  """x at the argmax of ``weights`` over the last axis, keeping that axis: [..., 1]."""
+  m = jnp.argmax(weights, axis=-1, keepdims=True)
+  return jnp.take_along_axis(x, m, axis=-1), m
+
+
 def _centered(p, a):
-  """p ⊙ (a − Σ p a): the softmax Jacobian applied to a (∂/∂z of Σ_k p_k a_k at fixed a)."""
-  return p * (a - jnp.sum(p * a, axis=-1, keepdims=True))
+  """p ⊙ (a − Σ p a): the softmax Jacobian applied to a (∂/∂z of Σ_k p_k a_k at fixed a).
+
+  Computed around the mode m of p, a − Σ p a = (a − a_m) − Σ_i p_i (a_i − a_m): the mode's
+  term is exactly 0 and the rest are small weights times O(1) differences, so a node where
+  p_m ≈ 1 − 1e-8 keeps its digits (the plain form subtracts two nearly equal numbers; MATH.md).
+  """
+  a_m, _ = _at_mode(a, p)
+  diff = a - a_m
+  return p * (diff - jnp.sum(p * diff, axis=-1, keepdims=True))
+
+
+def _zero_sum_at_mode(d, p):
+  """d with its entry at the mode of p replaced by −Σ of the others.
+
+  Every direction of a softmax is a gradient in logit space and sums to 0; the other entries
+  are computed without cancellation, the mode's (where p ≈ 1) is not, so it is recovered
+  from them.
+  """
+  _, m = _at_mode(d, p)
+  is_mode = jnp.arange(d.shape[-1]) == m
+  rest = jnp.sum(jnp.where(is_mode, 0.0, d), axis=-1, keepdims=True)
+  return jnp.where(is_mode, -rest, d)
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,17 +108,21 @@ def ideal_direction(student_logits, q_hat, observed, vocab_mask=None) -> jax.Arr
 
   student_logits: f32[..., V]; q_hat: f32[..., V] (success rate of each child, ignored where
   not observed); observed: bool[..., V] (n_k > 0). V̂ = Σ_O π Q̂ / Σ_O π is the policy's
-  average over the observed children only (computed as a softmax restricted to O, so it stays
-  exact when the observed children have tiny probability). Returns f32[..., V].
+  average over the observed children only (a softmax restricted to O, exact when the
+  observed children have tiny probability), and Q̂_j − V̂ is taken in MATH.md's stable form
+  around the mode m of O: (Q̂_j − Q̂_m) − Σ_{i∈O} π̃_i (Q̂_i − Q̂_m). Returns f32[..., V].
   """
   z = jnp.asarray(student_logits, jnp.float32)
   mask = _mask_like(z, vocab_mask)
   obs = mask & jnp.broadcast_to(jnp.asarray(observed, bool), z.shape)
   q_hat = jnp.where(obs, jnp.asarray(q_hat, jnp.float32), 0.0)
   pi = masked_softmax(z, mask)
-  v_hat = jnp.sum(masked_softmax(z, obs) * q_hat, axis=-1, keepdims=True)
+  pi_o = masked_softmax(z, obs)
+  q_m, _ = _at_mode(q_hat, pi_o)
+  diff = jnp.where(obs, q_hat - q_m, 0.0)
+  centered = diff - jnp.sum(pi_o * diff, axis=-1, keepdims=True)
   any_obs = jnp.any(obs, axis=-1, keepdims=True)
-  return jnp.where(obs & any_obs, pi * (q_hat - v_hat), 0.0)
+  return jnp.where(obs & any_obs, pi * centered, 0.0)
 
 
 def reverse_kl_direction(student_logits, teacher_logits, vocab_mask=None) -> jax.Array:
@@ -101,9 +132,9 @@ def reverse_kl_direction(student_logits, teacher_logits, vocab_mask=None) -> jax
 
 
 def forward_kl_direction(student_logits, teacher_logits, vocab_mask=None) -> jax.Array:
-  """−∇_z KL(q‖p) = q_j − p_j. Logits f32[..., V] → f32[..., V]."""
+  """−∇_z KL(q‖p) = q_j − p_j (at p's mode, −Σ of the others). f32[..., V] → f32[..., V]."""
   p, q, _, mask = _log_ratio(student_logits, teacher_logits, vocab_mask)
-  return jnp.where(mask, q - p, 0.0)
+  return _zero_sum_at_mode(jnp.where(mask, q - p, 0.0), p)
 
 
 def jsd_direction(student_logits, teacher_logits, beta, vocab_mask=None) -> jax.Array:
@@ -145,11 +176,16 @@ def topk_reverse_kl_direction(student_logits, teacher_logits, k: int,
   logq_s = masked_log_softmax(teacher_logits, support)
   p_s = jnp.where(support, jnp.exp(logp_s), 0.0)
   ell = jnp.where(support, logp_s - logq_s, 0.0)
-  ell_bar = jnp.sum(p_s * ell, axis=-1, keepdims=True)
+  centered = _centered(p_s, ell)  # p̃ ⊙ (ℓ̃ − ℓ̄), stable at a near-deterministic node
   if not stop_grad_normaliser:
-    return jnp.where(support, -p_s * (ell - ell_bar), 0.0)
+    return jnp.where(support, -centered, 0.0)
+  # On S, p_j (ℓ̄ + 1) − p̃_j (ℓ̃_j + 1) = −P_S p̃_j (ℓ̃_j − ℓ̄) − p̃_j (1 − P_S)(ℓ̃_j + 1), with
+  # 1 − P_S summed over the rows outside S: no difference of nearly equal numbers.
   p = masked_softmax(z, mask)
-  return jnp.where(mask, p * (ell_bar + 1.0) - p_s * (ell + 1.0), 0.0)
+  outside = jnp.sum(jnp.where(support, 0.0, p), axis=-1, keepdims=True)
+  ell_bar = jnp.sum(p_s * ell, axis=-1, keepdims=True)
+  on_s = -(1.0 - outside) * centered - p_s * outside * (ell + 1.0)
+  return jnp.where(support, on_s, jnp.where(mask, p * (ell_bar + 1.0), 0.0))
 
 
 def single_sample_direction(student_logits, teacher_logits, visit_freq,
@@ -161,7 +197,8 @@ def single_sample_direction(student_logits, teacher_logits, visit_freq,
   """
   p, _, ell, mask = _log_ratio(student_logits, teacher_logits, vocab_mask)
   w = jnp.where(mask, jnp.asarray(visit_freq, jnp.float32), 0.0)
-  return jnp.where(mask, -w * ell + p * jnp.sum(w * ell, axis=-1, keepdims=True), 0.0)
+  d = jnp.where(mask, -w * ell + p * jnp.sum(w * ell, axis=-1, keepdims=True), 0.0)
+  return _zero_sum_at_mode(d, p)
 
 
 def minillm_direction(student_logits, teacher_logits, visit_freq, future_reward,
@@ -174,7 +211,7 @@ def minillm_direction(student_logits, teacher_logits, visit_freq, future_reward,
   p, _, ell, mask = _log_ratio(student_logits, teacher_logits, vocab_mask)
   w = jnp.where(mask, jnp.asarray(visit_freq, jnp.float32), 0.0)
   wr = w * jnp.where(mask, jnp.asarray(future_reward, jnp.float32), 0.0)
-  long_term = wr - p * jnp.sum(wr, axis=-1, keepdims=True)
+  long_term = _zero_sum_at_mode(wr - p * jnp.sum(wr, axis=-1, keepdims=True), p)
   return jnp.where(mask, -_centered(p, ell) + long_term, 0.0)
 
 
@@ -264,53 +301,3 @@ DIRECTIONS: dict[str, Direction] = _registry(
     Direction("minillm", "reverse KL + long-term policy gradient (MiniLLM)", None,
               uses_tree=True),
 )
-
-
-def _node_scores_one(student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask,
-                     jsd_beta, topk):
-  """All scores of one node. Logits, q_hat, visit_freq: f32[V]; observed, vocab_mask: bool[V]."""
-  g = ideal_direction(student_logits, q_hat, observed, vocab_mask)
-  out = dict(node_covariates(student_logits, teacher_logits, vocab_mask))
-  out["norm_ideal"] = jnp.linalg.norm(g)
-  for name, direction in DIRECTIONS.items():
-    if direction.at_node is None:
-      continue
-    d = direction.at_node(student_logits, teacher_logits, visit_freq, vocab_mask, jsd_beta, topk)
-    out[f"align_{name}"] = alignment(g, d)
-    out[f"dot_{name}"] = jnp.sum(g * d)
-    out[f"norm_{name}"] = jnp.linalg.norm(d)
-  return out
-
-
-@functools.partial(jax.jit, static_argnames=("topk",))
-def node_scores(student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask=None,
-                jsd_beta=0.5, topk=20) -> dict[str, jax.Array]:
-  """Every direction's alignment with ĝ*, their dots and norms, and the covariates, per node.
-
-  student_logits, teacher_logits, q_hat, visit_freq: f32[C, V]; observed: bool[C, V];
-  vocab_mask: bool[V] or None. Returns {name: f32[C]}: ``align_<dir>``, ``dot_<dir>``,
-  ``norm_<dir>`` for each direction of DIRECTIONS computed at the node (all but MiniLLM),
-  ``norm_ideal`` and the covariates (COVARIATES). Written for one
-  node and vmapped: a chunk never holds more than C × V of any intermediate.
-  """
-  if vocab_mask is None:
-    vocab_mask = jnp.ones(student_logits.shape[-1], bool)
-  one = functools.partial(_node_scores_one, jsd_beta=jsd_beta, topk=topk)
-  return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None))(
-      student_logits, teacher_logits, q_hat, observed, visit_freq, vocab_mask)
-
-
-def minillm_from_terms(dot_rkl, sq_rkl, g_dot_p, d_dot_p, sq_p, sum_gh, sum_dh, sum_hh, sum_hp,
-                       sum_h):
-  """⟨ĝ*, d_minillm⟩ and ‖d_minillm‖² from reverse-KL terms and the long-term weights.
-
-  d_minillm = d_rkl + h − p Σ_k h_k with h_k = w_k R̄_k, nonzero only on visited children, so
-  a scoring pass can keep the few visited entries of ĝ*, d_rkl, p per node and finish MiniLLM
-  once R̄ (which needs the teacher along every rollout's future) is known, without a second
-  model pass. Arguments are per node (f32[...]): ⟨ĝ*, d_rkl⟩, ‖d_rkl‖², ⟨ĝ*, p⟩, ⟨d_rkl, p⟩,
-  ‖p‖², Σ ĝ*_k h_k, Σ d_rkl_k h_k, Σ h_k², Σ h_k p_k, Σ h_k. Returns (dot, squared norm).
-  """
-  dot = dot_rkl + sum_gh - sum_h * g_dot_p
-  sq = (sq_rkl + 2.0 * (sum_dh - sum_h * d_dot_p) + sum_hh - 2.0 * sum_h * sum_hp
-        + sum_h * sum_h * sq_p)
-  return dot, jnp.maximum(sq, 0.0)

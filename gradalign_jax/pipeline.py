@@ -310,11 +310,12 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
     for spec in run.specs:
       key = dict(student=run.name, spec=spec.text, question_id=ex.id)
       teacher = teachers.models[spec.text][j]
-      cols = None
+      cols = terms = None
       if teacher is not None:
-        cols, _ = alignment.score_tree(tree, students[j], teacher, sc.chunk_nodes,
-                                       run.student.mask, sc.jsd_beta, sc.topk,
-                                       config.sampling.temperature, shapes)
+        terms, _ = alignment.tree_terms(tree, students[j], teacher, sc.chunk_nodes,
+                                        run.student.mask, sc.jsd_beta, sc.topk,
+                                        config.sampling.temperature, shapes)
+        cols = terms.node_columns()
       rows["questions"].append(tables.question_row(
           key, cols, directions, question_index=i, n_rollouts=g, n_correct=n_correct,
           accuracy=n_correct / g, context=teachers.status[spec.text][j],
@@ -324,7 +325,7 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
       if cols is None:
         continue
       rows["nodes"] += tables.node_rows(key, cols, arrays, paths, directions)
-      rows["rollouts"] += tables.rollout_rows(key, cols, arrays, paths, rewards, g, directions,
+      rows["rollouts"] += tables.rollout_rows(key, terms, paths, rewards, g, directions,
                                               run.student.token_text)
     results[i] = rows
   return results

@@ -304,24 +304,25 @@ def test_node_covariates_match_scipy():
                              / np.linalg.norm(q, axis=-1), rtol=1e-5)
 
 
-def test_node_scores_vmapped_equals_per_node_calls():
+def test_registry_entries_are_the_direction_functions():
+  """Each registry entry computed at a chunk of nodes equals its direction function."""
   rng = np.random.default_rng(5)
   c, v = 4, 30
   z, t = rng.normal(size=(c, v)), rng.normal(size=(c, v))
   obs = rng.random((c, v)) < 0.4
-  q = rng.random((c, v))
   w = obs / obs.sum(-1, keepdims=True)
   mask = np.arange(v) < 27
-  out = G.node_scores(z, t, q, obs, w, mask, jsd_beta=0.5, topk=5)
-  g = G.ideal_direction(z, q, obs, mask)
-  d = G.topk_reverse_kl_direction(z, t, 5, True, mask)
-  np.testing.assert_allclose(np.asarray(out["align_topk_reverse_kl_sg"]),
-                             np.asarray(G.alignment(g, d)), rtol=1e-5, atol=1e-6)
-  d = G.single_sample_direction(z, t, w, mask)
-  np.testing.assert_allclose(np.asarray(out["dot_single_sample"]), np.sum(g * d, -1), rtol=1e-5,
-                             atol=1e-8)
-  np.testing.assert_allclose(np.asarray(out["kl_pq"]),
-                             np.asarray(G.node_covariates(z, t, mask)["kl_pq"]), rtol=1e-5)
+  want = {"reverse_kl": G.reverse_kl_direction(z, t, mask),
+          "forward_kl": G.forward_kl_direction(z, t, mask),
+          "jsd": G.jsd_direction(z, t, 0.3, mask),
+          "topk_reverse_kl": G.topk_reverse_kl_direction(z, t, 5, False, mask),
+          "topk_reverse_kl_sg": G.topk_reverse_kl_direction(z, t, 5, True, mask),
+          "single_sample": G.single_sample_direction(z, t, w, mask)}
+  computed = {n: d for n, d in G.DIRECTIONS.items() if d.at_node is not None}
+  assert set(computed) == set(want) and set(G.DIRECTIONS) - set(want) == {"minillm"}
+  for name, d in computed.items():
+    np.testing.assert_array_equal(np.asarray(d.at_node(z, t, w, mask, 0.3, 5)),
+                                  np.asarray(want[name]), err_msg=name)
 
 
 @pytest.mark.parametrize("name,min_cos", [("reverse_kl", 0.99999), ("forward_kl", 0.99),
@@ -346,3 +347,75 @@ def test_teacher_tilted_toward_success_aligns(name, min_cos):
   cos = np.asarray(G.alignment(g, d))
   assert np.all(cos >= min_cos), cos
   assert np.all(np.asarray(G.alignment(g, G.reverse_kl_direction(z, z - beta * q, mask))) < -0.999)
+
+
+def _softmax64(z, mask):
+  z = np.where(mask, np.asarray(z, np.float64), -np.inf)
+  e = np.exp(z - z.max())
+  return e / e.sum()
+
+
+def _cos64(a, b):
+  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-8])
+@pytest.mark.parametrize("teacher", ["peaked_same", "prefers_other"])
+def test_near_deterministic_node_matches_fp64(eps, teacher):
+  """At a node where the student's top token has 1 − π = eps, ĝ* and every direction's cosine
+  with it agree with a float64 reference written from MATH.md's formulas (the plain fp32 forms
+  subtract two nearly equal numbers there)."""
+  rng = np.random.default_rng(11)
+  v = 12
+  mask = np.arange(v) < 10
+  z = np.full(v, -50.0)
+  z[0] = 3.0
+  z[1:10] = 3.0 + np.log(eps / 9) + 0.3 * rng.normal(size=9)
+  z = z.astype(np.float32)
+  t = z.copy()
+  if teacher == "peaked_same":
+    t[1:10] = t[1:10] + 0.8 * rng.normal(size=9).astype(np.float32)
+  else:
+    t[2] = 3.5  # the teacher prefers token 2
+  obs = np.zeros(v, bool)
+  obs[[0, 2, 5]] = True
+  q = np.zeros(v, np.float32)
+  q[[0, 2, 5]] = [0.5, 1.0, 0.25]
+  w = np.zeros(v, np.float32)
+  w[[0, 2]] = [0.75, 0.25]
+  rbar = np.zeros(v, np.float32)
+  rbar[[0, 2]] = [-0.3, 0.4]
+  # float64 reference
+  p, qt = _softmax64(z, mask), _softmax64(t, mask)
+  po = _softmax64(np.where(obs, z, -np.inf), mask & obs)
+  q64 = np.where(obs, q, 0).astype(np.float64)
+  g = np.where(obs, p * (q64 - po @ q64), 0.0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    ell = np.where(mask, np.log(p) - np.log(qt), 0.0)
+    a = np.where(mask, np.log(p) - np.log(0.5 * qt + 0.5 * p), 0.0)
+  rkl = -p * (ell - p @ ell)
+  beta = 0.5
+  jsd = -(1 - beta) * p * (a - p @ a)
+  sup = np.zeros(v, bool)
+  sup[np.argsort(-np.where(mask, z, -np.inf), kind="stable")[:4]] = True
+  ps, qs = p * sup / (p * sup).sum(), qt * sup / (qt * sup).sum()
+  ell_s = np.where(sup, np.log(np.where(sup, ps, 1)) - np.log(np.where(sup, qs, 1)), 0.0)
+  topk = np.where(sup, -ps * (ell_s - ps @ ell_s), 0.0)
+  topk_sg = np.where(mask, p * (ps @ ell_s + 1) - np.where(sup, ps * (ell_s + 1), 0), 0.0)
+  w64, r64 = w.astype(np.float64), rbar.astype(np.float64)
+  single = -w64 * ell + p * (w64 @ ell)
+  minillm = rkl + w64 * r64 - p * (w64 @ r64)
+  ref = {"reverse_kl": rkl, "forward_kl": qt - p, "jsd": jsd, "topk_reverse_kl": topk,
+         "topk_reverse_kl_sg": topk_sg, "single_sample": single, "minillm": minillm}
+  got_g = np.asarray(G.ideal_direction(z, q, obs, mask), np.float64)
+  assert _cos64(got_g, g) > 1 - 1e-3
+  got = {"reverse_kl": G.reverse_kl_direction(z, t, mask),
+         "forward_kl": G.forward_kl_direction(z, t, mask),
+         "jsd": G.jsd_direction(z, t, beta, mask),
+         "topk_reverse_kl": G.topk_reverse_kl_direction(z, t, 4, False, mask),
+         "topk_reverse_kl_sg": G.topk_reverse_kl_direction(z, t, 4, True, mask),
+         "single_sample": G.single_sample_direction(z, t, w, mask),
+         "minillm": G.minillm_direction(z, t, w, rbar, mask)}
+  for name, d in got.items():
+    want = _cos64(g, ref[name])
+    assert abs(_cos64(got_g, np.asarray(d, np.float64)) - want) < 1e-3, (name, want)

@@ -41,14 +41,14 @@ NODE_COLUMNS = {
     "cos_pq": "cos(p, q)",
     "entropy_p": "H(p)",
     "entropy_q": "H(q)",
-    "norm_ideal": "‖ĝ*‖ (full-tree estimate)",
+    "norm_ideal": "‖ĝ*‖ (full-tree estimate: the node on its own, no rollout left out)",
     "node_id": "the node's id in its question's tree (creation order)",
     "depth": "generated tokens before the node",
     "informative": "|O| ≥ 2 observed children whose Q̂ are not all equal (MATH.md)",
     "num_observed": "|O|, children with trials",
     "min_trials": "min n_k over the observed children",
     "depth_norm": "depth / mean length of the rollouts through the node",
-    "v_hat": "Q̂ of the edge into the node (NaN at the root)",
+    "v_hat": "V̂ of ĝ*: π-weighted mean of Q̂ over the observed children (NaN with none)",
     "child_tokens": "list: token id of each child",
     "child_q": "list: Q̂ of each child (NaN without trials)",
     "child_n": "list: trials n_k of each child",
@@ -56,7 +56,8 @@ NODE_COLUMNS = {
     "child_q_hi": "list: Wilson 95% upper bound of each child's Q̂",
 }
 NODE_DIRECTION_COLUMNS = {
-    "align_{d}": "cos(ĝ*, d) (0 where either is 0; meaningful on informative nodes)",
+    "align_{d}": "cos(ĝ*, d), full-tree ĝ* (0 where either is 0; meaningful on informative "
+                 "nodes)",
     "dot_{d}": "⟨ĝ*, d⟩",
     "norm_{d}": "‖d‖",
 }
@@ -66,7 +67,7 @@ ROLLOUT_COLUMNS = {
     "rollout": "index of the on-policy rollout (0 … G−1)",
     "correct": "the verifier's reward > 0.5",
     "length": "generated tokens, EOS included",
-    "n_nodes": "informative nodes on the rollout's path",
+    "n_nodes": "informative nodes on the rollout's path, the rollout left out of the counts",
     "tokens": "list: the generated token ids",
     "token_text": "list: each token decoded alone",
     "sum_gg": "Σ ‖ĝ*‖² over the path's informative nodes",
@@ -74,7 +75,8 @@ ROLLOUT_COLUMNS = {
     "depth_norm": "mean of depth / length over the path's informative nodes",
 }
 ROLLOUT_DIRECTION_COLUMNS = {
-    "mean_{d}": "mean cosine over the path's informative nodes (NaN with none)",
+    "mean_{d}": "mean cosine over the path's informative nodes (NaN with none); every "
+                "rollout number is leave-one-out: ĝ* from the counts without this rollout",
     "sum_dot_{d}": "Σ ⟨ĝ*, d⟩ over them",
     "sum_normprod_{d}": "Σ ‖ĝ*‖‖d‖ over them",
     "sum_dd_{d}": "Σ ‖d‖² over them",
@@ -96,7 +98,7 @@ QUESTION_COLUMNS = {
     "n_informative": "informative scored nodes",
 }
 QUESTION_DIRECTION_COLUMNS = {
-    "mean_{d}": "mean cosine over the question's informative nodes",
+    "mean_{d}": "mean cosine over the question's informative nodes (full-tree estimates)",
 }
 
 
@@ -194,9 +196,9 @@ def _py(x):
 def node_rows(key: dict, cols: dict, arrays, paths, directions: Sequence[str]) -> list[dict]:
   """The node table's rows of one (student, spec, question).
 
-  key: the KEY_COLUMNS values; cols: ``alignment.score_tree``'s columns; arrays: the tree's
-  TreeArrays; paths: ``alignment.rollout_paths`` of the tree; directions: those reported
-  (the other directions' columns are dropped).
+  key: the KEY_COLUMNS values; cols: ``alignment.TreeTerms.node_columns()`` (full-tree
+  estimates); arrays: the tree's TreeArrays; paths: ``alignment.rollout_paths`` of the tree;
+  directions: those reported (the other directions' columns are dropped).
   """
   ids = cols["node_id"]
   len_sum = np.zeros(arrays.num_nodes)
@@ -208,8 +210,6 @@ def node_rows(key: dict, cols: dict, arrays, paths, directions: Sequence[str]) -
   mean_len = np.where(len_cnt > 0, len_sum / np.maximum(len_cnt, 1), np.nan)
   table = dict(cols)
   table["depth_norm"] = arrays.depth[ids] / mean_len[ids]
-  table["v_hat"] = np.where(arrays.trials[ids] > 0,
-                            arrays.successes[ids] / np.maximum(arrays.trials[ids], 1), np.nan)
   q = arrays.q_hat
   kids = [arrays.children[arrays.child_start[u]:arrays.child_start[u] + arrays.child_count[u]]
           for u in ids]
@@ -224,39 +224,41 @@ def node_rows(key: dict, cols: dict, arrays, paths, directions: Sequence[str]) -
   return [dict(key, **{c: _py(table[c][u]) for c in keep}) for u in range(len(ids))]
 
 
-def rollout_rows(key: dict, cols: dict, arrays, paths, rewards, num_onpolicy: int,
+def rollout_rows(key: dict, terms, paths, rewards, num_onpolicy: int,
                  directions: Sequence[str], token_text) -> list[dict]:
   """The rollouts table's rows of one (student, spec, question): its first ``num_onpolicy``
-  rollouts (the ordinary ones; targeted rollouts were forced somewhere).
+  rollouts (the ordinary ones; targeted rollouts were forced somewhere), each scored with its
+  own reward left out of the counts (``alignment.TreeTerms.leave_one_out``, MATH.md).
 
-  paths: ``alignment.rollout_paths``; rewards: each rollout's reward; token_text: ids →
-  list of token strings.
+  terms: the final pass's ``alignment.TreeTerms``; paths: ``alignment.rollout_paths``;
+  rewards: each rollout's reward; token_text: ids → list of token strings.
   """
-  row_of = np.full(arrays.num_nodes, -1)
-  row_of[cols["node_id"]] = np.arange(len(cols["node_id"]))
+  arrays = terms.arrays
   rows = []
   for r in range(num_onpolicy):
     path = paths[r]
-    idx = row_of[arrays.parent[path]]
-    info = cols["informative"][idx].astype(bool)
+    nodes = arrays.parent[path]
+    loo = terms.leave_one_out(path, rewards[r])
+    info = loo["informative"]
     tokens = [int(t) for t in arrays.token[path]]
     length = len(tokens)
-    sel = idx[info]
-    norm_g = cols["norm_ideal"][sel]
+    sel = nodes[info]
+    norm_g = loo["norm_ideal"][info]
     row = dict(key, rollout=r, correct=bool(rewards[r] > 0.5), length=length,
                n_nodes=int(info.sum()), tokens=tokens, token_text=token_text(tokens),
                sum_gg=float(np.sum(norm_g ** 2)))
     for d in directions:
-      a = cols[f"align_{d}"]
-      sums = AlignmentSums.over(a[sel], cols[f"dot_{d}"][sel], norm_g, cols[f"norm_{d}"][sel])
+      a = loo[f"align_{d}"]
+      sums = AlignmentSums.over(a[info], loo[f"dot_{d}"][info], norm_g,
+                                terms.node[f"norm_{d}"][sel])
       row[f"mean_{d}"] = float(sums.cos / sums.count) if sums.count else float("nan")
       row[f"sum_dot_{d}"] = float(sums.dot)
       row[f"sum_normprod_{d}"] = float(sums.norm_prod)
       row[f"sum_dd_{d}"] = float(sums.sq_d)
       row[f"n_pos_{d}"] = sums.positive
-      row[f"path_{d}"] = np.where(info, a[idx], np.nan).tolist()
+      row[f"path_{d}"] = np.where(info, a, np.nan).tolist()
     for c in COVARIATES:
-      row[c] = float(np.mean(cols[c][sel])) if len(sel) else float("nan")
+      row[c] = float(np.mean(terms.node[c][sel])) if len(sel) else float("nan")
     depth = np.arange(length)[info]
     row["depth_norm"] = float(np.mean(depth / length)) if len(sel) else float("nan")
     rows.append(row)
