@@ -283,12 +283,14 @@ def fixed_effects_ols(scores, correct, groups, covariates=(), *,
   y, c, codes, xs = y[keep], c[keep], codes[keep], [x[keep] for x in xs]
   codes = np.unique(codes, return_inverse=True)[1].ravel()
   n_q = int(codes.max()) + 1 if len(codes) else 0
+  nan = Regression(np.nan, np.nan, np.nan, np.nan, np.nan, n_q, len(y))
+  if len(question_differences(y, c, codes)) < 2:
+    return nan
   dummies = np.eye(n_q)[codes]
   within = lambda x: x - (dummies @ (np.bincount(codes, x, n_q) / np.bincount(codes, None, n_q)))
   xs = [x for x in xs if np.ptp(within(x)) > 1e-12 * max(1.0, np.abs(x).max())]
-  design = np.column_stack([(~c).astype(np.float64), *xs, dummies]) if n_q else np.zeros((0, 1))
-  nan = Regression(np.nan, np.nan, np.nan, np.nan, np.nan, n_q, len(y))
-  if len(question_differences(y, c, codes)) < 2 or len(y) <= design.shape[1]:
+  design = np.column_stack([(~c).astype(np.float64), *xs, dummies])
+  if len(y) <= design.shape[1]:
     return nan
   fit = sm.OLS(y, design).fit(cov_type="cluster", cov_kwds={"groups": codes}, use_t=True)
   lo, hi = fit.conf_int(alpha)[0]
