@@ -176,6 +176,8 @@ def _regression_table(seed=0, n_q=6):
 
 
 def test_fixed_effects_ols_matches_lstsq_with_dummies_and_a_hand_sandwich():
+  """β from least squares with one dummy per question; its clustered variance from the
+  sandwich over that full design (the code fits the within deviations)."""
   q, c, length, y = _regression_table()
   reg = stats.fixed_effects_ols(y, c, q, [length])
   X = np.column_stack([(~c).astype(float), length, (q[:, None] == np.unique(q)).astype(float)])
@@ -184,7 +186,8 @@ def test_fixed_effects_ols_matches_lstsq_with_dummies_and_a_hand_sandwich():
   bread = np.linalg.inv(X.T @ X)
   scores = [X[q == k].T @ u[q == k] for k in np.unique(q)]
   meat = sum(np.outer(s, s) for s in scores)
-  n, k, g = X.shape[0], X.shape[1], len(scores)
+  # K counts the slopes only: the fixed effects are nested in the clusters
+  n, k, g = X.shape[0], 2, len(scores)
   cov = bread @ meat @ bread * g / (g - 1) * (n - 1) / (n - k)
   se = np.sqrt(cov[0, 0])
   assert reg.coefficient == pytest.approx(beta[0])

@@ -123,19 +123,17 @@ def split_block(rollouts: pd.DataFrame, directions, *, n_boot: int = 2000, seed:
 
 def _tests(rollouts: pd.DataFrame, d: str, n_boot: int, n_perm: int, seed: int) -> dict:
   """Incorrect vs correct rollouts of one (student, spec) for direction d: the within-question
-  block (_within) and, secondary, the rollouts pooled over questions (Mann–Whitney, the
-  difference of pooled means) and the paired Wilcoxon over per-question means."""
+  block (_within), the paired Wilcoxon over Δ_q in full, and, secondary, the rollouts pooled
+  over questions (Mann–Whitney, the difference of pooled means)."""
   col = f"mean_{d}"
   correct = rollouts["correct"].astype(bool)
   inc, cor = rollouts.loc[~correct, col].to_numpy(float), rollouts.loc[correct, col].to_numpy(float)
-  # paired: per-question mean of its rollouts' scores on each side, questions with both
-  per_q = rollouts.groupby(["question_id", correct.rename("is_correct")])[col].mean().unstack()
-  per_q = per_q.reindex(columns=[False, True])
+  deltas = stats.question_differences(rollouts[col].to_numpy(np.float64), correct.to_numpy(),
+                                      pd.factorize(rollouts["question_id"])[0])
   return {
       "within_question": _within(rollouts, d, n_boot, n_perm, seed),
       "mann_whitney": _comparison(stats.mann_whitney(inc, cor)),
-      "wilcoxon": _comparison(stats.paired_wilcoxon(per_q[False].to_numpy(float),
-                                                    per_q[True].to_numpy(float))),
+      "wilcoxon": _comparison(stats.paired_wilcoxon(deltas, np.zeros_like(deltas))),
       "difference": _mean(inc) - _mean(cor),
       "difference_ci": [_float(v) for v in stats.bootstrap_difference_ci(
           inc, cor, n_boot=n_boot, seed=seed)],

@@ -256,8 +256,8 @@ def stratified_differences(scores, correct, groups, strata, *, n_boot: int = 200
 @dataclasses.dataclass(frozen=True)
 class Regression:
   """The incorrect-rollout coefficient of an OLS with question fixed effects: estimate,
-  cluster-robust standard error (CRV1 with statsmodels' small-sample factor G/(G−1)·(N−1)/(N−K)),
-  its t(G−1) interval and two-sided p, and the numbers of questions (clusters) and rollouts."""
+  cluster-robust standard error, its t(G−1) interval and two-sided p, and the numbers of
+  questions (G clusters) and rollouts (N)."""
   coefficient: float
   se: float
   ci_low: float
@@ -274,9 +274,13 @@ def fixed_effects_ols(scores, correct, groups, covariates=(), *,
                       alpha: float = 0.05) -> Regression:
   """score ~ incorrect + covariates + one dummy per question, errors clustered by question.
 
+  Fitted on the within-question deviations (the same slopes, residuals and per-cluster scores
+  as the dummies, at a fraction of the cost) with statsmodels' CRV1, whose small-sample factor
+  is G/(G−1)·(N−1)/(N−K) with K the slopes only: the fixed effects are nested in the clusters
+  (Cameron & Miller 2015, "A practitioner's guide to cluster-robust inference", §IV.B).
   covariates: per-rollout arrays f64[N] (e.g. length); one without variation inside any
-  question is dropped (the dummies absorb it). Rows with a non-finite score or covariate are
-  dropped. NaN unless ≥ 2 questions have both kinds and the residual has degrees of freedom.
+  question is dropped (the fixed effects absorb it). Rows with a non-finite score or
+  covariate are dropped. NaN unless ≥ 2 questions have both kinds and N > K.
   """
   y, c, codes, *xs = _rollout_arrays(scores, correct, groups, *covariates)
   keep = np.all([np.isfinite(x) for x in xs], axis=0) if xs else np.ones(len(y), bool)
@@ -286,13 +290,14 @@ def fixed_effects_ols(scores, correct, groups, covariates=(), *,
   nan = Regression(np.nan, np.nan, np.nan, np.nan, np.nan, n_q, len(y))
   if len(question_differences(y, c, codes)) < 2:
     return nan
-  dummies = np.eye(n_q)[codes]
-  within = lambda x: x - (dummies @ (np.bincount(codes, x, n_q) / np.bincount(codes, None, n_q)))
-  xs = [x for x in xs if np.ptp(within(x)) > 1e-12 * max(1.0, np.abs(x).max())]
-  design = np.column_stack([(~c).astype(np.float64), *xs, dummies])
+  size = np.bincount(codes, minlength=n_q)
+  within = lambda x: x - (np.bincount(codes, x, n_q) / size)[codes]
+  xs = [within(x) for x in xs if np.ptp(within(x)) > 1e-12 * max(1.0, np.abs(x).max())]
+  design = np.column_stack([within((~c).astype(np.float64)), *xs])
   if len(y) <= design.shape[1]:
     return nan
-  fit = sm.OLS(y, design).fit(cov_type="cluster", cov_kwds={"groups": codes}, use_t=True)
+  fit = sm.OLS(within(y), design).fit(cov_type="cluster", cov_kwds={"groups": codes},
+                                      use_t=True)
   lo, hi = fit.conf_int(alpha)[0]
   return Regression(float(fit.params[0]), float(fit.bse[0]), float(lo), float(hi),
                     float(fit.pvalues[0]), n_q, len(y))
