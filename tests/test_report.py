@@ -347,6 +347,25 @@ def test_within_question_recomputed_from_the_rollouts_table(sweep, student, spec
     assert block["within_question"] == w
 
 
+def test_summary_from_rollouts_parquet(sweep, tmp_path):
+  """summary.json's within_question blocks, recomputed from rollouts.parquet as written."""
+  rollouts, questions, nodes, _ = sweep
+  files.save_table(rollouts, str(tmp_path / "rollouts.parquet"))
+  back = pd.read_parquet(tmp_path / "rollouts.parquet")
+  summary = json.loads(report.to_json(report.summarize(back, questions, nodes, DIRS,
+                                                       n_boot=N_BOOT, n_perm=200)))
+  for student, s in summary["students"].items():
+    for spec, b in s["specs"].items():
+      r = back[(back.student == student) & (back.spec == spec)]
+      deltas = list(_within_by_hand(r, DIRS[0]).values())
+      w = b["within_question"]
+      assert w["num_questions"] == len(deltas)
+      assert (w["difference"] is None) if not deltas else w["difference"] == pytest.approx(
+          np.mean(deltas))
+      assert set(w) >= {"difference", "ci_low", "ci_high", "p_permutation", "p_wilcoxon",
+                        "num_questions"}
+
+
 @pytest.mark.parametrize("student,spec", [("small", "self"), ("large", "teacher")])
 def test_strata_recomputed_from_the_rollouts_table(sweep, student, spec):
   rollouts, _, _, summary = sweep

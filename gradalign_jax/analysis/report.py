@@ -484,8 +484,9 @@ def _findings_text(summary: dict) -> list[str]:
     lines.append(text + ").")
   best = f["best_spec"]
   if len(best) > 1:
-    lines.append(f"- The best teacher context {'differs between' if f['best_spec_differs'] else 'is the same for'} "
-                 f"students: " + ", ".join(f"{k} → {v}" for k, v in best.items()) + ".")
+    verb = "differs between" if f["best_spec_differs"] else "is the same for"
+    lines.append(f"- The best teacher context {verb} students: "
+                 + ", ".join(f"{k} → {v}" for k, v in best.items()) + ".")
   elif not f["students"]:
     lines.append("- No teacher context has a scored rollout, so there is no best one.")
   n_tests = max((s["n_compared"] for s in f["students"].values()), default=0)
@@ -496,64 +497,66 @@ def _findings_text(summary: dict) -> list[str]:
   return lines + [""]
 
 
-def _within_rows(s: dict, primary: str) -> list[list[str]]:
+def _within_text(s: dict, dirs: list) -> list[str]:
+  """The headline section: Δ and its tests per spec, Δ by stratum, Δ per direction."""
+  primary, specs = dirs[0], s["specs"]
+  lines = [f"### Within question ({primary})", "",
+           "Δ = incorrect − correct, mean over questions with both kinds [95% CI over "
+           "questions]; questions (rollouts) behind it; regression β [CI] (p; questions); "
+           "coverage = informative / scored nodes.", ""]
   rows = []
-  for spec, b in s["specs"].items():
+  for spec, b in specs.items():
     w, r, cov = b["within_question"], b["within_question"]["regression"], b["coverage"]
     beta = {"difference": r["coefficient"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
     rows.append([spec, f"{w['num_questions']} ({w['num_rollouts']})", _delta(w),
                  _p(w["p_permutation"]), _p(w["p_wilcoxon"]), _num(w["min_detectable"]),
                  f"{_delta(beta)} ({_p(r['p_value'])}; {r['num_questions']})",
                  f"{_num(cov['fraction'], 2)} ({cov['informative']}/{cov['nodes']})"])
-  return rows
-
-
-def _student_text(student: str, s: dict, dirs: list) -> list[str]:
-  primary = dirs[0]
-  specs = s["specs"]
-  lines = [f"## {student}", "", f"Accuracy {_num(s['accuracy'])} over {s['n_questions']} "
-           f"questions.", "", f"### Within question ({primary})", "",
-           "Δ = incorrect − correct, mean over questions with both kinds [95% CI over "
-           "questions]; questions (rollouts) behind it; regression β [CI] (p; questions); "
-           "coverage = informative / scored nodes.", ""]
   lines += _table(["spec", "questions (rollouts)", "Δ [95% CI]", "permutation p", "Wilcoxon p",
-                   "detectable abs Δ", "regression β", "coverage"], _within_rows(s, primary))
+                   "detectable abs Δ", "regression β", "coverage"], rows)
 
-  strata = lambda b, name: b["within_question"]["strata"][name]
-  first = next(iter(specs.values()), None)
-  if first is not None:
-    names = [x["stratum"] for x in strata(first, "question_accuracy") + strata(first, "length")]
-    lines += ["Δ within strata [95% CI] (questions with both kinds in the stratum); length "
-              "terciles: " + "; ".join(
-                  f"{spec} " + ", ".join(x["range"] for x in strata(b, "length"))
-                  for spec, b in specs.items()) + ".", ""]
+  strata = lambda b: b["within_question"]["strata"]
+  if specs:
+    first = strata(next(iter(specs.values())))
+    names = [x["stratum"] for x in first["question_accuracy"] + first["length"]]
+    ranges = "; ".join(f"{spec} " + ", ".join(x["range"] for x in strata(b)["length"])
+                       for spec, b in specs.items())
+    lines += [f"Δ within strata [95% CI] (questions with both kinds in the stratum); length "
+              f"terciles: {ranges}.", ""]
     lines += _table(["spec"] + names, [
         [spec] + [f"{_delta(x, 2)} ({x['num_questions']})"
-                  for x in strata(b, "question_accuracy") + strata(b, "length")]
+                  for x in strata(b)["question_accuracy"] + strata(b)["length"]]
         for spec, b in specs.items()])
   lines += ["Δ per direction [95% CI] (permutation p; questions):", ""]
-  lines += _table(["spec"] + list(dirs), [
+  return lines + _table(["spec"] + list(dirs), [
       [spec] + [f"{_delta(w, 2)} ({_p(w['p_permutation'])}; {w['num_questions']})"
                 for w in (b["tests"][d]["within_question"] for d in dirs)]
       for spec, b in specs.items()])
 
+
+def _best_text(s: dict, primary: str) -> list[str]:
+  """Specs compared on the questions they share: means, question wins, the best one."""
   means, m = s["spec_means"], s["best_spec_margin"]
-  lines += [f"### Best context (within question, {primary})", "",
-            f"Mean over the {s['n_common_questions']} questions every spec has of each "
-            f"question's mean rollout alignment [95% CI over them]; question wins: share of "
-            f"those questions on which the spec's mean is the highest.", ""]
+  lines = [f"### Best context (within question, {primary})", "",
+           f"Mean over the {s['n_common_questions']} questions every spec has of each "
+           f"question's mean rollout alignment [95% CI over them]; question wins: share of "
+           f"those questions on which the spec's mean is the highest.", ""]
   lines += _table(["spec", "mean [95% CI]", "question wins"], [
-      [spec, f"{_num(means[spec]['mean'])} {_ci([means[spec]['ci_low'], means[spec]['ci_high']])}",
-       _num(s["question_wins"][spec], 2)] for spec in specs])
+      [spec, f"{_num(v['mean'])} {_ci([v['ci_low'], v['ci_high']])}",
+       _num(s["question_wins"][spec], 2)] for spec, v in means.items()])
   best = f"Best spec: {s['best_spec'] or 'n/a'}"
   if m["runner_up"] is not None:
     best += f", ahead of {m['runner_up']} by {_delta(m)} over {m['num_questions']} questions"
-  lines += [best + ".", ""]
+  return lines + [best + ".", ""]
 
-  lines += ["### Pooled over questions (secondary: confounded by difficulty)", "",
-            f"Every rollout of a spec in one sample ({primary}): mean cosine per rollout [95% "
-            f"bootstrap CI over rollouts]; difference = incorrect − correct; weighted and "
-            f"pooled cosines are over (rollout, node) pairs, correct / incorrect.", ""]
+
+def _pooled_text(s: dict, dirs: list) -> list[str]:
+  """The secondary section: every rollout of a spec in one sample."""
+  primary, specs = dirs[0], s["specs"]
+  lines = ["### Pooled over questions (secondary: confounded by difficulty)", "",
+           f"Every rollout of a spec in one sample ({primary}): mean cosine per rollout [95% "
+           f"bootstrap CI over rollouts]; difference = incorrect − correct; weighted and "
+           f"pooled cosines are over (rollout, node) pairs, correct / incorrect.", ""]
   rows = []
   for spec, b in specs.items():
     t = b["tests"][primary]
@@ -569,9 +572,15 @@ def _student_text(student: str, s: dict, dirs: list) -> list[str]:
                    "incorrect [CI]", "difference [CI]", "Mann–Whitney p", "weighted",
                    "pooled"], rows)
   lines += ["Pooled incorrect − correct mean cosine per direction (Mann–Whitney p):", ""]
-  lines += _table(["spec"] + list(dirs), [
+  return lines + _table(["spec"] + list(dirs), [
       [spec] + [_difference_cell(b["tests"][d]) for d in dirs] for spec, b in specs.items()])
 
+
+def _student_text(student: str, s: dict, dirs: list) -> list[str]:
+  primary, specs = dirs[0], s["specs"]
+  lines = [f"## {student}", "", f"Accuracy {_num(s['accuracy'])} over {s['n_questions']} "
+           f"questions.", ""]
+  lines += _within_text(s, dirs) + _best_text(s, primary) + _pooled_text(s, dirs)
   unavailable = {spec: b["questions"]["context_unavailable"] for spec, b in specs.items()
                  if b["questions"]["context_unavailable"]}
   for spec, reasons in unavailable.items():
@@ -580,14 +589,12 @@ def _student_text(student: str, s: dict, dirs: list) -> list[str]:
                  f"{specs[spec]['questions']['n']} questions ({why}).")
   if unavailable:
     lines.append("")
-
   names = _ordered_unique(*(b["covariates"] for b in specs.values()))
   lines += [f"Spearman ρ of node alignment ({primary}) with covariates, informative nodes "
             f"(p in parentheses):", ""]
-  lines += _table(["spec"] + names, [
+  return lines + _table(["spec"] + names, [
       [spec] + [f"{_num(b['covariates'][n]['spearman'], 2)} ({_p(b['covariates'][n]['p'])})"
                 for n in names] for spec, b in specs.items()])
-  return lines
 
 
 def render(summary: dict, plots=()) -> str:

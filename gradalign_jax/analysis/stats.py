@@ -180,8 +180,9 @@ def permutation_p(scores, correct, groups, *, n_perm: int = 2000, seed: int = 0)
 
 
 def min_detectable_difference(deltas, *, alpha: float = 0.05, power: float = 0.8) -> float:
-  """(z_{1−α/2} + z_power) · sd(Δ_q) / √n: the |Δ| a two-sided level-α test over n questions
-  detects with the given power (normal approximation, sd with ddof=1). NaN with n < 2."""
+  """(z_{1−α/2} + z_power) · sd(Δ_q) / √n: the |Δ| that a two-sided level-α test over n
+  questions detects with the given power (normal approximation, sd with ddof=1). NaN with
+  n < 2."""
   x = _finite(deltas)
   if len(x) < 2:
     return np.nan
