@@ -239,23 +239,36 @@ def test_empty_split_is_nan_and_summary_is_strict_json(sweep):
   assert back["tests"]["reverse_kl"]["difference"] is None
 
 
-def test_question_wins_hand_worked():
+def test_question_wins_and_best_spec_hand_worked():
   nan = np.nan
-  #            q0 wins A; q1 wins B; q2 ties A and B; q3 lacks B's context; q4 has C NaN
-  table = {"A": [0.5, 0.1, 0.4, 0.9, 0.2], "B": [0.2, 0.3, 0.4, nan, 0.1],
-           "C": [0.1, 0.2, 0.0, 0.1, nan]}
-  rows = []
+  # question means (one rollout each): q0 wins A; q1 wins B; q2 ties A and B; q3 lacks B's
+  # context (B would win it by far: pooled over rollouts B is best); q4 has C unscored
+  table = {"A": [0.5, 0.1, 0.4, 0.0, 0.2], "B": [0.2, 0.3, 0.4, 0.99, 0.1],
+           "C": [0.1, 0.2, 0.0, 0.1, nan], "D": [nan] * 5}  # D has no scored rollout
+  rows, contexts = [], []
   for spec, values in table.items():
     for i, v in enumerate(values):
-      context = "teacher refused" if (spec, i) == ("B", 3) else "ok"
-      rows.append(dict(student="s", spec=spec, question_id=f"q{i}", n_rollouts=4, n_correct=2,
-                       context=context, **{f"mean_{d}": v for d in DIRS}))
-  summary = report.summarize(pd.DataFrame(), pd.DataFrame(rows), pd.DataFrame(), DIRS,
+      refused = (spec, i) == ("B", 3)
+      contexts.append(dict(student="s", spec=spec, question_id=f"q{i}", n_rollouts=1,
+                           n_correct=1, context="teacher refused" if refused else "ok",
+                           **{f"mean_{d}": v for d in DIRS}))
+      rows.append(("s", spec, f"q{i}", 0, True, v))
+  rollouts = rollouts_from_means(rows)
+  rollouts.loc[~np.isfinite(rollouts.mean_reverse_kl), "n_nodes"] = 0
+  summary = report.summarize(rollouts, pd.DataFrame(contexts), pd.DataFrame(), DIRS,
                              n_boot=N_BOOT)
   s = summary["students"]["s"]
-  assert s["n_common_questions"] == 3
-  assert s["question_wins"] == pytest.approx({"A": 1.5 / 3, "B": 1.5 / 3, "C": 0.0})
-  assert s["best_spec"] is None  # no rollouts
+  assert s["n_common_questions"] == 3  # q0, q1, q2; D does not compete
+  assert s["question_wins"] == pytest.approx({"A": 1.5 / 3, "B": 1.5 / 3, "C": 0.0, "D": nan},
+                                             nan_ok=True)
+  means = {k: np.mean(v[:3]) for k, v in table.items() if k != "D"}  # A 1/3, B 0.3, C 0.1
+  assert {k: s["spec_means"][k]["mean"] for k in means} == pytest.approx(means)
+  assert s["best_spec"] == "A"
+  assert rollouts[rollouts.spec == "B"].mean_reverse_kl.mean() > rollouts[
+      rollouts.spec == "A"].mean_reverse_kl.mean()  # pooled, B would have won
+  m = s["best_spec_margin"]
+  assert m["runner_up"] == "B" and m["difference"] == pytest.approx(means["A"] - means["B"])
+  assert m["ci_low"] <= m["difference"] <= m["ci_high"] and m["num_questions"] == 3
   assert s["specs"]["B"]["questions"]["context_unavailable"] == {"teacher refused": 1}
   report.to_json(summary)
 
@@ -277,19 +290,152 @@ def test_best_spec_differs_hand_worked(best_large, differs):
   assert f["best_spec_differs"] is differs
 
 
-def test_findings_count_specs(sweep):
+def _within_by_hand(r, d):
+  """Δ_q from the rollouts table with pandas: {question: Δ_q} over questions with both kinds."""
+  r = r[np.isfinite(r[f"mean_{d}"])]
+  m = r.groupby(["question_id", "correct"])[f"mean_{d}"].mean().unstack()
+  m = m.reindex(columns=[False, True]).dropna()
+  return (m[False] - m[True]).to_dict()
+
+
+def test_findings_count_specs_within_question(sweep):
   rollouts, _, _, summary = sweep
   for student, s in summary["findings"]["students"].items():
     higher, significant = 0, 0
     for spec in rollouts[rollouts.student == student].spec.unique():
       r = rollouts[(rollouts.student == student) & (rollouts.spec == spec)]
-      inc = r[~r.correct].mean_reverse_kl.dropna()
-      cor = r[r.correct].mean_reverse_kl.dropna()
-      if len(inc) and len(cor) and inc.mean() > cor.mean():
+      deltas = list(_within_by_hand(r, "reverse_kl").values())
+      w = summary["students"][student]["specs"][spec]["within_question"]
+      if deltas and np.mean(deltas) > 0:
         higher += 1
-        significant += sps.mannwhitneyu(inc, cor).pvalue < 0.05
+        significant += w["p_permutation"] < 0.05
+      assert s["within_question"][spec]["num_questions"] == len(deltas)
     assert (s["n_incorrect_higher"], s["n_incorrect_higher_significant"]) == (higher, significant)
   assert summary["findings"]["students"]["small"]["n_incorrect_higher_significant"] >= 1
+  assert summary["findings"]["test"] == "within-question permutation"
+
+
+
+# ---------------------------------------------------------------------------------------
+# within question
+
+
+@pytest.mark.parametrize("student,spec", [("small", "self"), ("small", "teacher"),
+                                          ("small", "self:correct_demo"), ("large", "self")])
+@pytest.mark.parametrize("d", DIRS)
+def test_within_question_recomputed_from_the_rollouts_table(sweep, student, spec, d):
+  rollouts, _, _, summary = sweep
+  r = rollouts[(rollouts.student == student) & (rollouts.spec == spec)]
+  block = summary["students"][student]["specs"][spec]
+  w = block["tests"][d]["within_question"]
+  deltas = np.array(list(_within_by_hand(r, d).values()))
+  assert w["num_questions"] == len(deltas) >= 3
+  assert w["difference"] == pytest.approx(deltas.mean())
+  assert w["ci_low"] <= w["difference"] <= w["ci_high"]
+  assert w["p_wilcoxon"] == pytest.approx(sps.wilcoxon(deltas).pvalue)
+  assert w["min_detectable"] == pytest.approx(
+      (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * deltas.std(ddof=1) / np.sqrt(len(deltas)))
+  scored = r[np.isfinite(r[f"mean_{d}"])]
+  both = scored.groupby("question_id").correct.nunique() == 2
+  assert w["num_rollouts"] == scored.question_id.map(both).sum()
+  assert 1 / 2001 <= w["p_permutation"] <= 1
+  reg = w["regression"]
+  assert reg["num_questions"] == scored.question_id.nunique()
+  assert reg["num_rollouts"] == len(scored)
+  assert reg["ci_low"] <= reg["coefficient"] <= reg["ci_high"]
+  if d == DIRS[0]:
+    assert block["within_question"] == w
+
+
+def test_summary_from_rollouts_parquet(sweep, tmp_path):
+  """summary.json's within_question blocks, recomputed from rollouts.parquet as written."""
+  rollouts, questions, nodes, _ = sweep
+  files.save_table(rollouts, str(tmp_path / "rollouts.parquet"))
+  back = pd.read_parquet(tmp_path / "rollouts.parquet")
+  summary = json.loads(report.to_json(report.summarize(back, questions, nodes, DIRS,
+                                                       n_boot=N_BOOT, n_perm=200)))
+  for student, s in summary["students"].items():
+    for spec, b in s["specs"].items():
+      r = back[(back.student == student) & (back.spec == spec)]
+      deltas = list(_within_by_hand(r, DIRS[0]).values())
+      w = b["within_question"]
+      assert w["num_questions"] == len(deltas)
+      assert (w["difference"] is None) if not deltas else w["difference"] == pytest.approx(
+          np.mean(deltas))
+      assert set(w) >= {"difference", "ci_low", "ci_high", "p_permutation", "p_wilcoxon",
+                        "num_questions"}
+
+
+@pytest.mark.parametrize("student,spec", [("small", "self"), ("large", "teacher")])
+def test_strata_recomputed_from_the_rollouts_table(sweep, student, spec):
+  rollouts, _, _, summary = sweep
+  r = rollouts[(rollouts.student == student) & (rollouts.spec == spec)].copy()
+  strata = summary["students"][student]["specs"][spec]["within_question"]["strata"]
+  accuracy = r.groupby("question_id").correct.transform("mean")
+  r["acc_bin"] = np.where(accuracy < 1 / 3 - 1e-9, 0, np.where(accuracy < 2 / 3 - 1e-9, 1, 2))
+  lengths = r[r.n_nodes > 0].length
+  e1, e2 = np.quantile(lengths, [1 / 3, 2 / 3])
+  r["len_bin"] = np.select([r.length <= e1, r.length <= e2], [0, 1], 2)
+  for name, col in (("question_accuracy", "acc_bin"), ("length", "len_bin")):
+    assert len(strata[name]) == 3
+    for k, row in enumerate(strata[name]):
+      deltas = []
+      for _, g in r[r[col] == k].groupby("question_id"):
+        g = g[np.isfinite(g.mean_reverse_kl)]
+        if g.correct.nunique() == 2:
+          deltas.append(g[~g.correct].mean_reverse_kl.mean() - g[g.correct].mean_reverse_kl.mean())
+      assert row["num_questions"] == len(deltas)
+      if deltas:
+        assert row["difference"] == pytest.approx(np.mean(deltas))
+      else:
+        assert math.isnan(row["difference"])
+  assert strata["length"][0]["range"] == f"length ≤ {e1:.4g}"
+
+
+def test_simpsons_paradox_pooled_and_within_disagree():
+  """Easy questions: mostly correct and high alignment; hard: mostly incorrect and low. Within
+  each question incorrect rollouts align better by 0.1, yet pooled they look far worse."""
+  rows = []
+  for q in range(12):
+    easy = q % 2 == 0
+    base = 0.6 if easy else -0.2
+    labels = [True] * 5 + [False] if easy else [True] + [False] * 5
+    for i, correct in enumerate(labels):
+      rows.append(("s", "self", f"q{q}", i, correct, base + (0.0 if correct else 0.1)
+                   + 0.01 * (i % 3)))
+  rollouts = rollouts_from_means(rows)
+  summary = report.summarize(rollouts, questions_for(rollouts), pd.DataFrame(), DIRS,
+                             n_boot=N_BOOT, n_perm=999)
+  spec = summary["students"]["s"]["specs"]["self"]
+  w = spec["within_question"]
+  assert w["difference"] == pytest.approx(np.mean(list(_within_by_hand(rollouts, "reverse_kl")
+                                                       .values())))
+  assert w["difference"] > 0.05 and w["ci_low"] > 0 and w["p_permutation"] < 0.01
+  assert w["regression"]["coefficient"] > 0 and w["regression"]["p_value"] < 0.01
+  assert spec["tests"]["reverse_kl"]["difference"] < -0.3  # pooled: the opposite sign
+  assert spec["tests"]["reverse_kl"]["mann_whitney"]["p_value"] < 0.01
+  assert summary["findings"]["students"]["s"]["n_incorrect_higher_significant"] == 1
+
+
+def test_within_question_block_is_strict_json_when_undefined(sweep):
+  *_, summary = sweep
+  solo = summary["students"]["large"]["specs"]["all_correct"]["within_question"]
+  assert solo["num_questions"] == 0 and math.isnan(solo["difference"])
+  back = json.loads(report.to_json(summary))
+  spec = back["students"]["large"]["specs"]["all_correct"]
+  for key in ("difference", "ci_low", "ci_high", "p_permutation", "p_wilcoxon"):
+    assert spec["within_question"][key] is None
+  assert spec["within_question"]["regression"]["coefficient"] is None
+  assert back["methods"] == {"alpha": 0.05, "power": 0.8, "n_boot": N_BOOT, "n_perm": 2000,
+                             "seed": 0}
+
+
+def test_coverage_is_informative_over_scored_nodes(sweep):
+  _, _, nodes, summary = sweep
+  n = nodes[(nodes.student == "small") & (nodes.spec == "self")]
+  cov = summary["students"]["small"]["specs"]["self"]["coverage"]
+  assert cov == {"informative": int(n.informative.sum()), "nodes": len(n),
+                 "fraction": pytest.approx(n.informative.mean())}
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,7 +459,7 @@ def test_render_numbers_and_findings():
           rows.append((student, spec, f"q{q}", i, correct, c))
   rollouts = rollouts_from_means(rows)
   summary = report.summarize(rollouts, questions_for(rollouts), pd.DataFrame(), DIRS,
-                             {"task": "synthetic", "G": 6}, n_boot=N_BOOT)
+                             {"task": "synthetic", "G": 6}, n_boot=N_BOOT, n_perm=999)
   # summary.json round trip: render reads null as n/a
   summary = json.loads(report.to_json(summary))
   text = report.render(summary, ["correct_vs_incorrect.png"])
@@ -322,14 +468,23 @@ def test_render_numbers_and_findings():
     assert f"| {spec} |" in text
     r = rollouts[(rollouts.student == "strong") & (rollouts.spec == spec)]
     p = sps.mannwhitneyu(r[~r.correct].mean_reverse_kl, r[r.correct].mean_reverse_kl).pvalue
-    assert _p_text(p) in text and "e-" in _p_text(p)
-  assert ("strong: alignment (reverse_kl) is higher on incorrect rollouts for 2 of 2 teacher "
-          "specs (2 significant at p<0.05" in text)
-  assert "flat: alignment (reverse_kl) is higher on incorrect rollouts for 0 of 2" in text
-  assert "higher on correct rollouts for 2 (2 significant)" in text
-  assert "The best teacher context" in text
+    assert _p_text(p) in text and "e-" in _p_text(p)  # the pooled row stays
+    delta = np.mean(list(_within_by_hand(r, "reverse_kl").values()))
+    assert f"| {spec} | 8 (48) | {delta:+.3f} [" in text
+  assert ("strong, within question (reverse_kl): Δ = incorrect − correct is positive (incorrect "
+          "rollouts align better) for 2 of 2 teacher specs (2 significant at p<0.05, "
+          "within-question permutation test)" in text)
+  assert "flat, within question (reverse_kl): Δ = incorrect − correct is positive" in text
+  assert "for 0 of 2 teacher specs" in text and "negative for 2 (2 significant)" in text
+  assert "p 0.001, 8 questions" in text  # 1/(1 + 999): no permutation is as extreme
+  assert "Best teacher context for strong, within question" in text
+  assert "over the 8 questions every spec has" in text
+  assert "### Pooled over questions (secondary: confounded by difficulty)" in text
+  assert text.index("## Findings") < text.index("### Within question") < text.index(
+      "### Pooled over questions")
   assert "![correct_vs_incorrect](correct_vs_incorrect.png)" in text
-  assert "| task | synthetic |" in text and "## Findings" in text
+  assert "correct_vs_incorrect.png: rollouts pooled over questions (secondary)" in text
+  assert "| task | synthetic |" in text and "## Methods" in text
 
 
 @pytest.mark.parametrize("p,text", [(0.0034, "0.003"), (0.5, "0.500"), (2.1e-5, "2e-05"),

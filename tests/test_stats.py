@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from gradalign_jax.analysis import stats
 
@@ -66,3 +67,141 @@ def test_bootstrap_difference_ci():
 def test_spearman_monotone():
   rho, p = stats.spearman([1, 2, 3, 4, np.nan], [10, 20, 30, 45, 1])
   assert rho == pytest.approx(1.0) and p < 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# Within question
+
+
+def _tiny_table():
+  """Three questions with both kinds, one with only correct rollouts and a NaN score (both
+  must be ignored). Columns: question, correct, score."""
+  rows = [("a", True, 0.9), ("a", False, 0.1), ("a", True, 0.5),
+          ("b", True, 0.2), ("b", False, 0.8), ("b", False, 0.6), ("b", True, 0.0),
+          ("c", False, 0.3), ("c", True, 0.7), ("c", False, 0.9), ("c", False, np.nan),
+          ("d", True, 0.4), ("d", True, -0.4)]
+  q, c, y = zip(*rows)
+  return np.array(q), np.array(c), np.array(y, float)
+
+
+def _delta_by_hand(q, c, y):
+  out = []
+  for k in sorted(set(q)):
+    m = (q == k) & np.isfinite(y)
+    inc, cor = y[m & ~c], y[m & c]
+    if len(inc) and len(cor):
+      out.append(inc.mean() - cor.mean())
+  return np.array(out)
+
+
+def test_question_differences_hand_worked():
+  q, c, y = _tiny_table()
+  # a: 0.1 − 0.7; b: 0.7 − 0.1; c: 0.6 − 0.7 (the NaN rollout drops); d has no incorrect
+  np.testing.assert_allclose(stats.question_differences(y, c, q), [-0.6, 0.6, -0.1])
+  w = stats.within_question(y, c, q, n_perm=500, n_boot=500)
+  assert w.difference == pytest.approx(-0.1 / 3)
+  assert (w.num_questions, w.num_rollouts) == (3, 10)
+  assert w.ci_low <= w.difference <= w.ci_high
+  assert w.sd == pytest.approx(np.std([-0.6, 0.6, -0.1], ddof=1))
+
+
+def test_permutation_p_matches_exact_enumeration():
+  q, c, y = _tiny_table()
+  observed = _delta_by_hand(q, c, y).mean()
+  finite = np.isfinite(y)
+  # every within-question reordering of the labels (a: 3, b: 6, c: 3 distinct ones; d: 1)
+  per_q = []
+  for k in sorted(set(q)):
+    idx = np.flatnonzero((q == k) & finite)
+    per_q.append((idx, sorted(set(itertools.permutations(c[idx])))))
+  null = []
+  for choice in itertools.product(*(labels for _, labels in per_q)):
+    c_perm = c.copy()
+    for (idx, _), labels in zip(per_q, choice):
+      c_perm[idx] = labels
+    null.append(_delta_by_hand(q, c_perm, y).mean())
+  assert len(null) == 3 * 6 * 3
+  p_exact = np.mean(np.abs(null) >= abs(observed) - 1e-12)
+  p = stats.permutation_p(y, c, q, n_perm=20000, seed=1)
+  assert p == pytest.approx(p_exact, abs=0.01)  # Monte Carlo sd ≈ 0.0035
+  assert p == stats.permutation_p(y, c, q, n_perm=20000, seed=1)
+
+
+def test_permutation_p_finds_a_planted_effect_and_has_the_plus_one():
+  rng = np.random.default_rng(0)
+  q = np.repeat(np.arange(30), 6)
+  c = np.tile([True, False] * 3, 30)
+  y = rng.normal(size=len(q)) + 0.8 * ~c + 3 * rng.normal(size=30)[q]  # question offsets
+  assert stats.permutation_p(y, c, q, n_perm=999) == pytest.approx(1 / 1000)
+  assert np.isnan(stats.permutation_p([0.1, 0.2], [True, True], ["a", "b"]))
+
+
+def test_min_detectable_difference_formula():
+  # (z_0.975 + z_0.8) · sd / √n with sd = 0.2, n = 3
+  want = (1.959964 + 0.841621) * 0.2 / np.sqrt(3)
+  assert stats.min_detectable_difference([0.1, 0.3, 0.5]) == pytest.approx(want, rel=1e-5)
+  assert np.isnan(stats.min_detectable_difference([0.4]))
+
+
+def test_within_question_without_both_kinds_is_nan():
+  w = stats.within_question([0.1, 0.2, np.nan], [True, True, False], ["a", "a", "a"])
+  assert w.num_questions == 0 and np.isnan(w.difference) and np.isnan(w.p_permutation)
+  assert np.isnan(w.ci_low) and np.isnan(w.p_wilcoxon)
+
+
+def test_stratified_differences_hand_worked():
+  #   question  stratum  correct  score
+  rows = [("a", 0, True, 0.5), ("a", 0, False, 0.1),          # Δ_a,0 = −0.4
+          ("a", 1, True, 0.2), ("a", 1, True, 0.4), ("a", 1, False, 0.9),  # Δ_a,1 = 0.6
+          ("b", 0, True, 0.0), ("b", 0, False, 0.2), ("b", 0, False, 0.4),  # Δ_b,0 = 0.3
+          ("b", 1, False, 0.7),                                # no correct: no cell
+          ("c", 1, True, 0.6), ("c", 1, False, 0.0)]           # Δ_c,1 = −0.6
+  q, s, c, y = (np.array(x) for x in zip(*rows))
+  out = stats.stratified_differences(y.astype(float), c, q, s, n_boot=300)
+  assert set(out) == {0, 1}
+  assert out[0]["difference"] == pytest.approx((-0.4 + 0.3) / 2)
+  assert out[1]["difference"] == pytest.approx((0.6 - 0.6) / 2)
+  assert out[0]["num_questions"] == out[1]["num_questions"] == 2
+  assert out[0]["ci_low"] <= out[0]["difference"] <= out[0]["ci_high"]
+
+
+def _regression_table(seed=0, n_q=6):
+  rng = np.random.default_rng(seed)
+  q = np.repeat(np.arange(n_q), 5)
+  c = rng.random(len(q)) < 0.5
+  c[::5], c[1::5] = True, False  # every question has both kinds
+  length = rng.integers(5, 60, len(q)).astype(float)
+  y = 0.3 * ~c + 0.01 * length + rng.normal(size=n_q)[q] + 0.2 * rng.normal(size=len(q))
+  return q, c, length, y
+
+
+def test_fixed_effects_ols_matches_lstsq_with_dummies_and_a_hand_sandwich():
+  """β from least squares with one dummy per question; its clustered variance from the
+  sandwich over that full design (the code fits the within deviations)."""
+  q, c, length, y = _regression_table()
+  reg = stats.fixed_effects_ols(y, c, q, [length])
+  X = np.column_stack([(~c).astype(float), length, (q[:, None] == np.unique(q)).astype(float)])
+  beta = np.linalg.lstsq(X, y, rcond=None)[0]
+  u = y - X @ beta
+  bread = np.linalg.inv(X.T @ X)
+  scores = [X[q == k].T @ u[q == k] for k in np.unique(q)]
+  meat = sum(np.outer(s, s) for s in scores)
+  # K counts the slopes only: the fixed effects are nested in the clusters
+  n, k, g = X.shape[0], 2, len(scores)
+  cov = bread @ meat @ bread * g / (g - 1) * (n - 1) / (n - k)
+  se = np.sqrt(cov[0, 0])
+  assert reg.coefficient == pytest.approx(beta[0])
+  assert reg.se == pytest.approx(se)
+  t_crit = sps.t.ppf(0.975, g - 1)
+  assert (reg.ci_low, reg.ci_high) == pytest.approx((beta[0] - t_crit * se, beta[0] + t_crit * se))
+  assert reg.p_value == pytest.approx(2 * sps.t.sf(abs(beta[0] / se), g - 1))
+  assert (reg.num_questions, reg.num_rollouts) == (6, 30)
+
+
+def test_fixed_effects_ols_drops_a_covariate_the_dummies_absorb_and_needs_two_questions():
+  q, c, length, y = _regression_table()
+  per_question = q * 10.0  # constant within each question
+  with_it = stats.fixed_effects_ols(y, c, q, [length, per_question])
+  assert with_it == stats.fixed_effects_ols(y, c, q, [length])
+  one = q == 0
+  assert np.isnan(stats.fixed_effects_ols(y[one], c[one], q[one], [length[one]]).coefficient)

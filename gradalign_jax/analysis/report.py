@@ -13,6 +13,12 @@ one):
   ``align_<d>, norm_<d>`` and the covariates (``kl_pq, kl_qp, l2_pq, cos_pq, entropy_p,
   entropy_q, norm_ideal``).
 
+The headline is within question (MATH.md): per question with both correct and incorrect
+rollouts (with a finite ``mean_<d>``), Δ_q = mean incorrect − mean correct rollout score, and
+Δ = mean_q Δ_q with its interval over questions and tests (``analysis.stats``). The best spec
+and question wins compare specs on the same questions. Rollouts pooled over questions
+(Mann–Whitney) confound correctness with difficulty and are a secondary, labelled view.
+
 Every function is pure (the sweep writes the files): ``summarize`` returns plain Python
 values (NaN where a quantity is undefined), ``to_json`` turns NaN into null and ``render``
 gives report.md's text.
@@ -31,6 +37,8 @@ from gradalign_jax.analysis import stats, tables
 from gradalign_jax.gradients import COVARIATES
 
 ALPHA = 0.05
+POWER = 0.8
+POOLED_PLOTS = ("correct_vs_incorrect.png", "directions.png")  # plots.py draws pooled splits
 NODE_COVARIATES = COVARIATES + ("depth", "depth_norm", "norm_ideal")
 
 
@@ -51,7 +59,8 @@ def _rollout_columns(dirs) -> list[str]:
   """The rollouts-table columns the summary reads (the per-path lists are not needed)."""
   per_dir = [c for c in tables.direction_columns(tables.ROLLOUT_DIRECTION_COLUMNS, dirs)
              if not c.startswith("path_")]
-  return ["student", "spec", "question_id", "rollout", "correct", "n_nodes", "sum_gg"] + per_dir
+  return (["student", "spec", "question_id", "rollout", "correct", "length", "n_nodes", "sum_gg"]
+          + per_dir)
 
 
 def _float(x) -> float:
@@ -112,22 +121,76 @@ def split_block(rollouts: pd.DataFrame, directions, *, n_boot: int = 2000, seed:
   return block
 
 
-def _tests(rollouts: pd.DataFrame, d: str, n_boot: int, seed: int) -> dict:
-  """Incorrect vs correct rollouts of one (student, spec) for direction d."""
+def _tests(rollouts: pd.DataFrame, d: str, n_boot: int, n_perm: int, seed: int) -> dict:
+  """Incorrect vs correct rollouts of one (student, spec) for direction d: the within-question
+  block (_within), the paired Wilcoxon over Δ_q in full, and, secondary, the rollouts pooled
+  over questions (Mann–Whitney, the difference of pooled means)."""
   col = f"mean_{d}"
   correct = rollouts["correct"].astype(bool)
   inc, cor = rollouts.loc[~correct, col].to_numpy(float), rollouts.loc[correct, col].to_numpy(float)
-  # paired: per-question mean of its rollouts' scores on each side, questions with both
-  per_q = rollouts.groupby(["question_id", correct.rename("is_correct")])[col].mean().unstack()
-  per_q = per_q.reindex(columns=[False, True])
+  deltas = stats.question_differences(rollouts[col].to_numpy(np.float64), correct.to_numpy(),
+                                      pd.factorize(rollouts["question_id"])[0])
   return {
+      "within_question": _within(rollouts, d, n_boot, n_perm, seed),
       "mann_whitney": _comparison(stats.mann_whitney(inc, cor)),
-      "wilcoxon": _comparison(stats.paired_wilcoxon(per_q[False].to_numpy(float),
-                                                    per_q[True].to_numpy(float))),
+      "wilcoxon": _comparison(stats.paired_wilcoxon(deltas, np.zeros_like(deltas))),
       "difference": _mean(inc) - _mean(cor),
       "difference_ci": [_float(v) for v in stats.bootstrap_difference_ci(
           inc, cor, n_boot=n_boot, seed=seed)],
   }
+
+
+ACCURACY_STRATA = ("accuracy < 1/3", "1/3 ≤ accuracy < 2/3", "accuracy ≥ 2/3")
+LENGTH_STRATA = ("short", "middle", "long")
+
+
+def _strata(rollouts: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """Per rollout: its question's accuracy bin (over all the question's rollouts in the table,
+  fixed thirds) and its length tercile (edges over the rollouts with an informative node;
+  ≤ e1, (e1, e2], > e2), and the three length ranges as text."""
+  n_cor = rollouts.groupby("question_id")["correct"].transform("sum").to_numpy(int)
+  n = rollouts.groupby("question_id")["correct"].transform("size").to_numpy(int)
+  accuracy = np.minimum(3 * n_cor // np.maximum(n, 1), 2)  # integers: 2/3 lands in the top bin
+  length = rollouts["length"].to_numpy(np.float64)
+  scored = length[rollouts["n_nodes"].to_numpy() > 0]
+  e1, e2 = np.quantile(scored, [1 / 3, 2 / 3]) if len(scored) else (np.nan, np.nan)
+  ranges = [f"length ≤ {e1:.4g}", f"{e1:.4g} < length ≤ {e2:.4g}", f"length > {e2:.4g}"]
+  return accuracy, (length > e1).astype(int) + (length > e2), ranges
+
+
+def _within(rollouts: pd.DataFrame, d: str, n_boot: int, n_perm: int, seed: int) -> dict:
+  """The within-question estimand of one (student, spec) for direction d (MATH.md):
+  stats.WithinQuestion's fields, ``strata`` ({"question_accuracy", "length"}: lists of
+  {"stratum", "difference", "ci_low", "ci_high", "num_questions"}, length ones with their
+  "range") and ``regression`` (stats.Regression: mean_<d> ~ incorrect + length + question
+  fixed effects, errors clustered by question)."""
+  y = rollouts[f"mean_{d}"].to_numpy(np.float64)
+  correct = rollouts["correct"].to_numpy(bool)
+  qid = pd.factorize(rollouts["question_id"])[0]
+  block = {k: _float(v) if isinstance(v, float) else v for k, v in stats.within_question(
+      y, correct, qid, n_boot=n_boot, n_perm=n_perm, alpha=ALPHA, seed=seed).as_dict().items()}
+  accuracy, length, ranges = _strata(rollouts)
+  block["strata"] = {}
+  for name, labels, names in (("question_accuracy", accuracy, ACCURACY_STRATA),
+                              ("length", length, LENGTH_STRATA)):
+    by = stats.stratified_differences(y, correct, qid, labels, n_boot=n_boot, alpha=ALPHA,
+                                      seed=seed)
+    empty = {"difference": math.nan, "ci_low": math.nan, "ci_high": math.nan, "num_questions": 0}
+    block["strata"][name] = [dict({"stratum": label}, **by.get(i, empty))
+                             for i, label in enumerate(names)]
+  for row, text in zip(block["strata"]["length"], ranges):
+    row["range"] = text
+  block["regression"] = stats.fixed_effects_ols(
+      y, correct, qid, [rollouts["length"].to_numpy(np.float64)], alpha=ALPHA).as_dict()
+  return block
+
+
+def _coverage(nodes: pd.DataFrame) -> dict:
+  """Informative scored nodes over scored nodes (MATH.md's nodes with a child; the root is
+  scored even when it has only one)."""
+  informative = int(nodes["informative"].astype(bool).sum())
+  return {"informative": informative, "nodes": int(len(nodes)),
+          "fraction": _ratio(float(informative), float(len(nodes)))}
 
 
 def _covariates(nodes: pd.DataFrame, primary: str) -> dict:
@@ -141,37 +204,69 @@ def _covariates(nodes: pd.DataFrame, primary: str) -> dict:
   return out
 
 
-def _question_wins(questions: pd.DataFrame, specs, primary: str) -> tuple[dict, int]:
-  """Fraction of common questions on which each spec's question mean is the highest.
+def _question_wins(rollouts: pd.DataFrame, questions: pd.DataFrame, specs, primary: str, *,
+                   n_boot: int, seed: int) -> dict:
+  """Specs compared on the same questions, by each question's mean rollout score.
 
-  Common: every spec has a usable context and a finite mean_<primary>. A tie splits the win
-  equally, so the fractions sum to 1. Returns ({spec: fraction}, n common questions).
+  The competing specs are those with a scored rollout; the common questions, those on which
+  every competing spec has a usable context and a finite question mean. Returns
+  ``question_wins`` ({spec: fraction of common questions on which its question mean is the
+  highest}, a tie splitting the win, so they sum to 1; NaN for a spec that does not compete),
+  ``n_common_questions``, ``spec_means`` ({spec: {"mean", "ci_low", "ci_high"}}: mean over
+  the common questions, bootstrap over them), ``best_spec`` (the highest of those means, None
+  without a common question) and ``best_spec_margin`` (best − runner-up over the common
+  questions with its interval; NaN with one spec).
   """
-  ok = questions[(questions["context"] == "ok")
-                 & np.isfinite(questions[f"mean_{primary}"].astype(float))]
-  table = ok.pivot_table(index="question_id", columns="spec", values=f"mean_{primary}",
-                         aggfunc="first").reindex(columns=specs).dropna()
+  col = f"mean_{primary}"
+  table = (rollouts[np.isfinite(rollouts[col].astype(float))]
+           .groupby(["question_id", "spec"])[col].mean().unstack()
+           .reindex(columns=specs))
+  competing = [s_ for s_ in specs if table[s_].notna().any()]
+  refused = questions.loc[questions["context"] != "ok", ["question_id", "spec"]]
+  refused = refused[refused["spec"].isin(competing)]
+  table = table[competing].drop(index=refused["question_id"].unique(), errors="ignore").dropna()
+  nan_ci = {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+  out = {"question_wins": {s_: math.nan for s_ in specs}, "n_common_questions": int(len(table)),
+         "spec_means": {s_: dict(nan_ci) for s_ in specs}, "best_spec": None,
+         "best_spec_margin": {"runner_up": None, "difference": math.nan, "ci_low": math.nan,
+                              "ci_high": math.nan, "num_questions": int(len(table))}}
   if table.empty:
-    return {s: math.nan for s in specs}, 0
+    return out
   values = table.to_numpy(float)
   best = values == values.max(axis=1, keepdims=True)
   wins = (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
-  return {s: float(w) for s, w in zip(specs, wins)}, int(len(table))
+  means = values.mean(axis=0)
+  for j, spec in enumerate(competing):
+    out["question_wins"][spec] = float(wins[j])
+    lo, hi = stats.bootstrap_ci(values[:, j], n_boot=n_boot, alpha=ALPHA, seed=seed)
+    out["spec_means"][spec] = {"mean": float(means[j]), "ci_low": lo, "ci_high": hi}
+  order = np.argsort(-means, kind="stable")
+  out["best_spec"] = competing[order[0]]
+  if len(competing) > 1:
+    gap = values[:, order[0]] - values[:, order[1]]
+    lo, hi = stats.bootstrap_ci(gap, n_boot=n_boot, alpha=ALPHA, seed=seed)
+    out["best_spec_margin"].update(runner_up=competing[order[1]], difference=float(gap.mean()),
+                                   ci_low=lo, ci_high=hi)
+  return out
 
 
 def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFrame,
               directions=("reverse_kl",), config: dict | None = None, *, n_boot: int = 2000,
-              seed: int = 0) -> dict:
+              n_perm: int = 2000, seed: int = 0) -> dict:
   """The content of summary.json.
 
   directions: those to report, the first being the primary one (best spec, question wins,
-  covariates and findings use it). config: the run's settings, copied verbatim. Per student:
-  ``accuracy`` (Σ n_correct / Σ n_rollouts over all its question rows), ``n_questions`` and
-  per spec ``{"accuracy"`` (over the spec's scored rollouts, so questions without a context
-  drop out), ``"correct", "incorrect", "all"`` (split_block), ``"questions": {"n",
-  "context_unavailable": {reason: count}}, "tests": {d: {"mann_whitney", "wilcoxon",
-  "difference", "difference_ci"}}, "covariates": {name: {"spearman", "p"}}}``, then
-  ``best_spec``, ``question_wins`` and ``n_common_questions``. ``findings`` answers the
+  covariates and findings use it). config: the run's settings, copied verbatim. n_boot /
+  n_perm: bootstrap resamples / within-question label permutations (every direction).
+  Per student: ``accuracy`` (Σ n_correct / Σ n_rollouts over all its question rows),
+  ``n_questions`` and per spec ``{"accuracy"`` (over the spec's scored rollouts, so questions
+  without a context drop out), ``"within_question"`` (the primary direction's _within block),
+  ``"correct", "incorrect", "all"`` (split_block), ``"questions": {"n",
+  "context_unavailable": {reason: count}}, "coverage": {"informative", "nodes", "fraction"},
+  "tests": {d: {"within_question", "mann_whitney", "wilcoxon", "difference",
+  "difference_ci"}}, "covariates": {name: {"spearman", "p"}}}``, then _question_wins' keys
+  (``best_spec``, ``question_wins``, ``n_common_questions``, ``spec_means``,
+  ``best_spec_margin``). ``methods`` states the tests' settings; ``findings`` answers the
   research questions for the primary direction (see _findings).
   """
   dirs = list(directions)
@@ -197,42 +292,44 @@ def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFra
       q = s_q[s_q["spec"] == spec]
       correct = r["correct"].astype(bool)
       unavailable = q.loc[q["context"] != "ok", "context"].value_counts()
+      tests = {d: _tests(r, d, n_boot, n_perm, seed) for d in dirs}
       specs[spec] = {
           "accuracy": _ratio(float(correct.sum()), float(len(r))),
+          "within_question": tests[primary]["within_question"],
           "correct": split_block(r[correct], dirs, n_boot=n_boot, seed=seed),
           "incorrect": split_block(r[~correct], dirs, n_boot=n_boot, seed=seed),
           "all": split_block(r, dirs, n_boot=n_boot, seed=seed),
           "questions": {"n": int(q["question_id"].nunique()),
                         "context_unavailable": {str(k): int(v) for k, v in unavailable.items()}},
-          "tests": {d: _tests(r, d, n_boot, seed) for d in dirs},
+          "coverage": _coverage(s_nodes[s_nodes["spec"] == spec]),
+          "tests": tests,
           "covariates": _covariates(s_nodes[s_nodes["spec"] == spec], primary),
       }
-    all_means = {spec: b["all"][primary]["mean"] for spec, b in specs.items()}
-    finite = {k: v for k, v in all_means.items() if np.isfinite(v)}
-    wins, n_common = _question_wins(s_q, list(specs), primary)
     students[student] = {
         "accuracy": _ratio(float(s_q["n_correct"].sum()), float(s_q["n_rollouts"].sum())),
         "n_questions": int(s_q["question_id"].nunique()),
         "specs": specs,
-        "best_spec": max(finite, key=finite.get) if finite else None,
-        "question_wins": wins,
-        "n_common_questions": n_common,
+        **_question_wins(s_roll, s_q, list(specs), primary, n_boot=n_boot, seed=seed),
     }
-  return {"config": dict(config or {}), "directions": dirs, "students": students,
-          "findings": _findings(students, primary)}
+  methods = {"alpha": ALPHA, "power": POWER, "n_boot": n_boot, "n_perm": n_perm, "seed": seed}
+  return {"config": dict(config or {}), "directions": dirs, "methods": methods,
+          "students": students, "findings": _findings(students, primary)}
 
 
 def _findings(students: dict, primary: str) -> dict:
-  """Per student, for the primary direction: how many specs score higher on incorrect (or
-  correct) rollouts, how many of those significantly (Mann–Whitney, p < ALPHA), and whether
-  the best spec differs between students."""
+  """Per student, for the primary direction and within question: how many specs have Δ > 0
+  (incorrect rollouts align better) or Δ < 0, how many of those significantly (within-question
+  permutation test, p < ALPHA), each spec's Δ with its interval and questions, the specs the
+  pooled Mann–Whitney calls significant (secondary), and the best spec with its margin."""
   per_student = {}
   for student, s in students.items():
-    rows = {spec: b["tests"][primary] for spec, b in s["specs"].items()}
+    rows = {spec: b["tests"][primary]["within_question"] for spec, b in s["specs"].items()}
     diff = {spec: t["difference"] for spec, t in rows.items()}
-    sig = {spec: bool(t["mann_whitney"]["p_value"] < ALPHA) for spec, t in rows.items()}
+    sig = {spec: bool(t["p_permutation"] < ALPHA) for spec, t in rows.items()}
     inc_higher = [spec for spec, v in diff.items() if np.isfinite(v) and v > 0]
     cor_higher = [spec for spec, v in diff.items() if np.isfinite(v) and v < 0]
+    pooled = [spec for spec, b in s["specs"].items()
+              if b["tests"][primary]["mann_whitney"]["p_value"] < ALPHA]
     per_student[student] = {
         "n_specs": len(rows),
         "n_compared": sum(bool(np.isfinite(v)) for v in diff.values()),
@@ -242,10 +339,18 @@ def _findings(students: dict, primary: str) -> dict:
         "n_correct_higher_significant": sum(sig[s_] for s_ in cor_higher),
         "specs_incorrect_higher": inc_higher,
         "specs_significant": [s_ for s_ in rows if sig[s_]],
+        "specs_pooled_significant": pooled,
+        "within_question": {spec: {k: t[k] for k in ("difference", "ci_low", "ci_high",
+                                                     "p_permutation", "num_questions",
+                                                     "min_detectable")}
+                            for spec, t in rows.items()},
         "best_spec": s["best_spec"],
+        "best_spec_margin": s["best_spec_margin"],
+        "n_common_questions": s["n_common_questions"],
     }
   best = {k: v["best_spec"] for k, v in per_student.items() if v["best_spec"] is not None}
-  return {"direction": primary, "alpha": ALPHA, "students": per_student, "best_spec": best,
+  return {"direction": primary, "alpha": ALPHA, "test": "within-question permutation",
+          "students": per_student, "best_spec": best,
           "best_spec_differs": len(set(best.values())) > 1}
 
 
@@ -273,8 +378,8 @@ def to_json(summary: dict) -> str:
 # report.md
 
 
-def _num(x, digits: int = 3) -> str:
-  return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+def _num(x, digits: int = 3, sign: str = "") -> str:
+  return "n/a" if x is None or not np.isfinite(x) else f"{x:{sign}.{digits}f}"
 
 
 def _p(p) -> str:
@@ -288,6 +393,15 @@ def _p(p) -> str:
 
 def _ci(ci) -> str:
   return f"[{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def _delta(block: dict, digits: int = 3) -> str:
+  """"+0.041 [-0.020, 0.100]" from a block with difference, ci_low and ci_high."""
+  x = block["difference"]
+  if x is None or not np.isfinite(x):
+    return "n/a"
+  lo, hi = _num(block["ci_low"], digits), _num(block["ci_high"], digits)
+  return f"{_num(x, digits, '+')} [{lo}, {hi}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -305,37 +419,182 @@ def _config_value(v) -> str:
   return str(v)
 
 
+def _methods_text(m: dict) -> list[str]:
+  a, power = m["alpha"], m["power"]
+  return [
+      "## Methods", "",
+      "- Headline, within question: Δ_q = mean alignment of question q's incorrect rollouts − "
+      "mean of its correct ones (rollouts with an informative node); Δ = mean of Δ_q over the "
+      "questions with both kinds. The unit is the question: intervals are 95% percentile "
+      f"bootstraps over questions ({m['n_boot']} resamples).",
+      f"- Permutation p: the correct labels shuffled within each question, {m['n_perm']} "
+      f"permutations (seed {m['seed']}), two-sided on |Δ|, p = (1 + #extreme) / (1 + "
+      f"{m['n_perm']}); every direction. Wilcoxon p: signed-rank test over the Δ_q.",
+      f"- Detectable |Δ|: (z_(1−α/2) + z_power) · sd(Δ_q) / √questions, α = {a:g}, power "
+      f"{power:g} (normal approximation).",
+      "- Strata: the question's accuracy in fixed thirds (over its rollouts); rollout length "
+      "terciles within student × spec; Δ in a stratum is over the questions with both kinds "
+      "inside it.",
+      "- Regression: rollout alignment ~ incorrect + length + question fixed effects, OLS, "
+      "errors clustered by question (CRV1, t with questions − 1 df); β is the coefficient of "
+      "incorrect.",
+      "- Pooled over questions (secondary): all rollouts of a spec in one Mann–Whitney test; "
+      "easy questions have more correct rollouts and different alignment, so this confounds "
+      "correctness with difficulty.", ""]
+
+
 def _findings_text(summary: dict) -> list[str]:
   f = summary["findings"]
   d = f["direction"]
   alpha = f["alpha"]
   lines = []
   for student, s in f["students"].items():
-    text = (f"{student}: alignment ({d}) is higher on incorrect rollouts for "
-            f"{s['n_incorrect_higher']} of {s['n_specs']} teacher specs "
-            f"({s['n_incorrect_higher_significant']} significant at p<{alpha:g}, "
-            f"Mann–Whitney U), "
-            f"and higher on correct rollouts for {s['n_correct_higher']} "
+    text = (f"{student}, within question ({d}): Δ = incorrect − correct is positive (incorrect "
+            f"rollouts align better) for {s['n_incorrect_higher']} of {s['n_specs']} teacher "
+            f"specs ({s['n_incorrect_higher_significant']} significant at p<{alpha:g}, "
+            f"within-question permutation test) and negative for {s['n_correct_higher']} "
             f"({s['n_correct_higher_significant']} significant).")
+    per_spec = [f"{spec} {_delta(w)}, p {_p(w['p_permutation'])}, {w['num_questions']} "
+                f"questions" for spec, w in s["within_question"].items()
+                if w["difference"] is not None and np.isfinite(w["difference"])]
+    if per_spec:
+      text += " Per spec: " + "; ".join(per_spec) + "."
+    mde = [w["min_detectable"] for w in s["within_question"].values()
+           if w["min_detectable"] is not None and np.isfinite(w["min_detectable"])]
+    if mde:
+      text += (f" Smallest |Δ| detectable at this size: {_num(min(mde))}–{_num(max(mde))}.")
     missing = s["n_specs"] - s["n_compared"]
     if missing:
-      text += (f" {missing} spec(s) could not be compared (no correct or no incorrect "
-               f"rollouts with an informative node).")
+      text += (f" {missing} spec(s) could not be compared (no question with both correct and "
+               f"incorrect rollouts with an informative node).")
+    text += (f" Pooled over questions (secondary, confounded by difficulty): Mann–Whitney "
+             f"p<{alpha:g} for {len(s['specs_pooled_significant'])} of {s['n_specs']}.")
     lines.append(f"- {text}")
+  for student, s in f["students"].items():
+    m = s["best_spec_margin"]
+    if s["best_spec"] is None:
+      lines.append(f"- {student}: no question is scored under every teacher context, so there "
+                   f"is no best one.")
+      continue
+    text = (f"- Best teacher context for {student}, within question: {s['best_spec']} "
+            f"(highest mean question alignment over the {s['n_common_questions']} questions "
+            f"every spec has")
+    if m["runner_up"] is not None:
+      text += f"; ahead of {m['runner_up']} by {_delta(m)}"
+    lines.append(text + ").")
   best = f["best_spec"]
   if len(best) > 1:
-    pairs = ", ".join(f"{k} → {v}" for k, v in best.items())
-    lines.append(f"- The best teacher context differs between students: {pairs}."
-                 if f["best_spec_differs"] else
-                 f"- The best teacher context is the same for every student: "
-                 f"{next(iter(best.values()))} ({pairs}).")
-  elif best:
-    student, spec = next(iter(best.items()))
-    lines.append(f"- The best teacher context for {student} is {spec} (highest mean alignment "
-                 f"({d}) over all rollouts).")
-  else:
+    verb = "differs between" if f["best_spec_differs"] else "is the same for"
+    lines.append(f"- The best teacher context {verb} students: "
+                 + ", ".join(f"{k} → {v}" for k, v in best.items()) + ".")
+  elif not f["students"]:
     lines.append("- No teacher context has a scored rollout, so there is no best one.")
+  n_tests = max((s["n_compared"] for s in f["students"].values()), default=0)
+  if n_tests > 1:
+    lines.append(f"- {n_tests} specs are tested per student at α = {alpha:g} without a "
+                 f"multiplicity correction: about {alpha * n_tests:.1f} false positive(s) per "
+                 f"student are expected under no effect.")
   return lines + [""]
+
+
+def _within_text(s: dict, dirs: list) -> list[str]:
+  """The headline section: Δ and its tests per spec, Δ by stratum, Δ per direction."""
+  primary, specs = dirs[0], s["specs"]
+  lines = [f"### Within question ({primary})", "",
+           "Δ = incorrect − correct, mean over questions with both kinds [95% CI over "
+           "questions]; questions (rollouts) behind it; regression β [CI] (p; questions); "
+           "coverage = informative / scored nodes.", ""]
+  rows = []
+  for spec, b in specs.items():
+    w, r, cov = b["within_question"], b["within_question"]["regression"], b["coverage"]
+    beta = {"difference": r["coefficient"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+    rows.append([spec, f"{w['num_questions']} ({w['num_rollouts']})", _delta(w),
+                 _p(w["p_permutation"]), _p(w["p_wilcoxon"]), _num(w["min_detectable"]),
+                 f"{_delta(beta)} ({_p(r['p_value'])}; {r['num_questions']})",
+                 f"{_num(cov['fraction'], 2)} ({cov['informative']}/{cov['nodes']})"])
+  lines += _table(["spec", "questions (rollouts)", "Δ [95% CI]", "permutation p", "Wilcoxon p",
+                   "detectable abs Δ", "regression β", "coverage"], rows)
+
+  strata = lambda b: b["within_question"]["strata"]
+  if specs:
+    first = strata(next(iter(specs.values())))
+    names = [x["stratum"] for x in first["question_accuracy"] + first["length"]]
+    ranges = "; ".join(f"{spec} " + ", ".join(x["range"] for x in strata(b)["length"])
+                       for spec, b in specs.items())
+    lines += [f"Δ within strata [95% CI] (questions with both kinds in the stratum); length "
+              f"terciles: {ranges}.", ""]
+    lines += _table(["spec"] + names, [
+        [spec] + [f"{_delta(x, 2)} ({x['num_questions']})"
+                  for x in strata(b)["question_accuracy"] + strata(b)["length"]]
+        for spec, b in specs.items()])
+  lines += ["Δ per direction [95% CI] (permutation p; questions):", ""]
+  return lines + _table(["spec"] + list(dirs), [
+      [spec] + [f"{_delta(w, 2)} ({_p(w['p_permutation'])}; {w['num_questions']})"
+                for w in (b["tests"][d]["within_question"] for d in dirs)]
+      for spec, b in specs.items()])
+
+
+def _best_text(s: dict, primary: str) -> list[str]:
+  """Specs compared on the questions they share: means, question wins, the best one."""
+  means, m = s["spec_means"], s["best_spec_margin"]
+  lines = [f"### Best context (within question, {primary})", "",
+           f"Mean over the {s['n_common_questions']} questions every spec has of each "
+           f"question's mean rollout alignment [95% CI over them]; question wins: share of "
+           f"those questions on which the spec's mean is the highest.", ""]
+  lines += _table(["spec", "mean [95% CI]", "question wins"], [
+      [spec, f"{_num(v['mean'])} {_ci([v['ci_low'], v['ci_high']])}",
+       _num(s["question_wins"][spec], 2)] for spec, v in means.items()])
+  best = f"Best spec: {s['best_spec'] or 'n/a'}"
+  if m["runner_up"] is not None:
+    best += f", ahead of {m['runner_up']} by {_delta(m)} over {m['num_questions']} questions"
+  return lines + [best + ".", ""]
+
+
+def _pooled_text(s: dict, dirs: list) -> list[str]:
+  """The secondary section: every rollout of a spec in one sample."""
+  primary, specs = dirs[0], s["specs"]
+  lines = ["### Pooled over questions (secondary: confounded by difficulty)", "",
+           f"Every rollout of a spec in one sample ({primary}): mean cosine per rollout [95% "
+           f"bootstrap CI over rollouts]; difference = incorrect − correct; weighted and "
+           f"pooled cosines are over (rollout, node) pairs, correct / incorrect.", ""]
+  rows = []
+  for spec, b in specs.items():
+    t = b["tests"][primary]
+    c, i = b["correct"][primary], b["incorrect"][primary]
+    rows.append([
+        spec, _num(b["accuracy"]),
+        f"{b['correct']['n_rollouts']} / {b['incorrect']['n_rollouts']}",
+        f"{_num(c['mean'])} {_ci(c['mean_ci'])}", f"{_num(i['mean'])} {_ci(i['mean_ci'])}",
+        f"{_num(t['difference'])} {_ci(t['difference_ci'])}", _p(t["mann_whitney"]["p_value"]),
+        f"{_num(c['weighted'])} / {_num(i['weighted'])}",
+        f"{_num(c['pooled'])} / {_num(i['pooled'])}"])
+  lines += _table(["spec", "accuracy", "n correct / incorrect", "correct [CI]",
+                   "incorrect [CI]", "difference [CI]", "Mann–Whitney p", "weighted",
+                   "pooled"], rows)
+  lines += ["Pooled incorrect − correct mean cosine per direction (Mann–Whitney p):", ""]
+  return lines + _table(["spec"] + list(dirs), [
+      [spec] + [_difference_cell(b["tests"][d]) for d in dirs] for spec, b in specs.items()])
+
+
+def _student_text(student: str, s: dict, dirs: list) -> list[str]:
+  primary, specs = dirs[0], s["specs"]
+  lines = [f"## {student}", "", f"Accuracy {_num(s['accuracy'])} over {s['n_questions']} "
+           f"questions.", ""]
+  lines += _within_text(s, dirs) + _best_text(s, primary) + _pooled_text(s, dirs)
+  unavailable = {spec: b["questions"]["context_unavailable"] for spec, b in specs.items()
+                 if b["questions"]["context_unavailable"]}
+  for spec, reasons in unavailable.items():
+    why = "; ".join(f"{n} × {r}" for r, n in reasons.items())
+    lines.append(f"- {spec}: context unavailable for {sum(reasons.values())} of "
+                 f"{specs[spec]['questions']['n']} questions ({why}).")
+  if unavailable:
+    lines.append("")
+  names = _ordered_unique(*(b["covariates"] for b in specs.values()))
+  lines += [f"Spearman ρ of node alignment ({primary}) with covariates, informative nodes "
+            f"(p in parentheses):", ""]
+  return lines + _table(["spec"] + names, [
+      [spec] + [f"{_num(b['covariates'][n]['spearman'], 2)} ({_p(b['covariates'][n]['p'])})"
+                for n in names] for spec, b in specs.items()])
 
 
 def render(summary: dict, plots=()) -> str:
@@ -354,56 +613,14 @@ def render(summary: dict, plots=()) -> str:
   if summary["config"]:
     lines += _table(["setting", "value"],
                     [[str(k), _config_value(v)] for k, v in summary["config"].items()])
-
-  for student, s in students.items():
-    lines += [f"## {student}", "",
-              f"Accuracy {_num(s['accuracy'])} over {s['n_questions']} questions. "
-              f"Alignment ({primary}): mean cosine per rollout with 95% bootstrap CI; "
-              f"difference = incorrect − correct; weighted and pooled cosines are over "
-              f"(rollout, node) pairs, correct / incorrect.", ""]
-    rows = []
-    for spec, b in s["specs"].items():
-      t = b["tests"][primary]
-      c, i = b["correct"][primary], b["incorrect"][primary]
-      rows.append([
-          spec, _num(b["accuracy"]),
-          f"{b['correct']['n_rollouts']} / {b['incorrect']['n_rollouts']}",
-          f"{_num(c['mean'])} {_ci(c['mean_ci'])}", f"{_num(i['mean'])} {_ci(i['mean_ci'])}",
-          f"{_num(t['difference'])} {_ci(t['difference_ci'])}", _p(t["mann_whitney"]["p_value"]),
-          f"{_p(t['wilcoxon']['p_value'])} ({t['wilcoxon']['n_a']})",
-          f"{_num(c['weighted'])} / {_num(i['weighted'])}",
-          f"{_num(c['pooled'])} / {_num(i['pooled'])}"])
-    lines += _table(["spec", "accuracy", "n correct / incorrect", "correct [CI]",
-                     "incorrect [CI]", "difference [CI]", "Mann–Whitney p",
-                     "Wilcoxon p (pairs)", "weighted", "pooled"], rows)
-
-    unavailable = {spec: b["questions"]["context_unavailable"] for spec, b in s["specs"].items()
-                   if b["questions"]["context_unavailable"]}
-    for spec, reasons in unavailable.items():
-      why = "; ".join(f"{n} × {r}" for r, n in reasons.items())
-      lines.append(f"- {spec}: context unavailable for {sum(reasons.values())} of "
-                   f"{s['specs'][spec]['questions']['n']} questions ({why}).")
-    if unavailable:
-      lines.append("")
-
-    lines += ["Incorrect − correct mean cosine per direction (Mann–Whitney p):", ""]
-    lines += _table(["spec"] + list(dirs), [
-        [spec] + [_difference_cell(b["tests"][d]) for d in dirs] for spec, b in s["specs"].items()])
-
-    names = _ordered_unique(*(b["covariates"] for b in s["specs"].values()))
-    lines += [f"Spearman ρ of node alignment ({primary}) with covariates, informative nodes "
-              f"(p in parentheses):", ""]
-    lines += _table(["spec"] + names, [
-        [spec] + [f"{_num(b['covariates'][n]['spearman'], 2)} ({_p(b['covariates'][n]['p'])})"
-                  for n in names] for spec, b in s["specs"].items()])
-
-    wins = ", ".join(f"{spec} {_num(w, 2)}" for spec, w in s["question_wins"].items())
-    lines += [f"Best spec (highest mean over all rollouts): {s['best_spec'] or 'n/a'}. "
-              f"Question wins over {s['n_common_questions']} questions every spec has: {wins}.",
-              ""]
-
   lines += ["## Findings", ""] + _findings_text(summary)
+  lines += _methods_text(summary["methods"])
+  for student, s in students.items():
+    lines += _student_text(student, s, dirs)
   if plots:
     lines += ["## Plots", ""]
+    pooled = [p for p in plots if os.path.basename(p) in POOLED_PLOTS]
+    if pooled:
+      lines += [f"{', '.join(pooled)}: rollouts pooled over questions (secondary).", ""]
     lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({p})\n" for p in plots]
   return "\n".join(lines)

@@ -1,10 +1,17 @@
-"""Correct-vs-incorrect comparisons of alignment scores (MATH.md, "Alignment").
+"""Correct-vs-incorrect comparisons of alignment scores (MATH.md, "Alignment" and "The
+headline estimand is within question").
 
-A rollout's score aggregates its path's informative nodes; rollouts are compared across
-the correct/incorrect split with a Mann–Whitney U test, and questions that have both kinds
-with a paired Wilcoxon signed-rank test on their per-question means. Effect sizes are rank-
-biserial correlations (positive: incorrect rollouts score higher), and every mean carries a
-percentile bootstrap interval. All functions are pure and deterministic under ``seed``.
+A rollout's score aggregates its path's informative nodes. The headline is within question:
+per question q with both kinds, Δ_q = mean score of its incorrect rollouts − mean of its
+correct ones, and Δ = mean_q Δ_q (``within_question``: a bootstrap interval over questions,
+a permutation test that shuffles the correct labels within each question, the paired
+Wilcoxon over Δ_q and the smallest detectable |Δ|), Δ within strata
+(``stratified_differences``) and a regression with question fixed effects and errors
+clustered by question (``fixed_effects_ols``). Pooling rollouts across questions
+(``mann_whitney``) confounds correctness with difficulty and is kept as a secondary view.
+Effect sizes are rank-biserial correlations (positive: incorrect rollouts score higher).
+Arrays are per rollout: scores f64[N], correct bool[N], groups (question ids) [N]. All
+functions are pure and deterministic under ``seed``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import statsmodels.api as sm
 from scipy import stats as sps
 
 
@@ -104,3 +112,193 @@ def spearman(x, y) -> tuple[float, float]:
     return (np.nan, np.nan)
   res = sps.spearmanr(x[keep], y[keep])
   return (float(res.statistic), float(res.pvalue))
+
+
+# ---------------------------------------------------------------------------------------
+# Within question (the cluster is the question)
+
+
+def _rollout_arrays(scores, correct, groups, *extra):
+  """The rows with a finite score: scores f64[n], correct bool[n], question codes int[n]
+  (0 … Q−1 in order of first sorted label), then each extra array f64[n]."""
+  y = np.asarray(scores, np.float64).ravel()
+  c = np.asarray(correct, bool).ravel()
+  g = np.asarray(groups).ravel()
+  extra = [np.asarray(x, np.float64).ravel() for x in extra]
+  if not all(len(a) == len(y) for a in (c, g, *extra)):
+    raise ValueError(f"per-rollout arrays need equal lengths, got "
+                     f"{[len(a) for a in (y, c, g, *extra)]}")
+  keep = np.isfinite(y)
+  codes = np.unique(g[keep], return_inverse=True)[1].ravel() if keep.any() else np.zeros(0, int)
+  return (y[keep], c[keep], codes, *(x[keep] for x in extra))
+
+
+def question_differences(scores, correct, groups) -> np.ndarray:
+  """Δ_q = mean incorrect − mean correct score, f64[Q'] over the Q' questions that have both
+  kinds among the rollouts with a finite score (in sorted order of the question labels)."""
+  y, c, codes = _rollout_arrays(scores, correct, groups)
+  q = int(codes.max()) + 1 if len(codes) else 0
+  n_inc, n_cor = np.bincount(codes[~c], minlength=q), np.bincount(codes[c], minlength=q)
+  s_inc = np.bincount(codes[~c], y[~c], minlength=q)
+  s_cor = np.bincount(codes[c], y[c], minlength=q)
+  both = (n_inc > 0) & (n_cor > 0)
+  return s_inc[both] / n_inc[both] - s_cor[both] / n_cor[both]
+
+
+def permutation_p(scores, correct, groups, *, n_perm: int = 2000, seed: int = 0) -> float:
+  """Two-sided p of Δ = mean_q Δ_q when the correct labels are shuffled within each question.
+
+  Each permutation draws, independently per question, a uniform reordering of its labels (so
+  every question keeps its numbers of correct and incorrect rollouts); p = (1 + #{|Δ_perm| ≥
+  |Δ|}) / (1 + n_perm). NaN without a question that has both kinds.
+  """
+  y, c, codes = _rollout_arrays(scores, correct, groups)
+  q = int(codes.max()) + 1 if len(codes) else 0
+  both = (np.bincount(codes[~c], minlength=q) > 0) & (np.bincount(codes[c], minlength=q) > 0)
+  if not both.any():
+    return np.nan
+  keep = both[codes]
+  order = np.argsort(codes[keep], kind="stable")
+  y, inc, codes = y[keep][order], ~c[keep][order], codes[keep][order]
+  starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+  n_inc = np.add.reduceat(inc.astype(np.float64), starts)
+  n_q = np.diff(np.r_[starts, len(y)])
+  total = np.add.reduceat(y, starts)
+
+  def delta(labels):  # labels: bool[..., n], incorrect
+    s_inc = np.add.reduceat(labels * y, starts, axis=-1)
+    return (s_inc / n_inc - (total - s_inc) / (n_q - n_inc)).mean(axis=-1)
+
+  observed = delta(inc)
+  rng = np.random.default_rng(seed)
+  dense = np.repeat(np.arange(len(starts)), n_q)  # rows are sorted by question
+  # keys in [k, k+1) for question k: argsort shuffles within each question only
+  perm = np.argsort(rng.random((n_perm, len(y))) + dense, axis=1)
+  null = delta(inc[perm])
+  extreme = np.abs(null) >= np.abs(observed) - 1e-12 * max(1.0, abs(observed))
+  return float((1 + extreme.sum()) / (1 + n_perm))
+
+
+def min_detectable_difference(deltas, *, alpha: float = 0.05, power: float = 0.8) -> float:
+  """(z_{1−α/2} + z_power) · sd(Δ_q) / √n: the |Δ| that a two-sided level-α test over n
+  questions detects with the given power (normal approximation, sd with ddof=1). NaN with
+  n < 2."""
+  x = _finite(deltas)
+  if len(x) < 2:
+    return np.nan
+  z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
+  return float(z * x.std(ddof=1) / np.sqrt(len(x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class WithinQuestion:
+  """The within-question estimand: Δ = mean_q Δ_q (incorrect − correct) over num_questions
+  questions with both kinds (num_rollouts rollouts), its percentile bootstrap interval over
+  questions, the within-question permutation p, the paired Wilcoxon p and rank-biserial
+  effect over Δ_q, sd(Δ_q) and the smallest detectable |Δ| (min_detectable_difference)."""
+  difference: float
+  ci_low: float
+  ci_high: float
+  p_permutation: float
+  p_wilcoxon: float
+  wilcoxon_effect: float
+  num_questions: int
+  num_rollouts: int
+  sd: float
+  min_detectable: float
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def within_question(scores, correct, groups, *, n_boot: int = 2000, n_perm: int = 2000,
+                    alpha: float = 0.05, seed: int = 0) -> WithinQuestion:
+  """Δ and its tests (see WithinQuestion); n_perm = 0 skips the permutation test (NaN)."""
+  y, c, codes = _rollout_arrays(scores, correct, groups)
+  deltas = question_differences(y, c, codes)
+  kinds = np.bincount(codes[c], minlength=codes.max() + 1 if len(codes) else 0)
+  mixed = np.flatnonzero((kinds > 0) & (np.bincount(codes, minlength=len(kinds)) > kinds))
+  lo, hi = bootstrap_ci(deltas, n_boot=n_boot, alpha=alpha, seed=seed)
+  w = paired_wilcoxon(deltas, np.zeros_like(deltas))
+  return WithinQuestion(
+      difference=float(deltas.mean()) if len(deltas) else np.nan, ci_low=lo, ci_high=hi,
+      p_permutation=permutation_p(y, c, codes, n_perm=n_perm, seed=seed) if n_perm else np.nan,
+      p_wilcoxon=w.p_value, wilcoxon_effect=w.effect_size, num_questions=len(deltas),
+      num_rollouts=int(np.isin(codes, mixed).sum()),
+      sd=float(deltas.std(ddof=1)) if len(deltas) > 1 else np.nan,
+      min_detectable=min_detectable_difference(deltas, alpha=alpha))
+
+
+def stratified_differences(scores, correct, groups, strata, *, n_boot: int = 2000,
+                           alpha: float = 0.05, seed: int = 0) -> dict:
+  """Δ within each stratum: {stratum: {"difference", "ci_low", "ci_high", "num_questions"}}.
+
+  strata [N]: a label per rollout (constant within a question for a question-level stratum
+  such as accuracy; free for a rollout-level one such as length). The cell is (question,
+  stratum): Δ_s = mean over the questions with both kinds inside stratum s of their Δ_q,s,
+  bootstrapped over those questions. Strata in sorted order; each present label appears.
+  """
+  y, c, codes = _rollout_arrays(scores, correct, groups)
+  labels = np.asarray(strata).ravel()
+  if len(labels) != len(np.asarray(scores).ravel()):
+    raise ValueError(f"strata needs one label per rollout, got {len(labels)}")
+  labels = labels[np.isfinite(np.asarray(scores, np.float64).ravel())]
+  out = {}
+  for s in np.unique(labels):
+    inside = labels == s
+    deltas = question_differences(y[inside], c[inside], codes[inside])
+    lo, hi = bootstrap_ci(deltas, n_boot=n_boot, alpha=alpha, seed=seed)
+    key = s.item() if isinstance(s, np.generic) else s
+    out[key] = {"difference": float(deltas.mean()) if len(deltas) else np.nan,
+                "ci_low": lo, "ci_high": hi, "num_questions": len(deltas)}
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Regression:
+  """The incorrect-rollout coefficient of an OLS with question fixed effects: estimate,
+  cluster-robust standard error, its t(G−1) interval and two-sided p, and the numbers of
+  questions (G clusters) and rollouts (N)."""
+  coefficient: float
+  se: float
+  ci_low: float
+  ci_high: float
+  p_value: float
+  num_questions: int
+  num_rollouts: int
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def fixed_effects_ols(scores, correct, groups, covariates=(), *,
+                      alpha: float = 0.05) -> Regression:
+  """score ~ incorrect + covariates + one dummy per question, errors clustered by question.
+
+  Fitted on the within-question deviations (the same slopes, residuals and per-cluster scores
+  as the dummies, at a fraction of the cost) with statsmodels' CRV1, whose small-sample factor
+  is G/(G−1)·(N−1)/(N−K) with K the slopes only: the fixed effects are nested in the clusters
+  (Cameron & Miller 2015, "A practitioner's guide to cluster-robust inference", §IV.B).
+  covariates: per-rollout arrays f64[N] (e.g. length); one without variation inside any
+  question is dropped (the fixed effects absorb it). Rows with a non-finite score or
+  covariate are dropped. NaN unless ≥ 2 questions have both kinds and N > K.
+  """
+  y, c, codes, *xs = _rollout_arrays(scores, correct, groups, *covariates)
+  keep = np.all([np.isfinite(x) for x in xs], axis=0) if xs else np.ones(len(y), bool)
+  y, c, codes, xs = y[keep], c[keep], codes[keep], [x[keep] for x in xs]
+  codes = np.unique(codes, return_inverse=True)[1].ravel()
+  n_q = int(codes.max()) + 1 if len(codes) else 0
+  nan = Regression(np.nan, np.nan, np.nan, np.nan, np.nan, n_q, len(y))
+  if len(question_differences(y, c, codes)) < 2:
+    return nan
+  size = np.bincount(codes, minlength=n_q)
+  within = lambda x: x - (np.bincount(codes, x, n_q) / size)[codes]
+  xs = [within(x) for x in xs if np.ptp(within(x)) > 1e-12 * max(1.0, np.abs(x).max())]
+  design = np.column_stack([within((~c).astype(np.float64)), *xs])
+  if len(y) <= design.shape[1]:
+    return nan
+  fit = sm.OLS(within(y), design).fit(cov_type="cluster", cov_kwds={"groups": codes},
+                                      use_t=True)
+  lo, hi = fit.conf_int(alpha)[0]
+  return Regression(float(fit.params[0]), float(fit.bse[0]), float(lo), float(hi),
+                    float(fit.pvalues[0]), n_q, len(y))
