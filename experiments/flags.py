@@ -58,6 +58,15 @@ flags.DEFINE_integer("topk", 20, "k of the top-k reverse-KL directions")
 flags.DEFINE_integer("chunk_nodes", 256, "nodes per scoring chunk (memory: chunk × vocab)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "weight dtype")
 flags.DEFINE_integer("seed", 0, "seed of every random draw")
+flags.DEFINE_integer("seeds", 200, "calibration: independent repetitions (a fresh null reward "
+                     "and fresh rollouts each)")
+flags.DEFINE_float("success_rate", 0.5, "calibration: P(reward = 1) of the reward that ignores "
+                   "the tokens")
+flags.DEFINE_float("planted_delta", 0.3, "calibration: the difference (incorrect − correct) "
+                   "added to the incorrect rollouts' scores to measure power")
+flags.DEFINE_float("alpha", 0.05, "calibration: the test's level")
+flags.DEFINE_integer("permutations", 500, "random relabellings of each question's rewards, "
+                     "scores recomputed, behind the within-question permutation test (0: none)")
 flags.DEFINE_string("out", None, "output directory (reruns resume from its parts/)")
 flags.DEFINE_bool("overwrite", False, "delete --out first instead of resuming")
 FLAGS = flags.FLAGS
@@ -70,14 +79,16 @@ GROUPS = {
     "sampling": ("num_rollouts", "temperature", "top_p", "top_k", "max_new_tokens"),
     "contexts": ("thinking", "demo_samples", "summary_tokens"),
     "targeted": ("budget", "num_continuations", "priority"),
-    "scoring": ("directions", "jsd_beta", "topk", "chunk_nodes"),
+    "scoring": ("directions", "jsd_beta", "topk", "chunk_nodes", "permutations"),
+    "calibration": ("seeds", "success_rate", "planted_delta", "alpha"),
 }
 ALWAYS = ("models", "data", "sampling")  # every experiment reads these
 # The order settings are recorded in (config.json, the report's settings table).
 ORDER = ("students", "teachers", "task", "data", "num_questions", "num_rollouts", "temperature",
          "top_p", "top_k", "max_new_tokens", "thinking", "budget", "num_continuations",
          "priority", "directions", "demo_samples", "summary_tokens", "question_batch",
-         "jsd_beta", "topk", "chunk_nodes", "dtype", "seed")
+         "jsd_beta", "topk", "chunk_nodes", "permutations", "dtype", "seed", "seeds",
+         "success_rate", "planted_delta", "alpha")
 OUTPUT = ("out", "overwrite")
 
 
@@ -125,6 +136,10 @@ def settings(groups, **overrides) -> dict:
     raise ValueError(f"num_questions={out['num_questions']} must be ≥ 1")
   if "budget" in out and out["num_rollouts"] < 2:
     raise ValueError(f"num_rollouts={out['num_rollouts']} must be ≥ 2: a tree needs a branch")
+  if "seeds" in out and not (out["seeds"] >= 1 and 0 < out["success_rate"] < 1
+                            and 0 < out["alpha"] < 1):
+    raise ValueError("need seeds ≥ 1, success_rate and alpha in (0, 1) (got "
+                     f"{out['seeds']}, {out['success_rate']}, {out['alpha']})")
   contexts.parse_specs(out["teachers"])
   diagnose_config(out)
   return out
@@ -158,9 +173,10 @@ def run_groups(s: dict, out: str, step: pipeline.Step, *, overwrite: bool = Fals
   return run_dir, len(examples), time.time() - start
 
 
-def run_script(groups, run, default_out: str) -> None:
+def run_script(groups, run, default_out: str, defaults: dict | None = None) -> None:
   """Runs an experiment as a script: ``run(settings, out, overwrite=...)`` with the flags of
-  ``groups``; a bad setting is reported as a usage error naming it."""
+  ``groups`` (``defaults``: this script's own defaults for some of them); a bad setting is
+  reported as a usage error naming it."""
 
   def main(argv):
     if len(argv) > 1:
@@ -172,7 +188,9 @@ def run_script(groups, run, default_out: str) -> None:
       raise app.UsageError(str(e)) from None
     print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
 
-  FLAGS.set_default("out", default_out)  # only as the script: other experiments keep theirs
+  # Only as the script: other experiments imported in the same process keep theirs.
+  for name, value in dict(defaults or {}, out=default_out).items():
+    FLAGS.set_default(name, value)
   app.run(main)
 
 
@@ -189,7 +207,8 @@ def targeted_config(s: dict) -> targeted.TargetedConfig:
 
 def scoring_config(s: dict) -> alignment.ScoringConfig:
   return alignment.ScoringConfig(directions=s["directions"], chunk_nodes=s["chunk_nodes"],
-                                 jsd_beta=s["jsd_beta"], topk=s["topk"])
+                                 jsd_beta=s["jsd_beta"], topk=s["topk"],
+                                 permutations=s["permutations"])
 
 
 def context_config(s: dict) -> contexts.ContextConfig:

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import sparse
 
 from gradalign_jax import gradients
 from gradalign_jax.scoring import PromptedModel, ScoringStats, Shapes, padded_chunks
@@ -44,20 +46,25 @@ class ScoringConfig:
     headline of the report. Every direction is computed; this selects the table columns.
   chunk_nodes: C, nodes per chunk (memory: C × V logits per model).
   jsd_beta: β of the JSD direction, in [0, 1]. topk: k of the top-k reverse-KL directions.
+  permutations: relabellings of each question's on-policy rewards whose leave-one-out
+    scores are recomputed (``TreeTerms.relabelled_means``) for the within-question
+    permutation test and its null mean (0: no test). Cost: host float64 work ∝ this × the
+    children of every node on the question's paths.
   """
   directions: tuple[str, ...] = tuple(gradients.DIRECTIONS)
   chunk_nodes: int = 256
   jsd_beta: float = 0.5
   topk: int = 20
+  permutations: int = 500
 
   def __post_init__(self):
     object.__setattr__(self, "directions", tuple(self.directions))
     bad = [d for d in self.directions if d not in gradients.DIRECTIONS]
     if bad or not self.directions:
       raise ValueError(f"unknown directions {bad}; choose from {list(gradients.DIRECTIONS)}")
-    if self.chunk_nodes < 1 or self.topk < 1:
-      raise ValueError(f"need chunk_nodes ≥ 1 and topk ≥ 1 (got {self.chunk_nodes}, "
-                       f"{self.topk})")
+    if self.chunk_nodes < 1 or self.topk < 1 or self.permutations < 0:
+      raise ValueError(f"need chunk_nodes ≥ 1, topk ≥ 1 and permutations ≥ 0 (got "
+                       f"{self.chunk_nodes}, {self.topk}, {self.permutations})")
     if not 0.0 <= self.jsd_beta <= 1.0:
       raise ValueError(f"jsd_beta={self.jsd_beta} must be in [0, 1]")
 
@@ -136,12 +143,9 @@ def _future_rewards(tree: PrefixTree, arrays: TreeArrays, paths, ell: np.ndarray
   return np.where(arrays.visits > 0, total / np.maximum(arrays.visits, 1), 0.0)
 
 
-def _segment(values, groups, num_groups, how="sum"):
-  """Per-group reduction of per-edge values (groups need not be sorted)."""
-  if how == "sum":
-    return np.bincount(groups, weights=values, minlength=num_groups)
-  out = np.full(num_groups, -np.inf if how == "max" else np.inf)
-  (np.maximum if how == "max" else np.minimum).at(out, groups, values)
+def _segment_max(values, groups, num_groups):
+  out = np.full(num_groups, -np.inf)
+  np.maximum.at(out, groups, values)
   return out
 
 
@@ -153,40 +157,48 @@ def ideal_scores(groups: np.ndarray, num_groups: int, z: np.ndarray, log_norm: n
   A group is one decision node's children (with its own counts: the full tree, or the tree
   less one rollout). Per edge (all [N]): groups (int, the group), z (the student's logit / T
   of the child's token), log_norm (that node's log Σ exp z/T, so π = exp(z − log_norm)),
-  successes, trials (s, n of the edge), directions {name: d at the child's token}. Over the
-  observed edges O (n > 0): π̃ = π renormalised on O, m the mode of π̃,
+  successes, trials (s, n of the edge; [N] or [N, P] for P relabellings at once),
+  directions {name: d at the child's token}. Over the observed edges O (n > 0): π̃ = π
+  renormalised on O, m the mode of π̃,
   Q̂_k − V̂ = (Q̂_k − Q̂_m) − Σ_{i∈O} π̃_i (Q̂_i − Q̂_m)  (MATH.md's stable form),
-  ĝ*_k = π_k (Q̂_k − V̂). Returns per group: ``norm_ideal``, ``dot_<name>``, ``v_hat``,
-  ``num_observed`` and ``informative`` (|O| ≥ 2, Q̂ over O not all equal).
+  ĝ*_k = π_k (Q̂_k − V̂). Returns per group ([num_groups] or [num_groups, P]):
+  ``norm_ideal``, ``dot_<name>``, ``v_hat``, ``num_observed`` and ``informative`` (|O| ≥ 2,
+  Q̂ over O not all equal).
   """
   g_ = np.asarray(groups, np.int64)
   n = np.asarray(trials, np.float64)
+  extra = n.shape[1:]
+  col = (slice(None),) + (None,) * len(extra)  # a per-edge [N] array against [N, P]
+  # Group sums as one sparse product: works for [N] and [N, P] alike.
+  sum_of = sparse.csr_matrix((np.ones(len(g_)), (g_, np.arange(len(g_)))),
+                             shape=(num_groups, len(g_)))
+  total = lambda x: np.asarray(sum_of @ x)
   obs = n > 0
   q = np.where(obs, np.asarray(successes, np.float64) / np.maximum(n, 1), 0.0)
   z = np.asarray(z, np.float64)
-  zo = np.where(obs, z, -np.inf)
-  zmax = _segment(zo, g_, num_groups, "max")
+  # Which edges are observed depends on the trials only, the same in every relabelling.
+  obs0 = obs if not extra else obs.reshape(len(g_), -1)[:, 0]
+  zo = np.where(obs0, z, -np.inf)
+  zmax = _segment_max(zo, g_, num_groups)
   has = np.isfinite(zmax)
-  weight = np.where(obs, np.exp(zo - np.where(has, zmax, 0.0)[g_]), 0.0)
-  pi_o = weight / np.maximum(_segment(weight, g_, num_groups), 1e-300)[g_]
+  weight = np.where(obs0, np.exp(zo - np.where(has, zmax, 0.0)[g_]), 0.0)
+  pi_o = weight / np.maximum(total(weight), 1e-300)[g_]
   # The mode: the first observed edge of the group at its largest logit.
-  idx = np.arange(len(g_))
   first = np.full(num_groups, len(g_))
-  at_max = obs & (zo == zmax[g_])
-  np.minimum.at(first, g_[at_max], idx[at_max])
-  q_mode = np.where(has, q[np.minimum(first, len(g_) - 1)] if len(g_) else 0.0, 0.0)
+  at_max = obs0 & (zo == zmax[g_])
+  np.minimum.at(first, g_[at_max], np.arange(len(g_))[at_max])
+  q_mode = q[np.minimum(first, max(len(g_) - 1, 0))] if len(g_) else np.zeros((0,) + extra)
   diff = np.where(obs, q - q_mode[g_], 0.0)
-  shift = _segment(pi_o * diff, g_, num_groups)
+  shift = total(pi_o[col] * diff)
   pi = np.exp(z - np.asarray(log_norm, np.float64))
-  g = np.where(obs, pi * (diff - shift[g_]), 0.0)
-  out = {"norm_ideal": np.sqrt(_segment(g * g, g_, num_groups)),
-         "v_hat": np.where(has, q_mode + shift, np.nan),
-         "num_observed": np.bincount(g_[obs], minlength=num_groups)}
+  g = np.where(obs, pi[col] * (diff - shift[g_]), 0.0)
+  out = {"norm_ideal": np.sqrt(total(g * g)),
+         "v_hat": np.where(has[col], q_mode + shift, np.nan),
+         "num_observed": total(obs.astype(np.float64)).astype(np.int64)}
   for name, d in directions.items():
-    out[f"dot_{name}"] = _segment(g * np.asarray(d, np.float64), g_, num_groups)
-  q_hi = _segment(np.where(obs, q, -np.inf), g_, num_groups, "max")
-  q_lo = _segment(np.where(obs, q, np.inf), g_, num_groups, "min")
-  out["informative"] = (out["num_observed"] >= 2) & (q_hi > q_lo)
+    out[f"dot_{name}"] = total(g * np.asarray(d, np.float64)[col])
+  differs = total((obs & (q != q_mode[g_])).astype(np.float64))
+  out["informative"] = (out["num_observed"] >= 2) & (differs > 0)
   return out
 
 
@@ -260,6 +272,49 @@ class TreeTerms:
     successes = a.successes[kids] - np.where(mine, reward, 0.0)
     trials = a.trials[kids] - mine
     return self._scores(nodes, groups, kids, successes, trials)
+
+
+  def relabelled_means(self, paths: Sequence[np.ndarray], rewards: np.ndarray,
+                       labels: np.ndarray, directions: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each on-policy rollout's leave-one-out mean cosine when its question's on-policy
+    rewards are replaced by each row of ``labels``: the scores are functions of every
+    rollout's reward (through the shared counts), so a permutation test must recompute them.
+
+    paths: ``rollout_paths`` of the G on-policy rollouts; rewards: their rewards float[G]
+    (targeted rollouts keep theirs); labels: float[P, G] relabellings (row p is rollout r's
+    reward under relabelling p). Returns {direction: float64[P, G]} (NaN where a rollout has
+    no informative node under that relabelling). Vectorised over P; memory ~ P × (the children
+    of every node on the paths).
+    """
+    a = self.arrays
+    g = len(paths)
+    labels = np.asarray(labels, np.float64).reshape(-1, g)
+    lengths = np.asarray([len(p) for p in paths])
+    path_edges = np.concatenate(paths)
+    owner = np.repeat(np.arange(g), lengths)
+    nodes = a.parent[path_edges]
+    groups, kids = self._children(nodes)
+    # Each edge's successes as a function of the labels: the targeted rollouts' part is fixed;
+    # an on-policy rollout adds its label to every edge of its path.
+    incidence = np.zeros((a.num_nodes, g))
+    np.add.at(incidence, (path_edges, owner), 1.0)
+    fixed = a.successes - incidence @ np.asarray(rewards, np.float64)
+    own = (kids == path_edges[groups]).astype(np.float64)
+    succ = (fixed[kids][:, None] + incidence[kids] @ labels.T
+            - own[:, None] * labels.T[owner[groups]])
+    trials = (a.trials[kids] - own)[:, None]
+    d = {name: self.edge[f"d_{name}"][kids] for name in directions}
+    s = ideal_scores(groups, len(nodes), self.edge["z"][kids], self.node["lse"][nodes][groups],
+                     succ, np.broadcast_to(trials, succ.shape), d)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    info = s["informative"].astype(np.float64)
+    count = np.add.reduceat(info, starts, axis=0)
+    out = {}
+    for name in directions:
+      cos = cosine(s[f"dot_{name}"], s["norm_ideal"], self.node[f"norm_{name}"][nodes][:, None])
+      total = np.add.reduceat(np.where(info > 0, cos, 0.0), starts, axis=0)
+      out[name] = np.where(count > 0, total / np.maximum(count, 1), np.nan).T
+    return out
 
 
 def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,

@@ -292,6 +292,28 @@ def spend_targeted_budget(run: Setup, group: Group, teachers: TeacherPrompts,
         shapes=scoring_shapes(config))
 
 
+def relabelled_deltas(terms: alignment.TreeTerms, paths, rewards, directions, permutations: int,
+                      seed: int) -> dict[str, list[float]]:
+  """Δ_q (incorrect − correct mean leave-one-out score) of one question under ``permutations``
+  random relabellings of its G on-policy rewards, scores recomputed for each: the null the
+  report's permutation test compares Δ_q with. {direction: [Δ_q per relabelling]} (NaN where a
+  relabelling leaves no scored rollout of one kind)."""
+  if not permutations:
+    return {d: [] for d in directions}
+  rewards = np.asarray(rewards, np.float64)
+  rng = np.random.default_rng(seed)
+  labels = np.stack([rng.permutation(rewards) for _ in range(permutations)])
+  means = terms.relabelled_means(paths, rewards, labels, directions)
+  correct = labels > 0.5
+  out = {}
+  for d, m in means.items():
+    with np.errstate(invalid="ignore"):
+      inc = np.nanmean(np.where(~correct, m, np.nan), axis=1)
+      cor = np.nanmean(np.where(correct, m, np.nan), axis=1)
+    out[d] = (inc - cor).tolist()
+  return out
+
+
 def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
                 config: DiagnoseConfig) -> dict[int, dict[str, list[dict]]]:
   """The final pass of every spec on each question's tree, as table rows:
@@ -322,6 +344,11 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
           prompt_tokens=0 if teacher is None else len(teacher.prompt),
           context_tokens=0 if teacher is None else len(teacher.prompt) - len(group.prompts[j]),
           targeted=len(tree.rollouts) - g))
+      null = {d: [] for d in directions}
+      if cols is not None:
+        null = relabelled_deltas(terms, paths[:g], rewards[:g], directions, sc.permutations,
+                                 seed=config.seed * 1_000_003 + i)
+      rows["questions"][-1].update({f"null_delta_{d}": null[d] for d in directions})
       if cols is None:
         continue
       rows["nodes"] += tables.node_rows(key, cols, arrays, paths, directions)

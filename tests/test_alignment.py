@@ -94,3 +94,35 @@ def test_leave_one_out_differs_from_the_full_tree():
     v_hat = (pi[1] * q1 + pi[2] * 1.0) / (pi[1] + pi[2])
     g = np.array([pi[1] * (q1 - v_hat), pi[2] * (1.0 - v_hat)])
     np.testing.assert_allclose(got, np.linalg.norm(g), rtol=1e-5)
+
+
+def _loo_means(terms, paths, rewards, g, name):
+  """Each on-policy rollout's mean leave-one-out cosine, one rollout at a time."""
+  out = []
+  for r in range(g):
+    loo = terms.leave_one_out(paths[r], rewards[r])
+    inf = loo["informative"]
+    out.append(loo[f"align_{name}"][inf].mean() if inf.any() else np.nan)
+  return np.asarray(out)
+
+
+def test_relabelled_means_equal_rescoring_with_the_labels_swapped():
+  """A relabelling of the on-policy rewards gives the scores of a tree built with those
+  rewards (targeted rollouts keep theirs); the identity gives the rollouts' own scores."""
+  rollouts = _rollouts(2)
+  g = len(rollouts) - 2  # the last two are targeted
+  t = _build(rollouts)
+  terms = _score(t)
+  paths = alignment.rollout_paths(t, terms.arrays)[:g]
+  rewards = np.asarray([r for _, r, _ in rollouts[:g]])
+  rng = np.random.default_rng(0)
+  labels = np.stack([rewards] + [rng.permutation(rewards) for _ in range(3)])
+  got = terms.relabelled_means(paths, rewards, labels, ["reverse_kl", "jsd"])
+  for p, row in enumerate(labels):
+    swapped = [(tok, float(row[i]) if i < g else rew, b)
+               for i, (tok, rew, b) in enumerate(rollouts)]
+    ref_terms = terms if p == 0 else _score(_build(swapped))
+    for name in ("reverse_kl", "jsd"):
+      want = _loo_means(ref_terms, paths, row, g, name)
+      np.testing.assert_allclose(got[name][p], want, rtol=1e-6, atol=1e-9, err_msg=f"{name} {p}")
+  assert not np.allclose(np.nan_to_num(got["reverse_kl"][0]), np.nan_to_num(got["reverse_kl"][1]))

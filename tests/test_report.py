@@ -50,7 +50,8 @@ def sweep_tables(shifts, n_q=6, G=6, seed=0, V=4):
       if s_cor is None and q == n_q - 1:
         questions.append(dict(student=student, spec=spec, question_id=qid, n_rollouts=G,
                               n_correct=G, accuracy=1.0, context="no incorrect rollout among 8 "
-                              "demo samples", **{f"mean_{d}": np.nan for d in DIRS}))
+                              "demo samples", **{f"mean_{d}": np.nan for d in DIRS},
+                              **{f"null_delta_{d}": [] for d in DIRS}))
         continue
       rows = []
       for r in range(G):
@@ -65,7 +66,9 @@ def sweep_tables(shifts, n_q=6, G=6, seed=0, V=4):
       n_cor = sum(r["correct"] for r in rows)
       questions.append(dict(student=student, spec=spec, question_id=qid, n_rollouts=G,
                             n_correct=n_cor, accuracy=n_cor / G, context="ok",
-                            **{f"mean_{d}": rng.uniform(-1, 1) for d in DIRS}))
+                            **{f"mean_{d}": rng.uniform(-1, 1) for d in DIRS},
+                            **{f"null_delta_{d}": _null_draws(pd.DataFrame(rows), d, q)
+                               for d in DIRS}))
     n = 40
     kl = rng.exponential(size=n)
     node = dict(student=student, spec=spec, question_id="q0", node_id=np.arange(n),
@@ -92,6 +95,23 @@ def rollouts_from_means(rows):
   return pd.DataFrame(out)
 
 
+N_NULL = 999
+
+
+def _null_draws(r, d, seed):
+  """Δ_q under N_NULL shuffles of one question's labels over its fixed scores: the synthetic
+  scores here do not depend on the labels, so this is the relabelling null (the pipeline
+  recomputes its scores instead)."""
+  rng = np.random.default_rng(seed)
+  y, c = r[f"mean_{d}"].to_numpy(float), r["correct"].to_numpy(bool)
+  out = []
+  for _ in range(N_NULL):
+    p = rng.permutation(c)
+    inc, cor = y[~p & np.isfinite(y)], y[p & np.isfinite(y)]
+    out.append(inc.mean() - cor.mean() if len(inc) and len(cor) else np.nan)
+  return out
+
+
 def questions_for(rollouts):
   g = rollouts.groupby(["student", "spec", "question_id"], sort=False)
   q = g.agg(n_rollouts=("correct", "size"), n_correct=("correct", "sum")).reset_index()
@@ -99,6 +119,7 @@ def questions_for(rollouts):
   q["context"] = "ok"
   for d in DIRS:
     q[f"mean_{d}"] = g[f"mean_{d}"].mean().to_numpy()
+    q[f"null_delta_{d}"] = [_null_draws(r, d, i) for i, (_, r) in enumerate(g)]
   return q
 
 
@@ -324,7 +345,7 @@ def test_findings_count_specs_within_question(sweep):
                                           ("small", "self:correct_demo"), ("large", "self")])
 @pytest.mark.parametrize("d", DIRS)
 def test_within_question_recomputed_from_the_rollouts_table(sweep, student, spec, d):
-  rollouts, _, _, summary = sweep
+  rollouts, questions, _, summary = sweep
   r = rollouts[(rollouts.student == student) & (rollouts.spec == spec)]
   block = summary["students"][student]["specs"][spec]
   w = block["tests"][d]["within_question"]
@@ -332,13 +353,19 @@ def test_within_question_recomputed_from_the_rollouts_table(sweep, student, spec
   assert w["num_questions"] == len(deltas) >= 3
   assert w["difference"] == pytest.approx(deltas.mean())
   assert w["ci_low"] <= w["difference"] <= w["ci_high"]
-  assert w["p_wilcoxon"] == pytest.approx(sps.wilcoxon(deltas).pvalue)
+  q = questions[(questions.student == student) & (questions.spec == spec)].set_index(
+      "question_id")[f"null_delta_{d}"]
+  centred = np.array([v - np.nanmean(q[k]) for k, v in _within_by_hand(r, d).items()])
+  assert w["null_mean"] == pytest.approx(
+      np.nanmean(np.stack([v for v in q if len(v)]), axis=0).mean())
+  assert w["difference_vs_null"] == pytest.approx(centred.mean())
+  assert w["p_wilcoxon"] == pytest.approx(sps.wilcoxon(centred).pvalue)
   assert w["min_detectable"] == pytest.approx(
       (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * deltas.std(ddof=1) / np.sqrt(len(deltas)))
   scored = r[np.isfinite(r[f"mean_{d}"])]
   both = scored.groupby("question_id").correct.nunique() == 2
   assert w["num_rollouts"] == scored.question_id.map(both).sum()
-  assert 1 / 2001 <= w["p_permutation"] <= 1
+  assert 1 / (1 + N_NULL) <= w["p_permutation"] <= 1
   reg = w["regression"]
   assert reg["num_questions"] == scored.question_id.nunique()
   assert reg["num_rollouts"] == len(scored)
@@ -353,7 +380,7 @@ def test_summary_from_rollouts_parquet(sweep, tmp_path):
   files.save_table(rollouts, str(tmp_path / "rollouts.parquet"))
   back = pd.read_parquet(tmp_path / "rollouts.parquet")
   summary = json.loads(report.to_json(report.summarize(back, questions, nodes, DIRS,
-                                                       n_boot=N_BOOT, n_perm=200)))
+                                                       n_boot=N_BOOT)))
   for student, s in summary["students"].items():
     for spec, b in s["specs"].items():
       r = back[(back.student == student) & (back.spec == spec)]
@@ -405,7 +432,7 @@ def test_simpsons_paradox_pooled_and_within_disagree():
                    + 0.01 * (i % 3)))
   rollouts = rollouts_from_means(rows)
   summary = report.summarize(rollouts, questions_for(rollouts), pd.DataFrame(), DIRS,
-                             n_boot=N_BOOT, n_perm=999)
+                             n_boot=N_BOOT)
   spec = summary["students"]["s"]["specs"]["self"]
   w = spec["within_question"]
   assert w["difference"] == pytest.approx(np.mean(list(_within_by_hand(rollouts, "reverse_kl")
@@ -426,7 +453,7 @@ def test_within_question_block_is_strict_json_when_undefined(sweep):
   for key in ("difference", "ci_low", "ci_high", "p_permutation", "p_wilcoxon"):
     assert spec["within_question"][key] is None
   assert spec["within_question"]["regression"]["coefficient"] is None
-  assert back["methods"] == {"alpha": 0.05, "power": 0.8, "n_boot": N_BOOT, "n_perm": 2000,
+  assert back["methods"] == {"alpha": 0.05, "power": 0.8, "n_boot": N_BOOT, "n_perm": N_NULL,
                              "seed": 0}
 
 
@@ -459,7 +486,7 @@ def test_render_numbers_and_findings():
           rows.append((student, spec, f"q{q}", i, correct, c))
   rollouts = rollouts_from_means(rows)
   summary = report.summarize(rollouts, questions_for(rollouts), pd.DataFrame(), DIRS,
-                             {"task": "synthetic", "G": 6}, n_boot=N_BOOT, n_perm=999)
+                             {"task": "synthetic", "G": 6}, n_boot=N_BOOT)
   # summary.json round trip: render reads null as n/a
   summary = json.loads(report.to_json(summary))
   text = report.render(summary, ["correct_vs_incorrect.png"])

@@ -98,42 +98,35 @@ def test_question_differences_hand_worked():
   q, c, y = _tiny_table()
   # a: 0.1 − 0.7; b: 0.7 − 0.1; c: 0.6 − 0.7 (the NaN rollout drops); d has no incorrect
   np.testing.assert_allclose(stats.question_differences(y, c, q), [-0.6, 0.6, -0.1])
-  w = stats.within_question(y, c, q, n_perm=500, n_boot=500)
+  w = stats.within_question(y, c, q, n_boot=500)
   assert w.difference == pytest.approx(-0.1 / 3)
   assert (w.num_questions, w.num_rollouts) == (3, 10)
   assert w.ci_low <= w.difference <= w.ci_high
   assert w.sd == pytest.approx(np.std([-0.6, 0.6, -0.1], ddof=1))
 
 
-def test_permutation_p_matches_exact_enumeration():
-  q, c, y = _tiny_table()
-  observed = _delta_by_hand(q, c, y).mean()
-  finite = np.isfinite(y)
-  # every within-question reordering of the labels (a: 3, b: 6, c: 3 distinct ones; d: 1)
-  per_q = []
-  for k in sorted(set(q)):
-    idx = np.flatnonzero((q == k) & finite)
-    per_q.append((idx, sorted(set(itertools.permutations(c[idx])))))
-  null = []
-  for choice in itertools.product(*(labels for _, labels in per_q)):
-    c_perm = c.copy()
-    for (idx, _), labels in zip(per_q, choice):
-      c_perm[idx] = labels
-    null.append(_delta_by_hand(q, c_perm, y).mean())
-  assert len(null) == 3 * 6 * 3
-  p_exact = np.mean(np.abs(null) >= abs(observed) - 1e-12)
-  p = stats.permutation_p(y, c, q, n_perm=20000, seed=1)
-  assert p == pytest.approx(p_exact, abs=0.01)  # Monte Carlo sd ≈ 0.0035
-  assert p == stats.permutation_p(y, c, q, n_perm=20000, seed=1)
+def test_relabelling_test_hand_worked():
+  """Two questions with both kinds, one without; null draws given by hand."""
+  observed = {"a": 0.5, "b": 0.1}
+  null = {"a": [0.0, 0.2, 0.4, 0.6], "b": [0.1, -0.1, np.nan, 0.3], "c": [np.nan] * 4}
+  out = stats.relabelling_test(observed, null)
+  draws = np.array([0.05, 0.05, 0.4, 0.45])  # per relabelling, mean over finite questions
+  m = draws.mean()
+  stat = 0.3
+  assert out["null_mean"] == pytest.approx(m)
+  assert out["p"] == pytest.approx((1 + np.sum(np.abs(draws - m) >= abs(stat - m))) / 5)
+  assert out["centred"] == pytest.approx({"a": 0.5 - 0.3, "b": 0.1 - 0.1})
+  assert out["num_relabellings"] == 4
 
 
-def test_permutation_p_finds_a_planted_effect_and_has_the_plus_one():
+def test_relabelling_test_finds_a_planted_effect_and_has_the_plus_one():
   rng = np.random.default_rng(0)
-  q = np.repeat(np.arange(30), 6)
-  c = np.tile([True, False] * 3, 30)
-  y = rng.normal(size=len(q)) + 0.8 * ~c + 3 * rng.normal(size=30)[q]  # question offsets
-  assert stats.permutation_p(y, c, q, n_perm=999) == pytest.approx(1 / 1000)
-  assert np.isnan(stats.permutation_p([0.1, 0.2], [True, True], ["a", "b"]))
+  null = {f"q{k}": 0.2 + 0.05 * rng.normal(size=999) for k in range(20)}
+  observed = {f"q{k}": 0.9 for k in range(20)}
+  out = stats.relabelling_test(observed, null)
+  assert out["p"] == pytest.approx(1 / 1000)
+  assert out["centred"]["q0"] == pytest.approx(0.7, abs=0.01)
+  assert np.isnan(stats.relabelling_test(observed, {})["p"])
 
 
 def test_min_detectable_difference_formula():

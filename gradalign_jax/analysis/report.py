@@ -121,7 +121,17 @@ def split_block(rollouts: pd.DataFrame, directions, *, n_boot: int = 2000, seed:
   return block
 
 
-def _tests(rollouts: pd.DataFrame, d: str, n_boot: int, n_perm: int, seed: int) -> dict:
+def _null(questions: pd.DataFrame, d: str) -> dict:
+  """{question: Δ_q under each relabelling} from the questions table (empty without it)."""
+  col = f"null_delta_{d}"
+  if col not in questions.columns:
+    return {}
+  return {q: np.asarray(v, np.float64) for q, v in zip(questions["question_id"], questions[col])
+          if isinstance(v, (list, tuple, np.ndarray)) and len(v)}
+
+
+def _tests(rollouts: pd.DataFrame, questions: pd.DataFrame, d: str, n_boot: int,
+           seed: int) -> dict:
   """Incorrect vs correct rollouts of one (student, spec) for direction d: the within-question
   block (_within), the paired Wilcoxon over Δ_q in full, and, secondary, the rollouts pooled
   over questions (Mann–Whitney, the difference of pooled means)."""
@@ -131,7 +141,7 @@ def _tests(rollouts: pd.DataFrame, d: str, n_boot: int, n_perm: int, seed: int) 
   deltas = stats.question_differences(rollouts[col].to_numpy(np.float64), correct.to_numpy(),
                                       pd.factorize(rollouts["question_id"])[0])
   return {
-      "within_question": _within(rollouts, d, n_boot, n_perm, seed),
+      "within_question": _within(rollouts, _null(questions, d), d, n_boot, seed),
       "mann_whitney": _comparison(stats.mann_whitney(inc, cor)),
       "wilcoxon": _comparison(stats.paired_wilcoxon(deltas, np.zeros_like(deltas))),
       "difference": _mean(inc) - _mean(cor),
@@ -158,7 +168,7 @@ def _strata(rollouts: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
   return accuracy, (length > e1).astype(int) + (length > e2), ranges
 
 
-def _within(rollouts: pd.DataFrame, d: str, n_boot: int, n_perm: int, seed: int) -> dict:
+def _within(rollouts: pd.DataFrame, null: dict, d: str, n_boot: int, seed: int) -> dict:
   """The within-question estimand of one (student, spec) for direction d (MATH.md):
   stats.WithinQuestion's fields, ``strata`` ({"question_accuracy", "length"}: lists of
   {"stratum", "difference", "ci_low", "ci_high", "num_questions"}, length ones with their
@@ -168,7 +178,8 @@ def _within(rollouts: pd.DataFrame, d: str, n_boot: int, n_perm: int, seed: int)
   correct = rollouts["correct"].to_numpy(bool)
   qid = pd.factorize(rollouts["question_id"])[0]
   block = {k: _float(v) if isinstance(v, float) else v for k, v in stats.within_question(
-      y, correct, qid, n_boot=n_boot, n_perm=n_perm, alpha=ALPHA, seed=seed).as_dict().items()}
+      y, correct, rollouts["question_id"].to_numpy(), null, n_boot=n_boot, alpha=ALPHA,
+      seed=seed).as_dict().items()}
   accuracy, length, ranges = _strata(rollouts)
   block["strata"] = {}
   for name, labels, names in (("question_accuracy", accuracy, ACCURACY_STRATA),
@@ -252,12 +263,13 @@ def _question_wins(rollouts: pd.DataFrame, questions: pd.DataFrame, specs, prima
 
 def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFrame,
               directions=("reverse_kl",), config: dict | None = None, *, n_boot: int = 2000,
-              n_perm: int = 2000, seed: int = 0) -> dict:
+              seed: int = 0) -> dict:
   """The content of summary.json.
 
   directions: those to report, the first being the primary one (best spec, question wins,
-  covariates and findings use it). config: the run's settings, copied verbatim. n_boot /
-  n_perm: bootstrap resamples / within-question label permutations (every direction).
+  covariates and findings use it). config: the run's settings, copied verbatim. n_boot:
+  bootstrap resamples. The permutation test reads the questions table's ``null_delta_<d>``
+  (Δ_q under relabellings whose scores the pipeline recomputed).
   Per student: ``accuracy`` (Σ n_correct / Σ n_rollouts over all its question rows),
   ``n_questions`` and per spec ``{"accuracy"`` (over the spec's scored rollouts, so questions
   without a context drop out), ``"within_question"`` (the primary direction's _within block),
@@ -292,7 +304,7 @@ def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFra
       q = s_q[s_q["spec"] == spec]
       correct = r["correct"].astype(bool)
       unavailable = q.loc[q["context"] != "ok", "context"].value_counts()
-      tests = {d: _tests(r, d, n_boot, n_perm, seed) for d in dirs}
+      tests = {d: _tests(r, q, d, n_boot, seed) for d in dirs}
       specs[spec] = {
           "accuracy": _ratio(float(correct.sum()), float(len(r))),
           "within_question": tests[primary]["within_question"],
@@ -311,7 +323,10 @@ def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFra
         "specs": specs,
         **_question_wins(s_roll, s_q, list(specs), primary, n_boot=n_boot, seed=seed),
     }
-  methods = {"alpha": ALPHA, "power": POWER, "n_boot": n_boot, "n_perm": n_perm, "seed": seed}
+  relabellings = [b["within_question"]["num_relabellings"] for s in students.values()
+                  for b in s["specs"].values()]
+  methods = {"alpha": ALPHA, "power": POWER, "n_boot": n_boot,
+             "n_perm": max(relabellings, default=0), "seed": seed}
   return {"config": dict(config or {}), "directions": dirs, "methods": methods,
           "students": students, "findings": _findings(students, primary)}
 
@@ -324,7 +339,9 @@ def _findings(students: dict, primary: str) -> dict:
   per_student = {}
   for student, s in students.items():
     rows = {spec: b["tests"][primary]["within_question"] for spec, b in s["specs"].items()}
-    diff = {spec: t["difference"] for spec, t in rows.items()}
+    # The sign the permutation test speaks to: Δ against its null mean (Δ itself without one).
+    diff = {spec: t["difference_vs_null"] if np.isfinite(t["difference_vs_null"])
+            else t["difference"] for spec, t in rows.items()}
     sig = {spec: bool(t["p_permutation"] < ALPHA) for spec, t in rows.items()}
     inc_higher = [spec for spec, v in diff.items() if np.isfinite(v) and v > 0]
     cor_higher = [spec for spec, v in diff.items() if np.isfinite(v) and v < 0]
@@ -341,6 +358,8 @@ def _findings(students: dict, primary: str) -> dict:
         "specs_significant": [s_ for s_ in rows if sig[s_]],
         "specs_pooled_significant": pooled,
         "within_question": {spec: {k: t[k] for k in ("difference", "ci_low", "ci_high",
+                                                     "null_mean", "difference_vs_null",
+                                                     "vs_null_ci_low", "vs_null_ci_high",
                                                      "p_permutation", "num_questions",
                                                      "min_detectable")}
                             for spec, t in rows.items()},
@@ -427,9 +446,13 @@ def _methods_text(m: dict) -> list[str]:
       "mean of its correct ones (rollouts with an informative node); Δ = mean of Δ_q over the "
       "questions with both kinds. The unit is the question: intervals are 95% percentile "
       f"bootstraps over questions ({m['n_boot']} resamples).",
-      f"- Permutation p: the correct labels shuffled within each question, {m['n_perm']} "
-      f"permutations (seed {m['seed']}), two-sided on |Δ|, p = (1 + #extreme) / (1 + "
-      f"{m['n_perm']}); every direction. Wilcoxon p: signed-rank test over the Δ_q.",
+      f"- Permutation p: each question's rewards relabelled at random {m['n_perm']} times "
+      "(every rollout's leave-one-out score recomputed: it reads the other rollouts' rewards "
+      "through the shared counts, so shuffling labels over fixed scores would not be a valid "
+      "null), two-sided around the null's mean, p = (1 + #extreme) / (1 + relabellings). The "
+      "null's mean is not 0: a rollout that is correct lowers the others' counts on its own "
+      "path. Δ − null: each Δ_q less its mean under relabelling, bootstrapped over questions. "
+      "Wilcoxon p: signed-rank test over those centred Δ_q.",
       f"- Detectable |Δ|: (z_(1−α/2) + z_power) · sd(Δ_q) / √questions, α = {a:g}, power "
       f"{power:g} (normal approximation).",
       "- Strata: the question's accuracy in fixed thirds (over its rollouts); rollout length "
@@ -502,18 +525,23 @@ def _within_text(s: dict, dirs: list) -> list[str]:
   primary, specs = dirs[0], s["specs"]
   lines = [f"### Within question ({primary})", "",
            "Δ = incorrect − correct, mean over questions with both kinds [95% CI over "
-           "questions]; questions (rollouts) behind it; regression β [CI] (p; questions); "
-           "coverage = informative / scored nodes.", ""]
+           "questions]; its mean under relabelled rewards (the null: not 0, see Methods) and "
+           "Δ − null [95% CI], which the permutation p tests; questions (rollouts) behind it; "
+           "regression β [CI] (p; questions); coverage = informative / scored nodes.", ""]
   rows = []
   for spec, b in specs.items():
     w, r, cov = b["within_question"], b["within_question"]["regression"], b["coverage"]
     beta = {"difference": r["coefficient"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+    vs_null = {"difference": w["difference_vs_null"], "ci_low": w["vs_null_ci_low"],
+               "ci_high": w["vs_null_ci_high"]}
     rows.append([spec, f"{w['num_questions']} ({w['num_rollouts']})", _delta(w),
+                 _num(w["null_mean"], 3, "+"), _delta(vs_null),
                  _p(w["p_permutation"]), _p(w["p_wilcoxon"]), _num(w["min_detectable"]),
                  f"{_delta(beta)} ({_p(r['p_value'])}; {r['num_questions']})",
                  f"{_num(cov['fraction'], 2)} ({cov['informative']}/{cov['nodes']})"])
-  lines += _table(["spec", "questions (rollouts)", "Δ [95% CI]", "permutation p", "Wilcoxon p",
-                   "detectable abs Δ", "regression β", "coverage"], rows)
+  lines += _table(["spec", "questions (rollouts)", "Δ [95% CI]", "null mean", "Δ − null [95% CI]",
+                   "permutation p", "Wilcoxon p", "detectable abs Δ", "regression β",
+                   "coverage"], rows)
 
   strata = lambda b: b["within_question"]["strata"]
   if specs:

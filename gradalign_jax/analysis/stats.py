@@ -17,6 +17,7 @@ functions are pure and deterministic under ``seed``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import statsmodels.api as sm
@@ -145,38 +146,37 @@ def question_differences(scores, correct, groups) -> np.ndarray:
   return s_inc[both] / n_inc[both] - s_cor[both] / n_cor[both]
 
 
-def permutation_p(scores, correct, groups, *, n_perm: int = 2000, seed: int = 0) -> float:
-  """Two-sided p of Δ = mean_q Δ_q when the correct labels are shuffled within each question.
+def relabelling_test(observed: dict, null: dict) -> dict:
+  """The within-question permutation test when the scores are functions of the labels.
 
-  Each permutation draws, independently per question, a uniform reordering of its labels (so
-  every question keeps its numbers of correct and incorrect rollouts); p = (1 + #{|Δ_perm| ≥
-  |Δ|}) / (1 + n_perm). NaN without a question that has both kinds.
+  A rollout's leave-one-out score reads every other rollout's reward through the shared
+  counts, so shuffling labels over fixed scores is not a valid null; the pipeline instead
+  recomputes the scores under P random relabellings of each question's rewards
+  (``pipeline.relabelled_deltas``). observed: {question: Δ_q} over the questions with both
+  kinds; null: {question: float[P]}, Δ_q under each relabelling (NaN where it leaves one
+  kind unscored), for every question (relabelling j of all questions together is one draw of
+  the null, questions being independent). Statistic Δ = mean_q Δ_q; its null draws
+  Δ_j = mean over the questions with both kinds under j; two-sided around the null's mean,
+  p = (1 + #{|Δ_j − m| ≥ |Δ − m|}) / (1 + P). Returns {"p", "null_mean" (m), "centred":
+  {question: Δ_q − mean_j Δ_q,j}, "num_relabellings"}; NaN p without both.
   """
-  y, c, codes = _rollout_arrays(scores, correct, groups)
-  q = int(codes.max()) + 1 if len(codes) else 0
-  both = (np.bincount(codes[~c], minlength=q) > 0) & (np.bincount(codes[c], minlength=q) > 0)
-  if not both.any():
-    return np.nan
-  keep = both[codes]
-  order = np.argsort(codes[keep], kind="stable")
-  y, inc, codes = y[keep][order], ~c[keep][order], codes[keep][order]
-  starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-  n_inc = np.add.reduceat(inc.astype(np.float64), starts)
-  n_q = np.diff(np.r_[starts, len(y)])
-  total = np.add.reduceat(y, starts)
-
-  def delta(labels):  # labels: bool[..., n], incorrect
-    s_inc = np.add.reduceat(labels * y, starts, axis=-1)
-    return (s_inc / n_inc - (total - s_inc) / (n_q - n_inc)).mean(axis=-1)
-
-  observed = delta(inc)
-  rng = np.random.default_rng(seed)
-  dense = np.repeat(np.arange(len(starts)), n_q)  # rows are sorted by question
-  # keys in [k, k+1) for question k: argsort shuffles within each question only
-  perm = np.argsort(rng.random((n_perm, len(y))) + dense, axis=1)
-  null = delta(inc[perm])
-  extreme = np.abs(null) >= np.abs(observed) - 1e-12 * max(1.0, abs(observed))
-  return float((1 + extreme.sum()) / (1 + n_perm))
+  rows = [np.asarray(v, np.float64) for v in null.values() if len(v)]
+  qs = [q for q in observed if q in null and len(null[q])]
+  if not rows or not qs or len({len(r) for r in rows}) != 1:
+    return {"p": np.nan, "null_mean": np.nan, "centred": {}, "num_relabellings": 0}
+  with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: NaN is the answer
+    draws = np.nanmean(np.stack(rows), axis=0)
+    centred = {q: observed[q] - np.nanmean(null[q]) for q in qs}
+  draws = draws[np.isfinite(draws)]
+  if not len(draws):
+    return {"p": np.nan, "null_mean": np.nan, "centred": {}, "num_relabellings": 0}
+  m = float(draws.mean())
+  stat = float(np.mean([observed[q] for q in qs]))
+  extreme = np.abs(draws - m) >= np.abs(stat - m) - 1e-12 * max(1.0, abs(stat))
+  return {"p": float((1 + extreme.sum()) / (1 + len(draws))), "null_mean": m,
+          "centred": {q: float(v) for q, v in centred.items() if np.isfinite(v)},
+          "num_relabellings": int(len(draws))}
 
 
 def min_detectable_difference(deltas, *, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -193,13 +193,20 @@ def min_detectable_difference(deltas, *, alpha: float = 0.05, power: float = 0.8
 @dataclasses.dataclass(frozen=True)
 class WithinQuestion:
   """The within-question estimand: Δ = mean_q Δ_q (incorrect − correct) over num_questions
-  questions with both kinds (num_rollouts rollouts), its percentile bootstrap interval over
-  questions, the within-question permutation p, the paired Wilcoxon p and rank-biserial
-  effect over Δ_q, sd(Δ_q) and the smallest detectable |Δ| (min_detectable_difference)."""
+  questions with both kinds (num_rollouts rollouts) and its percentile bootstrap interval over
+  questions; against the relabelling null (``relabelling_test``): the null's mean, Δ − that
+  mean per question (``difference_vs_null``, bootstrapped over questions), the permutation p;
+  the paired Wilcoxon p and rank-biserial effect over the Δ_q less their null means (over Δ_q
+  without a null), sd(Δ_q) and the smallest detectable |Δ| (min_detectable_difference)."""
   difference: float
   ci_low: float
   ci_high: float
+  null_mean: float
+  difference_vs_null: float
+  vs_null_ci_low: float
+  vs_null_ci_high: float
   p_permutation: float
+  num_relabellings: int
   p_wilcoxon: float
   wilcoxon_effect: float
   num_questions: int
@@ -211,19 +218,30 @@ class WithinQuestion:
     return dataclasses.asdict(self)
 
 
-def within_question(scores, correct, groups, *, n_boot: int = 2000, n_perm: int = 2000,
+def within_question(scores, correct, groups, null: dict | None = None, *, n_boot: int = 2000,
                     alpha: float = 0.05, seed: int = 0) -> WithinQuestion:
-  """Δ and its tests (see WithinQuestion); n_perm = 0 skips the permutation test (NaN)."""
+  """Δ and its tests (see WithinQuestion). null: {question label: Δ_q under each relabelling}
+  (``pipeline.relabelled_deltas``); without it the permutation p and the null-relative
+  numbers are NaN (shuffling labels over fixed scores is not valid here: relabelling_test)."""
   y, c, codes = _rollout_arrays(scores, correct, groups)
+  g = np.asarray(groups).ravel()[np.isfinite(np.asarray(scores, np.float64).ravel())]
+  q = int(codes.max()) + 1 if len(codes) else 0
+  both = (np.bincount(codes[~c], minlength=q) > 0) & (np.bincount(codes[c], minlength=q) > 0)
+  labels = np.unique(g)[both] if len(g) else np.zeros(0)
   deltas = question_differences(y, c, codes)
-  kinds = np.bincount(codes[c], minlength=codes.max() + 1 if len(codes) else 0)
-  mixed = np.flatnonzero((kinds > 0) & (np.bincount(codes, minlength=len(kinds)) > kinds))
+  mixed = np.flatnonzero(both)
   lo, hi = bootstrap_ci(deltas, n_boot=n_boot, alpha=alpha, seed=seed)
-  w = paired_wilcoxon(deltas, np.zeros_like(deltas))
+  test = relabelling_test(dict(zip(labels.tolist(), deltas)), null or {})
+  centred = np.asarray(list(test["centred"].values()), np.float64)
+  c_lo, c_hi = bootstrap_ci(centred, n_boot=n_boot, alpha=alpha, seed=seed)
+  w = paired_wilcoxon(centred if len(centred) else deltas, np.zeros(len(centred) or len(deltas)))
   return WithinQuestion(
       difference=float(deltas.mean()) if len(deltas) else np.nan, ci_low=lo, ci_high=hi,
-      p_permutation=permutation_p(y, c, codes, n_perm=n_perm, seed=seed) if n_perm else np.nan,
-      p_wilcoxon=w.p_value, wilcoxon_effect=w.effect_size, num_questions=len(deltas),
+      null_mean=test["null_mean"],
+      difference_vs_null=float(centred.mean()) if len(centred) else np.nan,
+      vs_null_ci_low=c_lo, vs_null_ci_high=c_hi, p_permutation=test["p"],
+      num_relabellings=test["num_relabellings"], p_wilcoxon=w.p_value,
+      wilcoxon_effect=w.effect_size, num_questions=len(deltas),
       num_rollouts=int(np.isin(codes, mixed).sum()),
       sd=float(deltas.std(ddof=1)) if len(deltas) > 1 else np.nan,
       min_detectable=min_detectable_difference(deltas, alpha=alpha))

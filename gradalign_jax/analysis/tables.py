@@ -99,6 +99,9 @@ QUESTION_COLUMNS = {
 }
 QUESTION_DIRECTION_COLUMNS = {
     "mean_{d}": "mean cosine over the question's informative nodes (full-tree estimates)",
+    "null_delta_{d}": "list: Δ_q (incorrect − correct mean rollout score) under each random "
+                      "relabelling of the question's on-policy rewards, scores recomputed "
+                      "(the permutation test's null; absent without a context)",
 }
 
 
