@@ -52,6 +52,11 @@ class ScoringConfig:
       raise ValueError(f"jsd_beta={self.jsd_beta} must be in [0, 1]")
 
 
+class NonFiniteError(ValueError):
+  """NaN or Inf where the diagnostic needs numbers (logits, directions): results would be
+  garbage, so the group is not written."""
+
+
 @functools.partial(jax.jit, static_argnames=("topk",))
 def _chunk_scores(student_logits, teacher_logits, temperature, vocab_mask, rows, toks, q_edge,
                   observed_edge, visit_edge, jsd_beta, topk):
@@ -61,7 +66,8 @@ def _chunk_scores(student_logits, teacher_logits, temperature, vocab_mask, rows,
   child edges (rows ≥ C are padding, dropped); q_edge, visit_edge: f32[E]; observed_edge:
   bool[E]. The tree's statistics are scattered to [C, V] here, not on the host. Returns
   (gradients.node_scores' dict of f32[C], MiniLLM terms: ĝ*_k, d_rkl_k, p_k, ℓ_k f32[E] and
-  ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖² f32[C]).
+  ⟨ĝ*, p⟩, ⟨d_rkl, p⟩, ‖p‖² f32[C], finite: bool[3, C] student logits, teacher logits and
+  every direction's norm finite).
   """
   c, v = student_logits.shape
   zs, zt = student_logits / temperature, teacher_logits / temperature
@@ -77,7 +83,10 @@ def _chunk_scores(student_logits, teacher_logits, temperature, vocab_mask, rows,
   at = lambda x: x[jnp.minimum(rows, c - 1), toks]
   terms = (at(g), at(d), at(p), at(logp) - at(logq), jnp.sum(g * p, -1), jnp.sum(d * p, -1),
            jnp.sum(p * p, -1))
-  return scores, terms
+  norms = jnp.stack([scores[k] for k in scores if k.startswith("norm_")])
+  finite = jnp.stack([jnp.all(jnp.isfinite(zs), -1), jnp.all(jnp.isfinite(zt), -1),
+                      jnp.all(jnp.isfinite(norms), 0)])
+  return scores, terms, finite
 
 
 def rollout_paths(tree: PrefixTree, arrays: TreeArrays) -> list[np.ndarray]:
@@ -135,7 +144,7 @@ def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   for chunk in padded_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
     node_ids = chunk.node_ids
     rows, kids, q_e, obs_e, w_e = arrays.child_stats(node_ids)
-    out, terms = _chunk_scores(
+    out, terms, finite = _chunk_scores(
         chunk.student, chunk.teacher, temperature, mask,
         chunk.pad_edges(rows.astype(np.int32), chunk_nodes), chunk.pad_edges(arrays.token[kids], 0),
         chunk.pad_edges(q_e, 0), chunk.pad_edges(obs_e, False), chunk.pad_edges(w_e, 0), jsd_beta,
@@ -144,6 +153,12 @@ def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
       dst[kids] = np.asarray(src)[:len(kids)]
     keep = node_ids >= 0
     ids = node_ids[keep]
+    bad = ~np.asarray(finite)[:, keep]
+    if bad.any():
+      what = [w for w, b in zip(("student logits", "teacher logits", "directions"),
+                                bad.any(axis=1)) if b]
+      raise NonFiniteError(f"non-finite {' and '.join(what)} at tree node(s) "
+                           f"{ids[bad.any(axis=0)][:5].tolist()}")
     for name, src in zip(per_node, terms[4:]):
       per_node[name][ids] = np.asarray(src)[keep]
     out = {k: np.asarray(x)[keep] for k, x in out.items()}
@@ -173,7 +188,8 @@ def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   cols["dot_minillm"] = np.asarray(dot)
   cols["norm_minillm"] = norm
   cols["align_minillm"] = np.where(den > 0, cols["dot_minillm"] / np.where(den > 0, den, 1), 0.0)
+  cols["align_minillm"][~np.isfinite(den * cols["dot_minillm"])] = np.nan  # never 0
   return cols, stats[0]
 
 
-__all__ = ["ScoringConfig", "rollout_paths", "score_tree"]
+__all__ = ["NonFiniteError", "ScoringConfig", "rollout_paths", "score_tree"]
