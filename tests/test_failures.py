@@ -23,7 +23,7 @@ from gradalign_jax import alignment, models, rundir
 from gradalign_jax.models import checkpoint, qwen3
 from gradalign_jax.tasks import synthetic
 
-from tests.test_rundir import snapshot
+from tests.test_rundir import checkout, corrupt_config, snapshot, users_dir
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,22 +89,6 @@ def _finished_run(path):
   (path / "report.md").write_text("# the finished run's report")
 
 
-def _users_dir(path):
-  os.makedirs(path / "data")
-  (path / "notes.txt").write_text("mine")
-  (path / "data" / "a.csv").write_text("1,2\n")
-
-
-def _checkout(path):
-  os.makedirs(path / ".git")
-  (path / "README.md").write_text("# project")
-
-
-def _corrupt_config(path):
-  _finished_run(path)
-  (path / "config.json").write_text('{"students": ["stud')
-
-
 def _locked(path):
   _finished_run(path)
   with open(path / "lock", "w") as f:
@@ -123,12 +107,12 @@ TINY = ["--students={ckpt}", "--teachers=self", "--num_questions=1", "--data={da
 CASES = [  # (id, what is at --out, overwrite, flags, the message)
     ("overwrite_with_teacher_typo", _finished_run, True, ["--teachers=tacher"],
      r"teacher spec 'tacher'.*Valid specs"),
-    ("overwrite_users_dir", _users_dir, True, TINY,
+    ("overwrite_users_dir", users_dir, True, TINY,
      r"is not a run directory of this tool \(it holds data, notes.txt\); nothing was changed"),
-    ("users_dir", _users_dir, False, TINY, r"not a run directory of this tool"),
-    ("overwrite_checkout_dot", _checkout, True, TINY, r"it holds .git, README.md"),
+    ("users_dir", users_dir, False, TINY, r"not a run directory of this tool"),
+    ("overwrite_checkout_dot", checkout, True, TINY, r"it holds .git, README.md"),
     ("out_is_a_file", _file, False, TINY, r"is a file, not a directory; pass a directory"),
-    ("corrupt_config", _corrupt_config, True, TINY, r"config.json cannot be read .*restore"),
+    ("corrupt_config", corrupt_config, True, TINY, r"config.json cannot be read .*restore"),
     ("locked_by_another_host", _locked, False, TINY,
      r"being written by process 4242 on elsewhere.*delete the lock file"),
     ("num_continuations_0", _nothing, False, TINY + ["--num_continuations=0"],
@@ -156,9 +140,9 @@ def test_refused_with_a_short_message_and_nothing_changed(files, tmp_path, monke
   out = tmp_path / "out"
   make(out)
   before = snapshot(tmp_path)
-  if make is _checkout:
+  if make is checkout:
     monkeypatch.chdir(out)
-  where = "." if make is _checkout else str(out)
+  where = "." if make is checkout else str(out)
   args = [a.format(**files) for a in args] + [f"--out={where}"] + (
       ["--overwrite"] if overwrite else [])
   code, err = main(sweep, args, capsys)

@@ -36,18 +36,18 @@ def finished_run(path, settings=SETTINGS, inputs=INPUTS):
   return run
 
 
-def _users_dir(path):
+def users_dir(path):
   os.makedirs(path / "data")
   (path / "notes.txt").write_text("mine")
   (path / "data" / "a.csv").write_text("1,2\n")
 
 
-def _checkout(path):
+def checkout(path):
   os.makedirs(path / ".git")
   (path / "README.md").write_text("# project")
 
 
-def _corrupt_config(path):
+def corrupt_config(path):
   finished_run(path)
   (path / "config.json").write_text('{"students": ["s"], "se')
 
@@ -63,12 +63,12 @@ def _stray_file_in_run(path):
 
 
 REFUSED = [  # (name, make the directory, overwrite, message)
-    ("users_dir", _users_dir, False, r"not a run directory of this tool \(it holds data, "
+    ("users_dir", users_dir, False, r"not a run directory of this tool \(it holds data, "
      r"notes.txt\); nothing was changed"),
-    ("users_dir_overwrite", _users_dir, True, "not a run directory of this tool"),
-    ("checkout_overwrite", _checkout, True, r"it holds .git, README.md"),
-    ("corrupt_config", _corrupt_config, False, r"config.json cannot be read .*restore the file"),
-    ("corrupt_config_overwrite", _corrupt_config, True, r"config.json cannot be read"),
+    ("users_dir_overwrite", users_dir, True, "not a run directory of this tool"),
+    ("checkout_overwrite", checkout, True, r"it holds .git, README.md"),
+    ("corrupt_config", corrupt_config, False, r"config.json cannot be read .*restore the file"),
+    ("corrupt_config_overwrite", corrupt_config, True, r"config.json cannot be read"),
     ("foreign_config_overwrite", _foreign_config, True, "not this tool's run config"),
     ("stray_file_overwrite", _stray_file_in_run, True, r"holds thesis.tex.*move those files"),
     ("other_settings", finished_run, False, r"other settings \(seed: 0 there, 1 now\)"),
