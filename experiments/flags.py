@@ -62,7 +62,8 @@ flags.DEFINE_integer("chunk_nodes", 256, "nodes per scoring chunk (memory: chunk
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "weight dtype")
 flags.DEFINE_integer("seed", 0, "seed of every random draw")
 flags.DEFINE_string("out", None, "output directory (reruns resume from its parts/)")
-flags.DEFINE_bool("overwrite", False, "delete --out first instead of resuming")
+flags.DEFINE_bool("overwrite", False, "start over instead of resuming: delete the run in --out "
+                  "once every other flag is checked (a directory that is not a run is refused)")
 FLAGS = flags.FLAGS
 # From here on, key flags this module declares (``use``) belong to the experiment calling it.
 flags.disclaim_key_flags()
