@@ -55,9 +55,8 @@ def run(settings: dict, out: str, *, overwrite: bool = False,
   call (tests simulate an interruption with it). Returns the summary dict, or None when
   stopped early.
   """
-  done = flags_lib.run_groups(settings, out, pipeline.diagnose_group, overwrite=overwrite,
-                             stop_after=stop_after)
-  return None if done is None else finish(settings, *done)
+  return flags_lib.run_groups(settings, out, pipeline.diagnose_group, finish, overwrite=overwrite,
+                              stop_after=stop_after)
 
 
 def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: float) -> dict:

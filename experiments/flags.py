@@ -16,9 +16,12 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
 from gradalign_jax import (alignment, contexts, gradients, pipeline, rundir, sampling, targeted,
                            tasks)
-from gradalign_jax.models.loaded import ModelCache
+from gradalign_jax.models import checkpoint
+from gradalign_jax.models.loaded import ModelCache, resolve_model
+from gradalign_jax.tasks.base import fingerprint_source
 
 DEFAULT_TEACHERS = ("teacher", "teacher:correct_demo", "self:correct_demo",
                     "self:correct_and_wrong_demo", "self:summary")
@@ -68,7 +71,8 @@ flags.DEFINE_float("alpha", 0.05, "calibration: the test's level")
 flags.DEFINE_integer("permutations", 500, "random relabellings of each question's rewards, "
                      "scores recomputed, behind the within-question permutation test (0: none)")
 flags.DEFINE_string("out", None, "output directory (reruns resume from its parts/)")
-flags.DEFINE_bool("overwrite", False, "delete --out first instead of resuming")
+flags.DEFINE_bool("overwrite", False, "start over instead of resuming: delete the run in --out "
+                  "once every other flag is checked (a directory that is not a run is refused)")
 FLAGS = flags.FLAGS
 # From here on, key flags this module declares (``use``) belong to the experiment calling it.
 flags.disclaim_key_flags()
@@ -157,41 +161,64 @@ def prepare(s: dict):
   return config, specs, task, examples
 
 
-def run_groups(s: dict, out: str, step: pipeline.Step, *, overwrite: bool = False,
-               stop_after: int | None = None) -> tuple[rundir.RunDir, int, float] | None:
-  """Checks the settings, then runs (or resumes) ``step`` (``pipeline.resume``) over every
-  student and question group into the run directory ``out``. Returns (the RunDir, questions
-  loaded, seconds), or None when stopped after ``stop_after`` groups."""
+def inputs(s: dict, specs) -> dict:
+  """Fingerprints of what the settings name but do not contain: the data source and every
+  checkpoint (students, teachers, summarisers), as ``config.json`` records them."""
+  refs = {(m, student) for student in s["students"]
+          for m in [student] + [x for spec in specs for x in (spec.model, spec.summarizer) if x]}
+  out = {f"--data={s['data']}": fingerprint_source(s["data"])}
+  for path in sorted({resolve_model(m, student) for m, student in refs}):
+    out[f"checkpoint {path}"] = checkpoint.fingerprint(path)
+  return out
+
+
+def run_groups(s: dict, out: str, step: pipeline.Step, finish, *, overwrite: bool = False,
+               stop_after: int | None = None):
+  """Runs (or resumes) ``step`` (``pipeline.resume``) over every student and question group
+  into the run directory ``out``, then ``finish(s, run_dir, questions loaded, seconds)``
+  writes the outputs, under the directory's lock. Nothing is written (nor, with
+  ``overwrite``, deleted) before the settings, ``out``, the data and every checkpoint have
+  been checked. Returns finish's result, or None when stopped after ``stop_after`` groups."""
   config, specs, task, examples = prepare(s)
-  run_dir = rundir.RunDir(out, s, overwrite=overwrite, stop_after=stop_after)
-  start = time.time()
-  try:
-    pipeline.resume(run_dir, s["students"], specs, task, examples, config, step,
-                    ModelCache(s["dtype"]))
-  except rundir.Interrupt:
-    return None
-  return run_dir, len(examples), time.time() - start
+  run_dir = rundir.RunDir(out, s, inputs=inputs(s, specs), overwrite=overwrite,
+                          stop_after=stop_after)
+  models = ModelCache(s["dtype"])
+  setups = [pipeline.setup(name, specs, task, examples, config, models)
+            for name in s["students"]]
+  with run_dir.open():
+    start = time.time()
+    try:
+      pipeline.resume(run_dir, setups, task, examples, config, step)
+    except rundir.Interrupt:
+      return None
+    return finish(s, run_dir, len(examples), time.time() - start)
 
 
-def run_script(groups, run, default_out: str, defaults: dict | None = None) -> None:
-  """Runs an experiment as a script: ``run(settings, out, overwrite=...)`` with the flags of
-  ``groups`` (``defaults``: this script's own defaults for some of them); a bad setting is
-  reported as a usage error naming it."""
+def main_function(groups, run):
+  """The absl main of an experiment: ``run(settings, out, overwrite=...)`` with the flags of
+  ``groups``; a bad setting, file or directory ends it with a short message naming it
+  (``cli.fail``, exit status 1)."""
 
   def main(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+      cli.fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     try:
       refuse_others(groups)
       run(settings(groups), FLAGS.out, overwrite=FLAGS.overwrite)
-    except ValueError as e:  # contexts.SpecError is one
-      raise app.UsageError(str(e)) from None
+    except ValueError as e:  # SpecError, CheckpointError, TaskDataError, RunDirError, ...
+      cli.fail(str(e))
     print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
 
+  return main
+
+
+def run_script(groups, run, default_out: str, defaults: dict | None = None) -> None:
+  """Runs an experiment as a script (``main_function``); ``defaults``: this script's own
+  defaults for some of its flags."""
   # Only as the script: other experiments imported in the same process keep theirs.
   for name, value in dict(defaults or {}, out=default_out).items():
     FLAGS.set_default(name, value)
-  app.run(main)
+  app.run(main_function(groups, run))
 
 
 def sampling_config(s: dict) -> sampling.SamplingConfig:

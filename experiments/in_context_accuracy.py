@@ -58,9 +58,8 @@ def run(settings: dict, out: str, *, overwrite: bool = False,
   settings: from ``settings()``. stop_after: stop after this many question groups of this
   call (to simulate an interruption). Returns the summary dict, or None when stopped early.
   """
-  done = flags_lib.run_groups(settings, out, pipeline.accuracy_group, overwrite=overwrite,
-                             stop_after=stop_after)
-  return None if done is None else finish(settings, *done)
+  return flags_lib.run_groups(settings, out, pipeline.accuracy_group, finish, overwrite=overwrite,
+                              stop_after=stop_after)
 
 
 def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: float) -> dict:

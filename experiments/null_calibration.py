@@ -76,16 +76,18 @@ def run(settings: dict, out: str, *, overwrite: bool = False,
         stop_after: int | None = None) -> dict | None:
   """Runs (or resumes) every seed into ``out`` and writes the summary and the report."""
   config, specs, task, examples = flags_lib.prepare(settings)
-  run_dir = rundir.RunDir(out, settings, overwrite=overwrite, stop_after=stop_after)
+  run_dir = rundir.RunDir(out, settings, inputs=flags_lib.inputs(settings, specs),
+                          overwrite=overwrite, stop_after=stop_after)
   models = ModelCache(settings["dtype"])
-  todo = run_dir.todo("seeds", [[s] for s in range(settings["seeds"])], label="seeds")
-  try:
-    for (seed,) in run_dir.progress(todo, label="seeds"):
-      run_dir.write_parts("seeds", {seed: {"seeds": seed_rows(settings, seed, specs, task,
-                                                               examples, config, models)}})
-  except rundir.Interrupt:
-    return None
-  return finish(settings, run_dir)
+  with run_dir.open():
+    todo = run_dir.todo("seeds", [[s] for s in range(settings["seeds"])], label="seeds")
+    try:
+      for (seed,) in run_dir.progress(todo, label="seeds"):
+        run_dir.write_parts("seeds", {seed: {"seeds": seed_rows(settings, seed, specs, task,
+                                                                 examples, config, models)}})
+    except rundir.Interrupt:
+      return None
+    return finish(settings, run_dir)
 
 
 def _p_value_figure(seeds) -> Figure:

@@ -42,6 +42,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import cli
+
 flags.DEFINE_string("out", None, "output directory (created)")
 flags.DEFINE_list("budgets", ["8", "16", "32", "64", "128", "256", "512", "1024"],
                   "total rollouts per question")
@@ -333,23 +335,69 @@ def plot(out, records, target):
   plt.close(fig)
 
 
+PROMPT_TOKENS, CACHE_LEN = 3, 16  # the prompts' length and the sampler's cache
+
+
+def _ints(name: str) -> list[int]:
+  try:
+    return [int(x) for x in FLAGS[name].value]
+  except ValueError:
+    raise ValueError(f"--{name}={','.join(FLAGS[name].value)} must be integers") from None
+
+
+def check_flags() -> tuple[list[int], list[int]]:
+  """(vocab, sorted budgets) once every flag is checked, before anything is computed or
+  written: a bad value gives NaN tables or a crash at the end otherwise."""
+  if not FLAGS.out:
+    raise ValueError("--out is required (the directory for summary.json and report.md)")
+  if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+    raise ValueError(f"--out={FLAGS.out} is a file; pass a directory")
+  vocab, budgets = _ints("vocab"), sorted(_ints("budgets"))
+  wrong = [
+      (any(not 0 <= x < VOCAB_SIZE for x in vocab) or len(set(vocab)) < len(vocab)
+       or len(vocab) < 2, f"--vocab={vocab} must be ≥ 2 distinct ids in [0, {VOCAB_SIZE})"),
+      (FLAGS.eos not in vocab, f"--eos={FLAGS.eos} must be one of --vocab={vocab}"),
+      (FLAGS.reward_token not in vocab or FLAGS.reward_token == FLAGS.eos,
+       f"--reward_token={FLAGS.reward_token} must be one of --vocab={vocab} other than --eos "
+       "(otherwise every reward is 0)"),
+      (FLAGS.seeds < 1 or FLAGS.questions < 1 or FLAGS.bootstrap < 1,
+       f"--seeds={FLAGS.seeds}, --questions={FLAGS.questions}, --bootstrap={FLAGS.bootstrap} "
+       "must each be ≥ 1"),
+      (not 1 <= FLAGS.horizon <= CACHE_LEN - PROMPT_TOKENS,
+       f"--horizon={FLAGS.horizon} must be in [1, {CACHE_LEN - PROMPT_TOKENS}]"),
+      (FLAGS.initial_rollouts < 1, f"--initial_rollouts={FLAGS.initial_rollouts} must be ≥ 1"),
+      (not budgets or budgets[0] < FLAGS.initial_rollouts,
+       f"--budgets={budgets}: every budget must be ≥ --initial_rollouts="
+       f"{FLAGS.initial_rollouts} (the targeted method spends those first)"),
+      (FLAGS.num_continuations < 1 or FLAGS.rounds < 1 or FLAGS.min_trials < 1,
+       "--num_continuations, --rounds and --min_trials must each be ≥ 1"),
+      (not np.isfinite(FLAGS.logit_scale) or FLAGS.logit_scale <= 0,
+       f"--logit_scale={FLAGS.logit_scale} must be a finite number > 0"),
+      (not -1 < FLAGS.target_cos <= 1, f"--target_cos={FLAGS.target_cos} must be in (-1, 1]"),
+  ]
+  for bad, message in wrong:
+    if bad:
+      raise ValueError(message)
+  return vocab, budgets
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  try:
+    vocab, budgets = check_flags()
+    os.makedirs(FLAGS.out, exist_ok=True)
+  except (ValueError, OSError) as e:
+    cli.fail(str(e))
+  from gradalign_jax import sampling
   from gradalign_jax.analysis import stats
 
-  if not FLAGS.out:
-    raise app.UsageError("--out is required (the directory for summary.json and report.md)")
-  os.makedirs(FLAGS.out, exist_ok=True)
   start = time.time()
-  vocab = [int(x) for x in FLAGS.vocab]
-  budgets = sorted(int(b) for b in FLAGS.budgets)
-  if FLAGS.eos not in vocab:
-    raise app.UsageError(f"--eos={FLAGS.eos} must be one of --vocab={vocab}")
-  from gradalign_jax import sampling
 
   cfg, student, teacher = model_setup(FLAGS.logit_scale)
   rng = np.random.default_rng(1234)
-  prompts = [[int(x) for x in rng.choice([t for t in range(10, VOCAB_SIZE)], 3, replace=False)]
+  prompts = [[int(x) for x in rng.choice([t for t in range(10, VOCAB_SIZE)], PROMPT_TOKENS,
+                                         replace=False)]
              for _ in range(FLAGS.questions)]
   reward_fn = parity_reward(FLAGS.reward_token, FLAGS.eos)
   refs = [exact_reference(cfg, student, teacher, p, vocab, FLAGS.horizon, reward_fn, FLAGS.eos)
@@ -359,7 +407,7 @@ def main(argv):
   mask = np.zeros(VOCAB_SIZE, bool)
   mask[vocab] = True
   scfg = sampling.SamplingConfig(max_new_tokens=FLAGS.horizon, temperature=1.0,
-                                 eos_ids=(FLAGS.eos,), max_cache_len=16)
+                                 eos_ids=(FLAGS.eos,), max_cache_len=CACHE_LEN)
   setup = (cfg, student, teacher, prompts, refs, mask, reward_fn, scfg, vocab)
   tcfg_kwargs = dict(num_continuations=FLAGS.num_continuations, rounds=FLAGS.rounds,
                      priority=FLAGS.priority, min_trials=FLAGS.min_trials,

@@ -69,6 +69,11 @@ class ScoringConfig:
       raise ValueError(f"jsd_beta={self.jsd_beta} must be in [0, 1]")
 
 
+class NonFiniteError(ValueError):
+  """NaN or Inf where the diagnostic needs numbers (logits, directions): results would be
+  garbage, so the group is not written."""
+
+
 @functools.partial(jax.jit, static_argnames=("topk",))
 def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, toks,
                  visit_edge, jsd_beta, topk):
@@ -76,11 +81,13 @@ def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, 
 
   student_logits, teacher_logits: f32[C, V] raw; vocab_mask: bool[V]; rows, toks: int32[E]
   child edges (rows ≥ C are padding, dropped); visit_edge: f32[E] visit frequencies w.
-  Returns ({name: f32[C]} per node: the covariates, ``norm_<d>``, ``lse`` (log Σ exp z/T over
+  Returns (node, edge, finite): {name: f32[C]} per node: the covariates, ``norm_<d>``, ``lse`` (log Σ exp z/T over
   the vocabulary), the MiniLLM sums ``unvisited_dd``, ``unvisited_dp``, ``unvisited_pp``
   (Σ d_rkl², Σ d_rkl p, Σ p² over the unvisited vocabulary), ``off_mode`` (1 − p at the
   mode, summed over the other rows) and ``mode`` (int32, argmax p); {name: f32[E]} per edge:
-  ``z`` (z/T), ``p``, ``ell`` (ℓ = log p − log q) and ``d_<d>``).
+  ``z`` (z/T), ``p``, ``ell`` (ℓ = log p − log q) and ``d_<d>``;
+  ``finite``: bool[3, C], whether the student's logits, the teacher's logits and every
+  direction's norm are finite at each node.
   """
   c, v = student_logits.shape
   zs, zt = student_logits / temperature, teacher_logits / temperature
@@ -108,7 +115,10 @@ def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, 
       off_mode=jnp.sum(jnp.where(jnp.arange(v) == mode[:, None], 0.0, p), -1),
       mode=mode.astype(jnp.int32))
   edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq))
-  return node, edge
+  norms = jnp.stack([node[f"norm_{name}"] for name in _ON_DEVICE])
+  finite = jnp.stack([jnp.all(jnp.isfinite(zs), -1), jnp.all(jnp.isfinite(zt), -1),
+                      jnp.all(jnp.isfinite(norms), 0)])
+  return node, edge, finite
 
 
 def rollout_paths(tree: PrefixTree, arrays: TreeArrays) -> list[np.ndarray]:
@@ -334,12 +344,18 @@ def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   scored = []
   for chunk in padded_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
     rows, kids, _, _, w_e = arrays.child_stats(chunk.node_ids)
-    n_out, e_out = _chunk_terms(
+    n_out, e_out, finite = _chunk_terms(
         chunk.student, chunk.teacher, temperature, mask,
         chunk.pad_edges(rows.astype(np.int32), chunk_nodes),
         chunk.pad_edges(arrays.token[kids], 0), chunk.pad_edges(w_e, 0), jsd_beta, topk=topk)
     keep = chunk.node_ids >= 0
     ids = chunk.node_ids[keep]
+    bad = ~np.asarray(finite)[:, keep]
+    if bad.any():
+      what = [w for w, b in zip(("student logits", "teacher logits", "directions"),
+                                bad.any(axis=1)) if b]
+      raise NonFiniteError(f"non-finite {' and '.join(what)} at tree node(s) "
+                           f"{ids[bad.any(axis=0)][:5].tolist()}")
     scored.append(ids)
     for k, x in n_out.items():
       node.setdefault(k, np.zeros(u, np.asarray(x).dtype))[ids] = np.asarray(x)[keep]
@@ -389,5 +405,5 @@ def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   return terms.node_columns(), stats
 
 
-__all__ = ["ScoringConfig", "TreeTerms", "cosine", "ideal_scores", "rollout_paths",
+__all__ = ["NonFiniteError", "ScoringConfig", "TreeTerms", "cosine", "ideal_scores", "rollout_paths",
            "score_tree", "tree_terms"]

@@ -220,9 +220,11 @@ def minillm_direction(student_logits, teacher_logits, visit_freq, future_reward,
 
 
 def alignment(a, b) -> jax.Array:
-  """cos(a, b) over the last axis; 0 where either norm is 0. f32[..., V] × 2 → f32[...]."""
+  """cos(a, b) over the last axis; 0 where either norm is 0, NaN (never 0) where either
+  vector holds a NaN or Inf. f32[..., V] × 2 → f32[...]."""
   a = jnp.asarray(a, jnp.float32)
   b = jnp.asarray(b, jnp.float32)
+  finite = jnp.all(jnp.isfinite(a), axis=-1) & jnp.all(jnp.isfinite(b), axis=-1)
   # Scale each vector by its max-abs first: squares of |x| ~ 1e20 would overflow fp32.
   sa = jnp.max(jnp.abs(a), axis=-1, keepdims=True)
   sb = jnp.max(jnp.abs(b), axis=-1, keepdims=True)
@@ -231,7 +233,8 @@ def alignment(a, b) -> jax.Array:
   na = jnp.sqrt(jnp.sum(a * a, axis=-1))
   nb = jnp.sqrt(jnp.sum(b * b, axis=-1))
   ok = (na > 0) & (nb > 0)
-  return jnp.where(ok, jnp.sum(a * b, axis=-1) / jnp.where(ok, na * nb, 1.0), 0.0)
+  cos = jnp.where(ok, jnp.sum(a * b, axis=-1) / jnp.where(ok, na * nb, 1.0), 0.0)
+  return jnp.where(finite, cos, jnp.nan)
 
 
 COVARIATES = ("kl_pq", "kl_qp", "l2_pq", "cos_pq", "entropy_p", "entropy_q")

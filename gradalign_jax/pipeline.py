@@ -97,6 +97,20 @@ def check_prompt_lengths(model: LoadedModel, prompts: dict[str, list[int]], extr
           "--data")
 
 
+def check_sampled(ro: sampling.Rollouts, model: LoadedModel, exs: Sequence[Example],
+                  stage: str) -> None:
+  """Refuses rollouts drawn from non-finite logits (a sampled token whose log π is NaN):
+  they would read as short wrong answers. Rows q·G … q·G + G − 1 are question exs[q]."""
+  live = np.arange(ro.logprobs.shape[1])[None] < ro.lengths[:, None]
+  bad = np.flatnonzero((live & ~np.isfinite(ro.logprobs)).any(axis=1))
+  if len(bad):
+    ex = exs[int(ro.question[bad[0]])]
+    raise alignment.NonFiniteError(
+        f"{model.ref}: non-finite logits while sampling {stage} of question {ex.id!r}; nothing "
+        f"of its question group was written. The weights are corrupt or overflow in "
+        f"{model.cfg.dtype}: check the checkpoint, or try --dtype=float32")
+
+
 def student_prompt(model: LoadedModel, task: Task, example: Example,
                    config: DiagnoseConfig) -> list[int]:
   """The plain prompt ids of ``example`` for ``model`` (no context)."""
@@ -107,8 +121,8 @@ def student_prompt(model: LoadedModel, task: Task, example: Example,
 def setup(student: str, teacher_specs: Sequence[str | contexts.TeacherSpec], task: Task,
           examples: Sequence[Example], config: DiagnoseConfig,
           models: ModelCache | None = None) -> Setup:
-  """Loads the student and every spec's model, and checks them before any work: teacher and
-  student share a vocabulary, and every prompt leaves room for the horizon."""
+  """Loads the student, every spec's model and summariser, and checks them before any work:
+  teacher and student share a vocabulary, and every prompt leaves room for the horizon."""
   models = models or ModelCache()
   specs = [s if isinstance(s, contexts.TeacherSpec) else contexts.parse_spec(s)
            for s in teacher_specs]
@@ -116,6 +130,8 @@ def setup(student: str, teacher_specs: Sequence[str | contexts.TeacherSpec], tas
   teachers = {}
   for spec in specs:
     teachers[spec.text] = model if spec.is_self else models.get(spec.model, student)
+    if spec.summarizer is not None:
+      models.get(spec.summarizer, student)  # loaded now: a bad checkpoint fails before any work
     scoring.check_compatible(model.cfg, teachers[spec.text].cfg, model.tok,
                              teachers[spec.text].tok)
   check_prompt_lengths(model, {ex.id: student_prompt(model, task, ex, config)
@@ -146,6 +162,7 @@ def write_summaries(run: Setup, task: Task, examples: Sequence[Example],
         ro = sampling.sample(writer.cfg, writer.params, prompts[lo:lo + len(idx)], scfg,
                              num_samples=1, seed=config.seed,
                              question_ids=[indices[i] for i in idx], vocab_mask=writer.mask)
+        check_sampled(ro, writer, [examples[i] for i in idx], "a summary")
         for j, i in enumerate(idx):
           text = writer.tok.decode(ro.sequence(j), skip_special_tokens=True).strip()
           cache.put(writer.ref, examples[i], task.reference_response(examples[i]), text)
@@ -180,6 +197,7 @@ def sample_group(run: Setup, task: Task, examples: Sequence[Example], indices: S
   ro = sampling.sample(student.cfg, student.params, prompts,
                        student.sampling_config(config.sampling), num_samples=g,
                        seed=config.seed, question_ids=list(indices), vocab_mask=student.mask)
+  check_sampled(ro, student, exs, "on-policy rollouts")
   reward_fns = [lambda ids, ex=ex: float(task.verify(student.decode(ids), ex)) for ex in exs]
   pools = []
   for j in range(len(exs)):
@@ -200,6 +218,7 @@ def sample_demo_pools(student: LoadedModel, task: Task, exs: Sequence[Example],
                         student.sampling_config(config.sampling), num_samples=n,
                         seed=config.seed, question_ids=[DEMO_STREAM + i for i in indices],
                         vocab_mask=student.mask)
+  check_sampled(dro, student, exs, "demonstration rollouts")
   pools = []
   for j, ex in enumerate(exs):
     texts = [student.decode(dro.sequence(r)) for r in range(j * n, (j + 1) * n)]
@@ -334,9 +353,16 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
       teacher = teachers.models[spec.text][j]
       cols = terms = None
       if teacher is not None:
-        terms, _ = alignment.tree_terms(tree, students[j], teacher, sc.chunk_nodes,
-                                        run.student.mask, sc.jsd_beta, sc.topk,
-                                        config.sampling.temperature, shapes)
+        try:
+          terms, _ = alignment.tree_terms(tree, students[j], teacher, sc.chunk_nodes,
+                                          run.student.mask, sc.jsd_beta, sc.topk,
+                                          config.sampling.temperature, shapes)
+        except alignment.NonFiniteError as e:
+          raise alignment.NonFiniteError(
+              f"student {run.student.ref}, teacher {run.teachers[spec.text].ref} ({spec.text}), "
+              f"question {ex.id!r}, final pass: {e}; nothing of its question group was "
+              "written. The weights are corrupt or overflow in "
+              f"{run.student.cfg.dtype}: check the checkpoints, or try --dtype=float32") from None
         cols = terms.node_columns()
       rows["questions"].append(tables.question_row(
           key, cols, directions, question_index=i, n_rollouts=g, n_correct=n_correct,
@@ -430,24 +456,25 @@ def diagnose(student: str, teacher_specs: Sequence[str], examples: Sequence[Exam
 Step = Callable[..., dict]
 
 
-def resume(run_dir: rundir.RunDir, students: Sequence[str],
-           specs: Sequence[contexts.TeacherSpec], task: Task, examples: Sequence[Example],
-           config: DiagnoseConfig, step: Step, models: ModelCache) -> None:
-  """For each student, ``step(setup, task, examples, indices, summaries, config) → {index:
-  {table: rows}}`` (``diagnose_group``, ``accuracy_group``) over every question group that
-  lacks a finished part in ``run_dir``, each group's parts written as it ends. Summaries are
-  generated (and cached in the run directory) only for a student with work left. Raises
-  rundir.Interrupt once the run directory's ``stop_after`` is reached."""
+def resume(run_dir: rundir.RunDir, setups: Sequence[Setup], task: Task,
+           examples: Sequence[Example], config: DiagnoseConfig, step: Step) -> None:
+  """For each student's Setup (``setup``; load them all first, so a bad checkpoint is found
+  before the run directory is written), ``step(setup, task, examples, indices, summaries,
+  config) → {index: {table: rows}}`` (``diagnose_group``, ``accuracy_group``) over every
+  question group that lacks a finished part in ``run_dir`` (opened), each group's parts
+  written as it ends. Summaries are generated (and cached in the run directory) only for a
+  student with work left. Raises rundir.Interrupt once the run directory's ``stop_after`` is
+  reached."""
   cache = contexts.SummaryCache(run_dir.file("summaries.json"))
   groups = groups_of(len(examples), config.question_batch)
-  for name in students:
-    run = setup(name, specs, task, examples, config, models)
-    todo = run_dir.todo(rundir.tag(name), groups, label=name)
+  for run in setups:
+    todo = run_dir.todo(rundir.tag(run.name), groups, label=run.name)
     if not todo:
       continue
     summaries = write_summaries(run, task, examples, cache, config)
-    for group in run_dir.progress(todo, label=name):
-      run_dir.write_parts(rundir.tag(name), step(run, task, examples, group, summaries, config))
+    for group in run_dir.progress(todo, label=run.name):
+      run_dir.write_parts(rundir.tag(run.name), step(run, task, examples, group, summaries,
+                                                     config))
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,6 +491,7 @@ def answer(model: LoadedModel, task: Task, prompts: Sequence[list[int]],
   ro = sampling.sample(model.cfg, model.params, list(prompts),
                        model.sampling_config(config.sampling), num_samples=g,
                        seed=config.seed, question_ids=list(indices), vocab_mask=model.mask)
+  check_sampled(ro, model, exs, "answers")
   out = []
   for j, ex in enumerate(exs):
     rows = range(j * g, (j + 1) * g)
@@ -518,7 +546,7 @@ def accuracy_group(run: Setup, task: Task, examples: Sequence[Example],
 
 
 __all__ = ["DEMO_STREAM", "DiagnoseConfig", "Group", "Setup", "Tables", "TeacherPrompts",
-           "accuracy_group", "answer", "check_prompt_lengths", "context_prompt", "diagnose",
-           "diagnose_group", "groups_of", "resume", "sample_demo_pools", "sample_group",
-           "score_specs", "scoring_shapes", "setup", "spend_targeted_budget", "student_prompt",
-           "teacher_prompts", "write_summaries"]
+           "accuracy_group", "answer", "check_prompt_lengths", "check_sampled", "context_prompt",
+           "diagnose", "diagnose_group", "groups_of", "resume", "sample_demo_pools",
+           "sample_group", "score_specs", "scoring_shapes", "setup", "spend_targeted_budget",
+           "student_prompt", "teacher_prompts", "write_summaries"]

@@ -1,24 +1,39 @@
-"""A run directory: the settings it was made with, atomic per-question parts, resume, merge.
+"""A run directory: the settings and inputs it was made with, atomic per-question parts with
+checksums, a lock, resume, merge.
 
-    run = rundir.RunDir(out, settings, overwrite=False)   # refuses other settings in out
-    for student in students:
-      tag = rundir.tag(student)
-      for group in run.progress(run.todo(tag, groups), tag):  # groups without finished parts
-        run.write_parts(tag, compute(group))                  # {index: {table: rows}}
-    frames = run.merge(tags, num_questions, tables=("nodes", …))
+    run = rundir.RunDir(out, settings, inputs=fingerprints)  # checks only: writes nothing
+    ...                                                       # load models, validate the rest
+    with run.open():                                          # lock, config.json, parts checked
+      for student in students:
+        tag = rundir.tag(student)
+        for group in run.progress(run.todo(tag, groups), tag):  # groups without finished parts
+          run.write_parts(tag, compute(group))                  # {index: {table: rows}}
+      frames = run.merge(tags, num_questions, tables=("nodes", …))
 
-Layout: ``config.json`` (the settings: a flat JSON object), ``parts/<tag>/q<index>/`` one
-directory per (student, question) with one parquet file per table, written under a ``.tmp``
-name and renamed into place, so a killed run leaves either a whole part or none; a rerun with
-the same settings skips finished parts and gives identical tables.
+Layout: ``config.json`` (the settings, a flat JSON object, plus ``inputs``: fingerprints of
+the data and of every checkpoint), ``parts/<tag>/q<index>/`` one directory per (student,
+question) with one parquet file per table, written under a ``.tmp`` name and renamed into
+place, ``manifest.json`` (each finished part's file checksums) and ``lock`` (the writer's host
+and pid). A killed run leaves either a whole part or none; a rerun with the same settings and
+inputs skips the parts whose checksums match and gives identical tables.
+
+What it refuses, before anything is written (``RunDirError``, naming the path and the fix):
+``--out`` that is a file or not writable, a directory that is not this tool's run (with or
+without ``overwrite``: only a run directory is ever deleted), a run with other settings or
+inputs (unless ``overwrite``), an unreadable ``config.json`` or ``manifest.json``, and a
+directory another live process is writing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from typing import Iterator, Sequence
 
@@ -26,10 +41,14 @@ import pandas as pd
 
 _log = logging.getLogger(__name__)
 
+CONFIG, MANIFEST, LOCK, PARTS = "config.json", "manifest.json", "lock", "parts"
+# What a run directory may hold besides CONFIG, MANIFEST, LOCK and PARTS: the experiments'
+# outputs and caches. Anything else means the directory holds someone's files.
+OUTPUT_SUFFIXES = (".parquet", ".csv", ".json", ".md", ".png", ".html", ".tmp")
 
-def tag(name: str) -> str:
-  """A directory name for a model reference (toy name, path or hub id)."""
-  return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+class RunDirError(ValueError):
+  """A run directory that cannot be used as asked; the message names it and the fix."""
 
 
 class Interrupt(Exception):
@@ -37,46 +56,251 @@ class Interrupt(Exception):
   run with it)."""
 
 
-class RunDir:
-  """One run's directory. settings: a JSON-able flat dict of everything that decides the
-  results; an existing directory must hold the same settings (``check``). overwrite: delete
-  ``path`` first. stop_after: raise Interrupt after that many groups (None: never)."""
+def tag(name: str) -> str:
+  """A directory name for a model reference (toy name, path or hub id)."""
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
-  def __init__(self, path: str, settings: dict, *, overwrite: bool = False,
-               stop_after: int | None = None):
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_json(path: str, obj) -> None:
+  """Atomically (a .tmp file renamed over path)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def _describe(names: Sequence[str]) -> str:
+  names = sorted(names)
+  return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+class RunDir:
+  """One run's directory.
+
+  path: the directory (``--out``). settings: a JSON-able flat dict of everything that decides
+  the results. inputs: JSON-able fingerprints of the files behind them ({name: fingerprint};
+  a resumed run must find the same). overwrite: start over (allowed only for a directory that
+  holds this tool's run; done in ``open``). stop_after: raise Interrupt after that many groups
+  (None: never). The constructor only checks (``check``); ``open`` writes.
+  """
+
+  def __init__(self, path: str, settings: dict, *, inputs: dict | None = None,
+               overwrite: bool = False, stop_after: int | None = None):
     self.path = path
     self.settings = json.loads(json.dumps(settings))
+    self.inputs = json.loads(json.dumps(inputs or {}))
+    self.overwrite = overwrite
     self.stop_after = stop_after
     self.groups_done = 0
-    if overwrite:
-      shutil.rmtree(path, ignore_errors=True)
+    self.manifest: dict[str, dict[str, str]] = {}
+    self._locked = False
     self.check()
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
+  # --- checks (read only)
+
   def check(self) -> None:
-    """Writes config.json, or checks that a resumed run asks for the same thing, naming every
-    setting that differs."""
-    path = self.file("config.json")
-    if os.path.exists(path):
+    """Refuses, writing nothing, a path this run cannot use (see the module docstring)."""
+    path = self.path
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise RunDirError(f"--out={path} is a file, not a directory; pass a directory path")
+    parent = path
+    while not os.path.exists(parent):
+      parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent):
+      raise RunDirError(f"--out={path}: {parent} is a file, so the directory cannot be made; "
+                        "pass another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise RunDirError(f"--out={path}: {parent} is not writable by this user; pass a "
+                        "writable --out or fix its permissions")
+    if not os.path.isdir(path) or not os.listdir(path):
+      return
+    theirs = self._recorded()
+    foreign = [n for n in os.listdir(path)
+               if n not in (CONFIG, MANIFEST, LOCK, PARTS) and not n.endswith(OUTPUT_SUFFIXES)]
+    if theirs is None or foreign:
+      what = _describe(os.listdir(path) if theirs is None else foreign)
+      raise RunDirError(
+          f"--out={path} is not empty and is not a run directory of this tool (it holds "
+          f"{what}); nothing was changed there. Pass a new or empty --out"
+          + ("" if theirs is None else ", or move those files out first"))
+    self._check_lock()
+    if self.overwrite:
+      return
+    diff = {k: (theirs.get(k), v) for k, v in self.settings.items() if theirs.get(k) != v}
+    if diff:
+      what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+      raise RunDirError(f"{path} holds a run with other settings ({what}); pass the same "
+                        "flags to resume it, another --out, or --overwrite to start over")
+    recorded = theirs.get("inputs")
+    if recorded is None:
+      return  # a run from before inputs were recorded: open() records them
+    changed = sorted(k for k in set(recorded) | set(self.inputs)
+                     if recorded.get(k) != self.inputs.get(k))
+    if changed:
+      raise RunDirError(
+          f"{path} holds a run made from other inputs: {', '.join(changed)} changed since "
+          "(content, size or modification time); its parts would mix old and new results. "
+          "Restore the original, pass another --out, or --overwrite to start over")
+
+  def _recorded(self) -> dict | None:
+    """config.json's content, or None when the directory has none."""
+    path = self.file(CONFIG)
+    if not os.path.exists(path):
+      return None
+    try:
       with open(path) as f:
         theirs = json.load(f)
-      diff = {k: (theirs.get(k), v) for k, v in self.settings.items() if theirs.get(k) != v}
-      if diff:
-        what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-        raise ValueError(f"{self.path} holds a run with other settings ({what}); pass the same "
-                         "flags to resume it, another --out, or --overwrite to start over")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise RunDirError(f"{path} cannot be read ({type(e).__name__}: {e}); the run there "
+                        "cannot be resumed or safely deleted: restore the file, delete the "
+                        "directory yourself, or pass another --out") from None
+    if not isinstance(theirs, dict) or "students" not in theirs:
+      raise RunDirError(f"{path} is not this tool's run config; nothing was changed. Pass a "
+                        "new or empty --out")
+    return theirs
+
+  def _check_lock(self) -> None:
+    """Refuses a directory another live process holds; a dead holder's lock may be taken."""
+    path = self.file(LOCK)
+    try:
+      with open(path) as f:
+        holder = json.load(f)
+      host, pid = holder["host"], int(holder["pid"])
+    except FileNotFoundError:
       return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise RunDirError(f"{path} cannot be read ({type(e).__name__}); if no other run is "
+                        "writing to this directory, delete that file and rerun") from None
+    if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+      return
+    raise RunDirError(
+        f"{self.path} is being written by process {pid} on {host} (lock file {path}); wait "
+        "for it to finish or pass another --out. If that process is gone (another machine "
+        "cannot be checked from here), delete the lock file and rerun")
+
+  # --- writing
+
+  @contextlib.contextmanager
+  def open(self) -> Iterator["RunDir"]:
+    """Takes the lock, starts over (``overwrite``) or checks the parts against the manifest
+    (a corrupt or unlisted part is logged and deleted: its group is recomputed), writes
+    config.json; releases the lock on exit."""
+    self.check()  # again: the directory may have changed while the models loaded
     os.makedirs(self.path, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(self.settings, f, indent=1)
+    self._lock()
+    try:
+      if self.overwrite:
+        for name in os.listdir(self.path):
+          if name != LOCK:
+            p = self.file(name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+      _write_json(self.file(CONFIG), dict(self.settings, inputs=self.inputs))
+      self._verify_parts()
+      yield self
+    finally:
+      self._unlock()
+
+  def _lock(self) -> None:
+    path, tmp = self.file(LOCK), self.file(f"{LOCK}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    try:
+      try:
+        os.link(tmp, path)  # atomic: fails when a lock exists
+      except FileExistsError:
+        self._check_lock()  # raises unless the holder is gone
+        _log.warning("%s: taking over the lock of a process that is gone", self.path)
+        os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    self._locked = True
+
+  def _unlock(self) -> None:
+    if self._locked:
+      self._locked = False
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.file(LOCK))
 
   def part_dir(self, tag: str, index: int) -> str:
-    return os.path.join(self.path, "parts", tag, f"q{index:06d}")
+    return os.path.join(self.path, PARTS, tag, f"q{index:06d}")
+
+  @staticmethod
+  def _key(tag: str, index: int) -> str:
+    return f"{tag}/q{index:06d}"
+
+  def _checksums(self, directory: str) -> dict[str, str]:
+    return {n: sha256_file(os.path.join(directory, n)) for n in sorted(os.listdir(directory))}
+
+  def _verify_parts(self) -> None:
+    """Loads the manifest and keeps only the parts whose files match it."""
+    path = self.file(MANIFEST)
+    parts_root = self.file(PARTS)
+    on_disk = {}
+    if os.path.isdir(parts_root):
+      for t in sorted(os.listdir(parts_root)):
+        for q in sorted(os.listdir(os.path.join(parts_root, t))):
+          on_disk[f"{t}/{q}"] = os.path.join(parts_root, t, q)
+    if not os.path.exists(path):
+      # A run from before the manifest: parts that read back are adopted as they are.
+      self.manifest = {}
+      for key, d in on_disk.items():
+        if not key.endswith(".tmp") and self._readable(d):
+          self.manifest[key] = self._checksums(d)
+      if self.manifest:
+        _log.warning("%s: %d parts written before checksums were kept adopted as found",
+                     self.path, len(self.manifest))
+    else:
+      try:
+        with open(path) as f:
+          self.manifest = json.load(f)["parts"]
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"{path} cannot be read ({type(e).__name__}); delete it to "
+                          "recompute every part, or --overwrite to start over") from None
+    for key, d in on_disk.items():
+      want = self.manifest.get(key)
+      if want is not None and self._checksums(d) == want:
+        continue
+      why = "was never finished" if want is None else "does not match its checksum"
+      if not key.endswith(".tmp"):
+        _log.warning("%s: part %s %s; deleting it, its group is recomputed", self.path,
+                     d, why)
+      shutil.rmtree(d)
+      self.manifest.pop(key, None)
+    self.manifest = {k: v for k, v in self.manifest.items() if k in on_disk}
+    _write_json(path, {"parts": self.manifest})
+
+  @staticmethod
+  def _readable(directory: str) -> bool:
+    try:
+      for name in os.listdir(directory):
+        pd.read_parquet(os.path.join(directory, name))
+    except Exception:  # pyarrow raises several types for a bad file
+      return False
+    return True
 
   def done(self, tag: str, index: int) -> bool:
-    return os.path.isdir(self.part_dir(tag, index))
+    return self._key(tag, index) in self.manifest
 
   def todo(self, tag: str, groups: Sequence[Sequence[int]], label: str | None = None
            ) -> list[list[int]]:
@@ -104,27 +328,42 @@ class RunDir:
 
   def write_parts(self, tag: str, parts: dict[int, dict[str, list[dict]]]) -> None:
     """Writes each question's tables ({index: {table: rows}}) as one directory, renamed into
-    place at the end; a question already done is left as it is."""
+    place at the end, then records its checksums; a question already done is left as it is."""
+    if not self._locked:
+      raise RuntimeError("RunDir.write_parts outside `with run_dir.open():`")
     for index, tables in parts.items():
-      final = self.part_dir(tag, index)
-      if os.path.isdir(final):
+      if self.done(tag, index):
         continue
+      final = self.part_dir(tag, index)
       tmp = final + ".tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
+      for stale in (tmp, final):
+        shutil.rmtree(stale, ignore_errors=True)
       os.makedirs(tmp)
       for name, rows in tables.items():
         pd.DataFrame(rows).to_parquet(os.path.join(tmp, f"{name}.parquet"))
+      sums = self._checksums(tmp)
       os.rename(tmp, final)
+      self.manifest[self._key(tag, index)] = sums
+    _write_json(self.file(MANIFEST), {"parts": self.manifest})
 
   def merge(self, tags: Sequence[str], num_questions: int,
             tables: Sequence[str]) -> dict[str, pd.DataFrame]:
-    """Each table concatenated from every part, student by student then question by question."""
+    """Each table concatenated from every part, student by student then question by question;
+    every file checked against the manifest as it is read."""
     out = {t: [] for t in tables}
     for t_ in tags:
       for i in range(num_questions):
+        want = self.manifest.get(self._key(t_, i), {})
         for name in tables:
-          out[name].append(pd.read_parquet(os.path.join(self.part_dir(t_, i), f"{name}.parquet")))
+          path = os.path.join(self.part_dir(t_, i), f"{name}.parquet")
+          with open(path, "rb") as f:
+            data = f.read()
+          if hashlib.sha256(data).hexdigest() != want.get(f"{name}.parquet"):
+            raise RunDirError(f"{path} changed after it was written (checksum differs from "
+                              f"{self.file(MANIFEST)}); rerun the same command: it recomputes "
+                              "that part")
+          out[name].append(pd.read_parquet(io.BytesIO(data)))
     return {name: pd.concat(frames, ignore_index=True) for name, frames in out.items()}
 
 
-__all__ = ["Interrupt", "RunDir", "tag"]
+__all__ = ["Interrupt", "RunDir", "RunDirError", "sha256_file", "tag"]

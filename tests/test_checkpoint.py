@@ -166,3 +166,72 @@ def test_save_pretrained_loads_in_transformers(tmp_path, tied):
   cfg2, params2 = models.load_pretrained(path)
   assert cfg2 == cfg
   np.testing.assert_array_equal(np.asarray(models.forward(cfg2, params2, tokens)), ours)
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged weights: named with the file (and tensor) and the fix
+
+
+TINY = models.Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+
+
+def _tiny(path):
+  return ckpt_lib.save_pretrained(TINY, models.init_params(TINY, seed=0), str(path))
+
+
+def _truncate(f):
+  data = open(f, "rb").read()
+  open(f, "wb").write(data[:len(data) // 2])
+
+
+def _garbage(f):
+  open(f, "wb").write(b"\xff" * 64)
+
+
+def _bad_header(f):
+  data = open(f, "rb").read()
+  open(f, "wb").write(data[:8] + b"{" * (int.from_bytes(data[:8], "little")) + data[8:])
+
+
+def _nan(f):
+  tensors = load_file(f)
+  tensors["model.layers.0.mlp.up_proj.weight"][3, 1] = np.nan
+  save_file(tensors, f)
+
+
+def _inf(f):
+  tensors = load_file(f)
+  tensors["model.norm.weight"][0] = np.inf
+  save_file(tensors, f)
+
+
+DAMAGED = [
+    ("truncated", _truncate, r"tensor .* has data_offsets .* outside the file's \d+ data bytes"),
+    ("garbage", _garbage, r"is not a whole safetensors file \(64 bytes"),
+    ("header_not_json", _bad_header, r"the safetensors header is not valid JSON"),
+    ("nan", _nan, r"tensor model.layers.0.mlp.up_proj.weight \(.*model.safetensors\) has 1 "
+     r"NaN/Inf value\(s\) of 512"),
+    ("inf", _inf, r"tensor model.norm.weight .* has 1 NaN/Inf"),
+]
+
+
+@pytest.mark.parametrize("damage,message", [c[1:] for c in DAMAGED], ids=[c[0] for c in DAMAGED])
+def test_damaged_weights_are_named(tmp_path, damage, message):
+  path = _tiny(tmp_path / "ckpt")
+  damage(os.path.join(path, "model.safetensors"))
+  with pytest.raises(ckpt_lib.CheckpointError, match=message) as e:
+    models.load_pretrained(path)
+  assert "model.safetensors" in str(e.value)
+  assert "download or save the checkpoint again" in str(e.value)
+
+
+def test_fingerprint_is_cheap_and_sees_a_replaced_checkpoint(tmp_path):
+  path = _tiny(tmp_path / "ckpt")
+  first = ckpt_lib.fingerprint(path)
+  assert set(first) == {"config.json", "model.safetensors"}
+  assert first["model.safetensors"].startswith(
+      f"size {os.path.getsize(os.path.join(path, 'model.safetensors'))}, mtime_ns ")
+  assert ckpt_lib.fingerprint(path) == first
+  ckpt_lib.save_pretrained(TINY, models.init_params(TINY, seed=1), path)  # same shapes
+  assert ckpt_lib.fingerprint(path)["model.safetensors"] != first["model.safetensors"]

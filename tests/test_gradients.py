@@ -267,7 +267,8 @@ def test_equivariant_to_vocab_permutation(vs):
 # Alignment, covariates, per-node scores, aggregates
 
 
-@pytest.mark.parametrize("case", ["random", "zero_a", "zero_both", "huge", "parallel", "opposite"])
+@pytest.mark.parametrize("case", ["random", "zero_a", "zero_both", "huge", "parallel", "opposite",
+                                  "nan_a", "inf_b", "nan_and_zero"])
 def test_alignment(case):
   rng = np.random.default_rng(3)
   a, b = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
@@ -285,6 +286,15 @@ def test_alignment(case):
     b, want = 3 * a, np.ones(5)
   elif case == "opposite":
     b, want = -a, -np.ones(5)
+  elif case == "nan_a":  # a non-finite vector has no direction: NaN, never 0
+    a[2, 3] = np.nan
+    want[2] = np.nan
+  elif case == "inf_b":
+    b[0, 0] = np.inf
+    want[0] = np.nan
+  elif case == "nan_and_zero":
+    a[1], b[1, 5] = 0, np.nan
+    want[1] = np.nan
   np.testing.assert_allclose(np.asarray(G.alignment(a, b)), want, rtol=1e-5, atol=1e-6)
 
 

@@ -261,3 +261,36 @@ def test_validate_estimator_smoke(tmp_path):
   report = (tmp_path / "report.md").read_text()
   assert "Budget reaching mean cos" in report and (tmp_path / "error_vs_budget.png").exists()
   assert summary["meta"]["policy_check"] < 1e-4
+
+
+VALIDATE_BAD_FLAGS = [
+    ("vocab_out_of_range", ["--vocab=1,4,99"], r"--vocab=\[1, 4, 99\] must be ≥ 2 distinct ids"),
+    ("budget_below_initial", ["--budgets=4,8", "--initial_rollouts=8"],
+     r"every budget must be ≥ --initial_rollouts=8"),
+    ("no_seeds", ["--seeds=0"], r"--seeds=0, .* must each be ≥ 1"),
+    ("reward_token_outside_vocab", ["--reward_token=5"],
+     r"--reward_token=5 must be one of --vocab"),
+    ("eos_outside_vocab", ["--eos=2"], r"--eos=2 must be one of --vocab"),
+    ("horizon_past_cache", ["--horizon=14"], r"--horizon=14 must be in \[1, 13\]"),
+    ("no_out", [], r"--out is required"),
+]
+
+
+@pytest.mark.parametrize("args,message", [c[1:] for c in VALIDATE_BAD_FLAGS],
+                         ids=[c[0] for c in VALIDATE_BAD_FLAGS])
+def test_validate_estimator_checks_flags_first(tmp_path, args, message):
+  """Refused before any model or file: exit 1, a short message naming the flag, no --out."""
+  import re
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "out"
+  run = subprocess.run(
+      [sys.executable, "-m", "experiments.validate_estimator"]
+      + ([] if args == [] else [f"--out={out}"]) + args, cwd=root, capture_output=True,
+      text=True, env=dict(os.environ, PYTHONPATH=root))
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert run.stderr.startswith("error: ") and len(run.stderr.splitlines()) <= 3, run.stderr
+  assert re.search(message, run.stderr), run.stderr
+  assert not out.exists()

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 import time
 import types
@@ -177,6 +178,8 @@ MALFORMED_CASES = [
      r"boolq\.json row 0: expected a JSON object"),
     ("null-field", "gsm8k", "jsonl", [GSM8K_ROWS[0], {"question": None, "answer": "#### 1"}],
      r"gsm8k\.jsonl row 1: field 'question' is null"),
+    ("synthetic-not-a-chain", "synthetic", "jsonl", [{"question": "2+3"}, {"question": "two+3"}],
+     r"synthetic\.jsonl row 1: field 'question' is 'two\+3', not a chain like '2-7\+2'"),
 ]
 
 
@@ -206,6 +209,27 @@ def test_bad_sources(tmp_path):
     task.load(str(tmp_path / "empty"))
   with pytest.raises(tasks.TaskDataError, match=r"hf:<dataset>\[:<config>\]:<split>"):
     task.load("hf:openai/gsm8k")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_data_not_utf8(tmp_path, fmt):
+  path = tmp_path / f"latin1.{fmt}"
+  rows = [json.dumps(r, ensure_ascii=False) for r in GSM8K_ROWS[:1] + [{"question": "café?",
+                                                                        "answer": "#### 1"}]]
+  path.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+  with pytest.raises(tasks.TaskDataError, match=rf"latin1\.{fmt} line 2: not UTF-8 text \(byte "
+                     r"0xe9 at column 18\); save the file as UTF-8"):
+    tasks.get_task("gsm8k").load(str(path))
+
+
+def test_fingerprint_source(tmp_path):
+  from gradalign_jax.tasks.base import fingerprint_source
+  path = write_rows(tmp_path / "q.jsonl", GSM8K_ROWS, "jsonl")
+  first = fingerprint_source(path)
+  assert fingerprint_source(path) == first and list(first) == [os.path.abspath(path)]
+  write_rows(tmp_path / "q.jsonl", GSM8K_ROWS[:1], "jsonl")
+  assert fingerprint_source(path) != first
+  assert fingerprint_source("synthetic:seed=1,n=4") == {"source": "synthetic:seed=1,n=4"}
 
 
 def test_hf_source_without_datasets(monkeypatch):

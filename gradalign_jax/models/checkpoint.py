@@ -26,6 +26,7 @@ from flax import nnx
 
 from gradalign_jax.models import qwen3
 from gradalign_jax.models.paths import CheckpointError, resolve_checkpoint_dir
+from gradalign_jax.rundir import sha256_file
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "F64": np.float64}
@@ -107,12 +108,61 @@ def load_config(ckpt_dir: str, *, dtype: str = "float32",
 # safetensors, memory-mapped
 
 
-def _read_safetensors_header(path: str) -> tuple[int, dict]:
+_REWRITE = "download or save the checkpoint again"
+
+
+def _header_bytes(path: str) -> tuple[bytes, int]:
+  """(the JSON header's bytes, the file's size) of a safetensors file; refuses a file too
+  short for the header it announces."""
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 0 or n > size - 8:
+      raise CheckpointError(f"{path} is not a whole safetensors file ({size} bytes, header "
+                            f"length field {n}): it is truncated or not safetensors; {_REWRITE}")
+    return f.read(n), size
+
+
+def _read_safetensors_header(path: str) -> tuple[int, dict]:
+  raw, size = _header_bytes(path)
+  try:
+    header = json.loads(raw)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file "
+                          f"is corrupt or not safetensors; {_REWRITE}") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: the safetensors header is not a JSON object; {_REWRITE}")
   header.pop("__metadata__", None)
-  return 8 + n, header
+  data = size - 8 - len(raw)
+  for name, entry in header.items():
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data):
+      raise CheckpointError(f"{path}: tensor {name} has data_offsets {offsets} outside the "
+                            f"file's {data} data bytes: the file is truncated or corrupt; "
+                            f"{_REWRITE}")
+  return 8 + len(raw), header
+
+
+def fingerprint(path_or_hub_id: str) -> dict[str, str]:
+  """What identifies a checkpoint's content, cheaply for multi-GB weights: each
+  ``*.safetensors`` file's size, mtime and the sha256 of its header (no tensor bytes read),
+  the sha256 of every other file (config, index, tokenizer). {file name: text}."""
+  ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
+  out = {}
+  for name in sorted(os.listdir(ckpt_dir)):
+    path = os.path.join(ckpt_dir, name)
+    if not os.path.isfile(path):
+      continue
+    if name.endswith(".safetensors"):
+      raw, size = _header_bytes(path)
+      out[name] = (f"size {size}, mtime_ns {os.stat(path).st_mtime_ns}, header "
+                   f"{hashlib.sha256(raw).hexdigest()[:16]}")
+    else:
+      out[name] = sha256_file(path)[:16]
+  return out
 
 
 def safetensors_index(ckpt_dir: str) -> dict[str, tuple[str, int, dict]]:
@@ -260,6 +310,12 @@ def load_pretrained(path_or_hub_id: str, dtype: str = "float32", *,
           f"checkpoint at {ckpt_dir}: {name} has shape {list(array.shape)} but config.json "
           f"implies {list(expected)}; is config.json the one these weights were saved with?")
     array = np.asarray(array).reshape(leaf.shape).astype(leaf.dtype, copy=False)
+    if not np.isfinite(array).all():
+      bad = int(array.size - np.isfinite(array).sum())
+      raise CheckpointError(
+          f"checkpoint at {ckpt_dir}: tensor {name} ({tensors[name][0]}) has {bad} NaN/Inf "
+          f"value(s) of {array.size}; the weights are corrupt (or overflowed when saved in a "
+          f"narrower dtype): {_REWRITE}")
     return place(parts, array)
 
   params = jax.tree_util.tree_map_with_path(load_one, abstract)

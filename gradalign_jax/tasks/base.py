@@ -15,6 +15,7 @@ import os
 from typing import Any, Iterator
 
 from gradalign_jax.models.tokenizer import chat_prompt
+from gradalign_jax.rundir import sha256_file
 
 _EXTENSIONS = (".jsonl", ".json", ".parquet")
 _ID_FIELDS = ("id", "ID", "unique_id", "idx")
@@ -212,6 +213,20 @@ def iter_records(source: str) -> Iterator[tuple[str, int, Any]]:
   yield from _iter_file(path)
 
 
+def fingerprint_source(source: str) -> dict[str, str]:
+  """What identifies a data source's content: {file: sha256} of a local file or of each file
+  of a directory; a generated or ``hf:`` source is named only (a hub dataset changed upstream
+  is not detected)."""
+  path = os.path.expanduser(str(source))
+  if str(source).startswith("hf:") or not os.path.exists(path):
+    return {"source": str(source)}
+  if os.path.isdir(path):
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(_EXTENSIONS)]
+  else:
+    files = [path]
+  return {os.path.abspath(f): sha256_file(f)[:16] for f in files}
+
+
 def _iter_file(path: str) -> Iterator[tuple[str, int, Any]]:
   where = os.path.basename(path)
   if path.endswith(".jsonl"):
@@ -227,9 +242,21 @@ def _iter_file(path: str) -> Iterator[tuple[str, int, Any]]:
     yield where, index, row
 
 
+def _decode(raw: bytes, where: str, first_line: int = 1) -> str:
+  """UTF-8 text of ``raw`` (lines numbered from ``first_line``), or an error naming the line."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = first_line + raw.count(b"\n", 0, e.start)
+    col = e.start - raw.rfind(b"\n", 0, e.start)
+    raise TaskDataError(f"{where} line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                        f"column {col}); save the file as UTF-8") from None
+
+
 def _read_jsonl(path: str, where: str) -> Iterator[Any]:
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      line = _decode(raw, where, line_no)
       if line.strip():
         try:
           yield json.loads(line)
@@ -239,8 +266,8 @@ def _read_jsonl(path: str, where: str) -> Iterator[Any]:
 
 
 def _read_json(path: str, where: str) -> list:
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    text = _decode(f.read(), where)
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:

@@ -28,7 +28,7 @@ import re
 import numpy as np
 
 from gradalign_jax.tasks.answers import final_section
-from gradalign_jax.tasks.base import Example, Task, get_text
+from gradalign_jax.tasks.base import Example, RecordError, Task, get_text
 
 MODULUS = 10
 OPS = "+-*"
@@ -122,6 +122,9 @@ class SyntheticTask(Task):
 
   def parse_record(self, row: dict, index: int) -> Example:
     question = get_text(row, "question")
+    if not re.fullmatch(r"\d([+\-*]\d)+", question):
+      raise RecordError(f"field 'question' is {question!r:.80}, not a chain like '2-7+2' (a "
+                        "digit, then operator-digit pairs with + - *); fix the record or drop it")
     steps = [(m[0], int(m[1])) for m in re.findall(r"([+\-*])(\d)", question)]
     solution, answer = solve(int(question[0]), steps)
     return Example(id=self.example_id(row, index), question=question, answer=str(answer),
