@@ -82,7 +82,7 @@ def run(settings: dict, out: str, *, overwrite: bool = False,
   with run_dir.open():
     todo = run_dir.todo("seeds", [[s] for s in range(settings["seeds"])], label="seeds")
     try:
-      for (seed,) in run_dir.progress(todo, label="seeds"):
+      for (seed,) in run_dir.progress(todo, label="null calibration", unit="seeds"):
         run_dir.write_parts("seeds", {seed: {"seeds": seed_rows(settings, seed, specs, task,
                                                                  examples, config, models)}})
     except rundir.Interrupt:
@@ -141,7 +141,7 @@ def _render(summary: dict) -> str:
            f"tables with Δ = {summary['planted_delta']} added to the incorrect rollouts' scores, "
            "found significant with the right sign. Intervals: Clopper–Pearson 95%.", ""]
   lines += report._table(["student", "spec", "seeds", "questions with both kinds (mean)",
-                          "false-positive rate", "power", "detectable |Δ| (median)",
+                          "false-positive rate", "power", "detectable abs Δ (median)",
                           "pooled Mann–Whitney false-positive rate (secondary)"], rows)
   lines += ["![null p-values](p_values.png)", "", "## Settings", ""]
   lines += [f"- {k}: {report._config_value(v)}" for k, v in summary["config"].items()]

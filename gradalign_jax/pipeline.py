@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -326,7 +327,8 @@ def relabelled_deltas(terms: alignment.TreeTerms, paths, rewards, directions, pe
   correct = labels > 0.5
   out = {}
   for d, m in means.items():
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # no scored rollout of a kind: NaN
       inc = np.nanmean(np.where(~correct, m, np.nan), axis=1)
       cor = np.nanmean(np.where(correct, m, np.nan), axis=1)
     out[d] = (inc - cor).tolist()

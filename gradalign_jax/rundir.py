@@ -311,9 +311,10 @@ class RunDir:
                 len(groups) - len(todo), len(groups), self.path)
     return todo
 
-  def progress(self, todo: Sequence[list[int]], label: str) -> Iterator[list[int]]:
-    """Yields the groups of ``todo``, logging progress after each; raises Interrupt once
-    ``stop_after`` groups of this RunDir are done."""
+  def progress(self, todo: Sequence[list[int]], label: str,
+               unit: str = "questions") -> Iterator[list[int]]:
+    """Yields the groups of ``todo`` (of ``unit``: questions, seeds), logging progress after
+    each; raises Interrupt once ``stop_after`` groups of this RunDir are done."""
     start = time.time()
     for n, group in enumerate(todo):
       if self.stop_after is not None and self.groups_done >= self.stop_after:
@@ -322,8 +323,8 @@ class RunDir:
       yield group
       self.groups_done += 1
       bar = "#" * (20 * (n + 1) // len(todo))
-      _log.info("%s [%-20s] questions %d–%d done (group %d/%d in %.1f s; %.0f s elapsed, ~%.0f s "
-                "left)", label, bar, group[0], group[-1], n + 1, len(todo), time.time() - t0,
+      _log.info("%s [%-20s] %s %d–%d done (group %d/%d in %.1f s; %.0f s elapsed, ~%.0f s "
+                "left)", label, bar, unit, group[0], group[-1], n + 1, len(todo), time.time() - t0,
                 time.time() - start, (len(todo) - n - 1) * (time.time() - t0))
 
   def write_parts(self, tag: str, parts: dict[int, dict[str, list[dict]]]) -> None:
