@@ -74,6 +74,21 @@ def test_outputs_exist_and_agree(small_run):
     want = sel[sel.correct == flag]["mean_reverse_kl"].mean()
     got = spec[split]["reverse_kl"]["mean"]
     assert (got is None and not np.isfinite(want)) or np.isclose(got, want)
+  # The headline within-question numbers, recomputed from rollouts.parquet and the questions'
+  # relabelling draws.
+  w = spec["within_question"]
+  deltas, centred = [], []
+  q = t["questions"].set_index(["spec", "question_id"])
+  for qid, g in r[(r.spec == "teacher") & np.isfinite(r.mean_reverse_kl)].groupby("question_id"):
+    if g.correct.nunique() == 2:
+      d = g[~g.correct].mean_reverse_kl.mean() - g[g.correct].mean_reverse_kl.mean()
+      deltas.append(d)
+      centred.append(d - np.nanmean(q.loc[("teacher", qid), "null_delta_reverse_kl"]))
+  assert w["num_questions"] == len(deltas)
+  if deltas:
+    assert w["difference"] == pytest.approx(np.mean(deltas))
+    assert w["difference_vs_null"] == pytest.approx(np.mean(centred))
+    assert 0 < w["p_permutation"] <= 1
   report = open(os.path.join(out, "report.md")).read()
   assert "self:correct_and_wrong_demo" in report and "Findings" in report
 

@@ -498,10 +498,12 @@ def test_render_numbers_and_findings():
     assert _p_text(p) in text and "e-" in _p_text(p)  # the pooled row stays
     delta = np.mean(list(_within_by_hand(r, "reverse_kl").values()))
     assert f"| {spec} | 8 (48) | {delta:+.3f} [" in text
-  assert ("strong, within question (reverse_kl): Δ = incorrect − correct is positive (incorrect "
+  assert ("strong, within question (reverse_kl): Δ = incorrect − correct, against its "
+          "relabelling null, is positive (incorrect "
           "rollouts align better) for 2 of 2 teacher specs (2 significant at p<0.05, "
           "within-question permutation test)" in text)
-  assert "flat, within question (reverse_kl): Δ = incorrect − correct is positive" in text
+  assert ("flat, within question (reverse_kl): Δ = incorrect − correct, against its "
+          "relabelling null, is positive" in text)
   assert "for 0 of 2 teacher specs" in text and "negative for 2 (2 significant)" in text
   assert "p 0.001, 8 questions" in text  # 1/(1 + 999): no permutation is as extreme
   assert "Best teacher context for strong, within question" in text

@@ -423,6 +423,15 @@ def _delta(block: dict, digits: int = 3) -> str:
   return f"{_num(x, digits, '+')} [{lo}, {hi}]"
 
 
+def _vs_null(w: dict) -> str:
+  """"−0.021 [−0.142, 0.096] (Δ +0.054)": Δ against its relabelling null, else Δ alone."""
+  x = w.get("difference_vs_null")
+  if x is None or not np.isfinite(x):
+    return _delta(w)
+  block = {"difference": x, "ci_low": w["vs_null_ci_low"], "ci_high": w["vs_null_ci_high"]}
+  return f"{_delta(block)} (Δ {_num(w['difference'], 3, '+')})"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
   return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
           + ["| " + " | ".join(r) + " |" for r in rows] + [""])
@@ -472,16 +481,17 @@ def _findings_text(summary: dict) -> list[str]:
   alpha = f["alpha"]
   lines = []
   for student, s in f["students"].items():
-    text = (f"{student}, within question ({d}): Δ = incorrect − correct is positive (incorrect "
+    text = (f"{student}, within question ({d}): Δ = incorrect − correct, against its "
+            f"relabelling null, is positive (incorrect "
             f"rollouts align better) for {s['n_incorrect_higher']} of {s['n_specs']} teacher "
             f"specs ({s['n_incorrect_higher_significant']} significant at p<{alpha:g}, "
             f"within-question permutation test) and negative for {s['n_correct_higher']} "
             f"({s['n_correct_higher_significant']} significant).")
-    per_spec = [f"{spec} {_delta(w)}, p {_p(w['p_permutation'])}, {w['num_questions']} "
+    per_spec = [f"{spec} {_vs_null(w)}, p {_p(w['p_permutation'])}, {w['num_questions']} "
                 f"questions" for spec, w in s["within_question"].items()
                 if w["difference"] is not None and np.isfinite(w["difference"])]
     if per_spec:
-      text += " Per spec: " + "; ".join(per_spec) + "."
+      text += " Per spec, Δ − null [95% CI] (Δ): " + "; ".join(per_spec) + "."
     mde = [w["min_detectable"] for w in s["within_question"].values()
            if w["min_detectable"] is not None and np.isfinite(w["min_detectable"])]
     if mde:
