@@ -36,6 +36,7 @@ from gradalign_jax.scoring import PromptedModel, ScoringStats, Shapes, padded_ch
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
 _ON_DEVICE = [name for name, d in gradients.DIRECTIONS.items() if d.at_node is not None]
+TOP_TOKENS = 5  # k of the per-node top-k of π and q kept for the token explorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,9 @@ def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, 
   Returns (node, edge, finite): {name: f32[C]} per node: the covariates, ``norm_<d>``, ``lse`` (log Σ exp z/T over
   the vocabulary), the MiniLLM sums ``unvisited_dd``, ``unvisited_dp``, ``unvisited_pp``
   (Σ d_rkl², Σ d_rkl p, Σ p² over the unvisited vocabulary), ``off_mode`` (1 − p at the
-  mode, summed over the other rows) and ``mode`` (int32, argmax p); {name: f32[E]} per edge:
+  mode, summed over the other rows), ``mode`` (int32, argmax p), and [C, TOP_TOKENS]
+  ``top_p``/``top_q`` with their token ids ``top_p_tokens``/``top_q_tokens`` (int32; the
+  largest p and q, descending); {name: f32[E]} per edge:
   ``z`` (z/T), ``p``, ``ell`` (ℓ = log p − log q) and ``d_<d>``;
   ``finite``: bool[3, C], whether the student's logits, the teacher's logits and every
   direction's norm are finite at each node.
@@ -115,6 +118,10 @@ def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, 
       off_mode=jnp.sum(jnp.where(jnp.arange(v) == mode[:, None], 0.0, p), -1),
       mode=mode.astype(jnp.int32))
   edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq))
+  k = min(TOP_TOKENS, v)
+  for name, probs in (("p", p), ("q", gradients.masked_softmax(zt, vocab_mask))):
+    node[f"top_{name}"], ids = jax.lax.top_k(probs, k)
+    node[f"top_{name}_tokens"] = ids.astype(jnp.int32)
   norms = jnp.stack([node[f"norm_{name}"] for name in _ON_DEVICE])
   finite = jnp.stack([jnp.all(jnp.isfinite(zs), -1), jnp.all(jnp.isfinite(zt), -1),
                       jnp.all(jnp.isfinite(norms), 0)])
@@ -226,7 +233,8 @@ class TreeTerms:
 
   arrays: the tree's TreeArrays; scored: int[U'] the scored nodes (root and nodes with a
   child) in the pass's order; node: {name: float[U]} per node (indexed by node id; rows of
-  unscored nodes are 0): the covariates, ``norm_<d>`` for every direction, ``lse``;
+  unscored nodes are 0): the covariates, ``norm_<d>`` for every direction, ``lse``, and
+  [U, TOP_TOKENS] ``top_p``, ``top_q``, ``top_p_tokens``, ``top_q_tokens``;
   edge: {name: float[U]} per edge, indexed by child id: ``z``, ``p``, ``ell``, ``d_<d>``.
   """
   arrays: TreeArrays
@@ -254,7 +262,9 @@ class TreeTerms:
   def node_columns(self) -> dict[str, np.ndarray]:
     """Per scored node (the full tree's estimate): the covariates, ``norm_ideal``,
     ``align_/dot_/norm_<d>`` of every direction, ``node_id``, ``depth``, ``informative``,
-    ``num_observed``, ``min_trials``, ``v_hat`` (the V̂ of ĝ*)."""
+    ``num_observed``, ``min_trials``, ``v_hat`` (the V̂ of ĝ*), ``targeted`` (targeted
+    rollouts that reached the node), and [U', TOP_TOKENS] ``top_p``, ``top_q``,
+    ``top_p_tokens``, ``top_q_tokens``."""
     a, ids = self.arrays, self.scored
     groups, kids = self._children(ids)
     s = self._scores(ids, groups, kids, a.successes[kids], a.trials[kids])
@@ -266,7 +276,9 @@ class TreeTerms:
       cols[f"norm_{name}"] = self.node[f"norm_{name}"][ids]
     cols.update(node_id=ids, depth=a.depth[ids], informative=a.informative[ids],
                 num_observed=a.num_observed[ids], min_trials=a.min_trials[ids],
-                v_hat=s["v_hat"])
+                v_hat=s["v_hat"], targeted=a.targeted[ids])
+    cols.update({c: self.node[c][ids] for c in ("top_p", "top_q", "top_p_tokens",
+                                                 "top_q_tokens")})
     return cols
 
   def leave_one_out(self, path: np.ndarray, reward: float) -> dict[str, np.ndarray]:
@@ -358,7 +370,8 @@ def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
                            f"{ids[bad.any(axis=0)][:5].tolist()}")
     scored.append(ids)
     for k, x in n_out.items():
-      node.setdefault(k, np.zeros(u, np.asarray(x).dtype))[ids] = np.asarray(x)[keep]
+      x = np.asarray(x)
+      node.setdefault(k, np.zeros((u,) + x.shape[1:], x.dtype))[ids] = x[keep]
     for k, x in e_out.items():
       edge.setdefault(k, np.zeros(u, np.float32))[kids] = np.asarray(x)[:len(kids)]
   _finish_minillm(tree, arrays, node, edge)
@@ -405,5 +418,5 @@ def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   return terms.node_columns(), stats
 
 
-__all__ = ["NonFiniteError", "ScoringConfig", "TreeTerms", "cosine", "ideal_scores", "rollout_paths",
+__all__ = ["NonFiniteError", "ScoringConfig", "TOP_TOKENS", "TreeTerms", "cosine", "ideal_scores", "rollout_paths",
            "score_tree", "tree_terms"]

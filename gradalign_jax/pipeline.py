@@ -379,7 +379,8 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
       rows["questions"][-1].update({f"null_delta_{d}": null[d] for d in directions})
       if cols is None:
         continue
-      rows["nodes"] += tables.node_rows(key, cols, arrays, paths, directions)
+      rows["nodes"] += tables.node_rows(key, cols, terms, paths, directions,
+                                        run.student.token_text)
       rows["rollouts"] += tables.rollout_rows(key, terms, paths, rewards, g, directions,
                                               run.student.token_text)
     results[i] = rows

@@ -69,6 +69,8 @@ class TreeArrays:
     min_trials   int64[U]  min n_k over O (0 when O is empty)
     total_visits int64[U]  Σ_k visits of the children (the denominator of w)
     informative  bool[U]   |O| ≥ 2 and the Q̂_k over O are not all equal
+    targeted     int64[U]  targeted rollouts that reached the node at or below their branch
+             point (so they count in its children's outcomes)
   """
   parent: np.ndarray
   token: np.ndarray
@@ -87,6 +89,7 @@ class TreeArrays:
   min_trials: np.ndarray
   total_visits: np.ndarray
   informative: np.ndarray
+  targeted: np.ndarray
 
   @property
   def num_nodes(self) -> int:
@@ -164,6 +167,7 @@ class PrefixTree:
     self._succ = [0.0]
     self._trials = [0]
     self._visits = [0]
+    self._targeted = [0]
     self.rollouts: list[tuple[int, float, int | None]] = []  # (leaf id, reward, branch_depth)
 
   @property
@@ -183,6 +187,7 @@ class PrefixTree:
       self._succ.append(0.0)
       self._trials.append(0)
       self._visits.append(0)
+      self._targeted.append(0)
     return child
 
   def add(self, tokens: Sequence[int], reward: float, branch_depth: int | None = None) -> int:
@@ -204,6 +209,8 @@ class PrefixTree:
                        "generated tokens (the forced token must be one of them)")
     node = 0
     for t, tok in enumerate(tokens):
+      if branch_depth is not None and t >= b:
+        self._targeted[node] += 1  # the decision node at depth t
       node = self._child(node, tok)
       if t >= b:  # ordinary rollouts: b = -1, every edge
         self._succ[node] += reward
@@ -285,7 +292,8 @@ class PrefixTree:
                       child_start=child_start, child_count=child_count, children=children,
                       preorder=preorder, subtree_size=subtree, successes=succ, trials=trials,
                       visits=visits, wilson_lo=lo, wilson_hi=hi, num_observed=num_observed,
-                      min_trials=min_trials, total_visits=total_visits, informative=informative)
+                      min_trials=min_trials, total_visits=total_visits, informative=informative,
+                      targeted=np.asarray(self._targeted, np.int64))
 
   def path(self, node: int) -> tuple[int, ...]:
     """The generated tokens of a node's prefix (walks to the root: O(depth))."""

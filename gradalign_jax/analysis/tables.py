@@ -54,12 +54,24 @@ NODE_COLUMNS = {
     "child_n": "list: trials n_k of each child",
     "child_q_lo": "list: Wilson 95% lower bound of each child's Q̂",
     "child_q_hi": "list: Wilson 95% upper bound of each child's Q̂",
+    "child_p": "list: π of each child's token (ĝ*_k = π_k (Q̂_k − V̂) on the observed ones)",
+    "child_text": "list: each child's token decoded alone",
+    "targeted": "targeted rollouts that reached the node at or below their branch point (they "
+                "count in its children's Q̂)",
+    "top_p_tokens": "list: the student's TOP_TOKENS most likely token ids (alignment.py), "
+                    "descending",
+    "top_p": "list: their π",
+    "top_p_text": "list: each decoded alone",
+    "top_q_tokens": "list: the teacher's TOP_TOKENS most likely token ids, descending",
+    "top_q": "list: their q",
+    "top_q_text": "list: each decoded alone",
 }
 NODE_DIRECTION_COLUMNS = {
     "align_{d}": "cos(ĝ*, d), full-tree ĝ* (0 where either is 0; meaningful on informative "
                  "nodes)",
     "dot_{d}": "⟨ĝ*, d⟩",
     "norm_{d}": "‖d‖",
+    "child_d_{d}": "list: d at each child's token (⟨ĝ*, d⟩ = Σ_k ĝ*_k d_k: ĝ* is 0 elsewhere)",
 }
 
 ROLLOUT_COLUMNS = {
@@ -70,6 +82,8 @@ ROLLOUT_COLUMNS = {
     "n_nodes": "informative nodes on the rollout's path, the rollout left out of the counts",
     "tokens": "list: the generated token ids",
     "token_text": "list: each token decoded alone",
+    "node_ids": "list: each token's decision node (the nodes table's node_id; the node at "
+                "depth t for token t)",
     "sum_gg": "Σ ‖ĝ*‖² over the path's informative nodes",
     **{c: f"mean of {c} over the path's informative nodes" for c in COVARIATES},
     "depth_norm": "mean of depth / length over the path's informative nodes",
@@ -193,16 +207,21 @@ def rollout_sums(rollouts, direction: str) -> AlignmentSums:
 
 
 def _py(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
   return x.item() if isinstance(x, np.generic) else x
 
 
-def node_rows(key: dict, cols: dict, arrays, paths, directions: Sequence[str]) -> list[dict]:
+def node_rows(key: dict, cols: dict, terms, paths, directions: Sequence[str],
+              token_text) -> list[dict]:
   """The node table's rows of one (student, spec, question).
 
   key: the KEY_COLUMNS values; cols: ``alignment.TreeTerms.node_columns()`` (full-tree
-  estimates); arrays: the tree's TreeArrays; paths: ``alignment.rollout_paths`` of the tree;
-  directions: those reported (the other directions' columns are dropped).
+  estimates); terms: that ``alignment.TreeTerms`` (its tree and child entries);
+  paths: ``alignment.rollout_paths`` of the tree; directions: those reported (the other
+  directions' columns are dropped); token_text: ids → list of token strings.
   """
+  arrays = terms.arrays
   ids = cols["node_id"]
   len_sum = np.zeros(arrays.num_nodes)
   len_cnt = np.zeros(arrays.num_nodes)
@@ -221,6 +240,12 @@ def node_rows(key: dict, cols: dict, arrays, paths, directions: Sequence[str]) -
   table["child_n"] = [arrays.trials[k].tolist() for k in kids]
   table["child_q_lo"] = [arrays.wilson_lo[k].tolist() for k in kids]
   table["child_q_hi"] = [arrays.wilson_hi[k].tolist() for k in kids]
+  table["child_p"] = [terms.edge["p"][k].tolist() for k in kids]
+  table["child_text"] = [token_text(arrays.token[k].tolist()) for k in kids]
+  for d in directions:
+    table[f"child_d_{d}"] = [terms.edge[f"d_{d}"][k].tolist() for k in kids]
+  for who in ("p", "q"):
+    table[f"top_{who}_text"] = [token_text(t) for t in cols[f"top_{who}_tokens"].tolist()]
   unreported = set(direction_columns(NODE_DIRECTION_COLUMNS,
                                      [d for d in DIRECTIONS if d not in directions]))
   keep = [c for c in table if c not in unreported]
@@ -249,6 +274,7 @@ def rollout_rows(key: dict, terms, paths, rewards, num_onpolicy: int,
     norm_g = loo["norm_ideal"][info]
     row = dict(key, rollout=r, correct=bool(rewards[r] > 0.5), length=length,
                n_nodes=int(info.sum()), tokens=tokens, token_text=token_text(tokens),
+               node_ids=nodes.tolist(),
                sum_gg=float(np.sum(norm_g ** 2)))
     for d in directions:
       a = loo[f"align_{d}"]
