@@ -15,7 +15,8 @@ flags, the run directory and the files. Results go to ``--out``:
   questions.parquet   one row per (student, spec, question): accuracy, context status, means
   summary.json        per student and spec: correct / incorrect / all blocks, tests, findings
   report.md           the correct-vs-incorrect comparison, covariates, findings, plots
-  tokens.html         every rollout's tokens coloured by alignment
+  tokens.html         the token explorer: pick a student, question and two specs, click a
+                      token for its node (one offline page; report.md links it)
   parts/              per-question results, written atomically: a rerun with the same --out
                       resumes where an interrupted run stopped and gives identical tables
 
@@ -66,7 +67,7 @@ def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: 
   for name in pipeline.TABLES:
     files.save_table(getattr(tables, name), run_dir.file(f"{name}.parquet"))
   flat = [c for c in tables.rollouts.columns if not c.startswith("path_")
-          and c not in ("tokens", "token_text")]
+          and c not in ("tokens", "token_text", "node_ids")]
   files.save_table(tables.rollouts[flat], run_dir.file("rollouts.csv"))
   files.save_table(tables.questions, run_dir.file("questions.csv"))
   summary = tables.summary(dict(settings, num_questions_loaded=num_questions, seconds=seconds))
@@ -78,8 +79,10 @@ def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: 
              "covariates.png": plots.plot_covariates(tables.nodes, primary)}
   for name, fig in figures.items():
     files.save_figure(fig, run_dir.file(name))
-  files.write_text(run_dir.file("report.md"), report.render(summary, list(figures)))
-  files.write_text(run_dir.file("tokens.html"), token_view.render(tables.rollouts, primary))
+  files.write_text(run_dir.file("report.md"),
+                   report.render(summary, list(figures), explorer="tokens.html"))
+  files.write_text(run_dir.file("tokens.html"), token_view.render(
+      tables.nodes, tables.rollouts, tables.questions, summary, primary))
   logging.info("wrote %s (report.md, summary.json, tables, plots, tokens.html)", run_dir.path)
   return summary
 

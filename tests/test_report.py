@@ -1,9 +1,8 @@
-"""analysis.report / plots / token_view against brute force over node vectors and scipy by hand."""
+"""analysis.report / plots against brute force over node vectors and scipy by hand."""
 
 import json
 import math
 import os
-import re
 
 import numpy as np
 import pandas as pd
@@ -13,7 +12,7 @@ from matplotlib.figure import Figure
 from scipy import stats as sps
 
 from experiments import files
-from gradalign_jax.analysis import plots, report, token_view
+from gradalign_jax.analysis import plots, report
 
 DIRS = ("reverse_kl", "jsd")
 COVARIATES = ("kl_pq", "kl_qp", "l2_pq", "cos_pq", "entropy_p", "entropy_q", "depth",
@@ -489,7 +488,8 @@ def test_render_numbers_and_findings():
                              {"task": "synthetic", "G": 6}, n_boot=N_BOOT)
   # summary.json round trip: render reads null as n/a
   summary = json.loads(report.to_json(summary))
-  text = report.render(summary, ["correct_vs_incorrect.png"])
+  text = report.render(summary, ["correct_vs_incorrect.png"], explorer="tokens.html")
+  assert "Token explorer: [tokens.html](tokens.html)" in text
 
   for spec in ("self", "teacher"):
     assert f"| {spec} |" in text
@@ -572,48 +572,3 @@ def test_plots_survive_null_summary_and_uninformative_nodes(sweep, tmp_path):
   dull = nodes.assign(informative=False)
   _assert_png(plots.plot_alignment_by_depth(dull), tmp_path / "b.png")
   _assert_png(plots.plot_covariates(dull), tmp_path / "d.png")
-
-
-# ---------------------------------------------------------------------------------------
-# token view
-
-
-def _token_rollouts():
-  rows = []
-  texts = [["Hi", " <b>&", "\n", "<|im_end|>"], ["x", "y"], ["a"], ["p", "q", "r"]]
-  for i, (text, correct) in enumerate(zip(texts, [False, True, False, True])):
-    cos = np.linspace(-1, 1, len(text))
-    cos[0] = np.nan
-    rows.append(dict(student="s", spec="self", question_id="q0", rollout=i, correct=correct,
-                     tokens=list(range(len(text))), token_text=text,
-                     mean_reverse_kl=float(np.nanmean(cos)) if len(text) > 1 else np.nan,
-                     path_reverse_kl=cos))
-  return pd.DataFrame(rows)
-
-
-def test_token_view_escapes_and_spans():
-  rollouts = _token_rollouts()
-  html = token_view.render(rollouts)
-  assert "&lt;|im_end|&gt;" in html and "<|im_end|>" not in html
-  assert " &lt;b&gt;&amp;" in html and "<b>" not in html
-  assert html.count('class="tok"') == sum(len(t) for t in rollouts.token_text)
-  assert "↵</span>\n" in html  # the newline token stays visible and still breaks
-  assert "not informative" in html and "rgba(178,24,43,1.000)" in html  # cos −1 … red
-  assert "rgba(33,102,172,1.000)" in html  # cos 1 … blue
-  # correct rollouts first
-  order = [int(m) for m in re.findall(r"rollout (\d+) ·", html)]
-  assert order == [1, 3, 0, 2]
-
-
-def test_token_view_limit_keeps_both_kinds():
-  html = token_view.render(_token_rollouts(), max_rollouts_per_group=2)
-  assert [int(m) for m in re.findall(r"rollout (\d+) ·", html)] == [1, 0]
-
-
-def test_token_view_checks_lengths_and_empty():
-  bad = _token_rollouts()
-  bad.at[0, "token_text"] = ["only one"]
-  with pytest.raises(ValueError, match="one of each per generated token"):
-    token_view.render(bad)
-  html = token_view.render(pd.DataFrame())
-  assert "No rollouts." in html

@@ -635,10 +635,10 @@ def _student_text(student: str, s: dict, dirs: list) -> list[str]:
                 for n in names] for spec, b in specs.items()])
 
 
-def render(summary: dict, plots=()) -> str:
+def render(summary: dict, plots=(), explorer: str | None = None) -> str:
   """The markdown of ``report.md`` from a summary (as returned by summarize, or loaded back
   from summary.json with null for NaN). plots: png paths relative to the report, embedded in
-  order."""
+  order; explorer: the token explorer's path relative to the report (linked at the top)."""
   dirs = summary["directions"]
   primary = dirs[0]
   students = summary["students"]
@@ -648,6 +648,9 @@ def render(summary: dict, plots=()) -> str:
            "Questions: " + ", ".join(f"{k}: {s['n_questions']}" for k, s in students.items())
            + "  ",
            "Directions: " + ", ".join([f"{primary} (primary)"] + dirs[1:]), ""]
+  if explorer:
+    lines += [f"Token explorer: [{explorer}]({explorer}) (each rollout's tokens coloured by "
+              f"{primary}; click a token for its node)", ""]
   if summary["config"]:
     lines += _table(["setting", "value"],
                     [[str(k), _config_value(v)] for k, v in summary["config"].items()])
