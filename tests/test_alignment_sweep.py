@@ -65,6 +65,15 @@ def test_outputs_exist_and_agree(small_run):
     if len(vals):
       assert np.isclose(np.mean(vals), row["mean_reverse_kl"])
       assert np.all(np.abs(vals) <= 1 + 1e-9)
+  # The explorer's links: each token's decision node is at its depth, and the token is one of
+  # that node's children (the nodes table of the same spec).
+  nodes = t["nodes"].set_index(["spec", "question_id", "node_id"])
+  for _, row in r.head(6).iterrows():
+    for depth, (u, tok) in enumerate(zip(row["node_ids"], row["tokens"])):
+      node = nodes.loc[(row["spec"], row["question_id"], u)]
+      assert node["depth"] == depth and tok in list(node["child_tokens"])
+      assert len(node["top_p"]) == len(node["top_q_tokens"]) == 5
+  assert (t["nodes"]["targeted"] > 0).any()
   # summary.json's blocks are the rollout table's split means.
   with open(os.path.join(out, "summary.json")) as f:
     saved = json.load(f)
@@ -91,6 +100,7 @@ def test_outputs_exist_and_agree(small_run):
     assert 0 < w["p_permutation"] <= 1
   report = open(os.path.join(out, "report.md")).read()
   assert "self:correct_and_wrong_demo" in report and "Findings" in report
+  assert "[tokens.html](tokens.html)" in report
 
 
 def _reference_cosines(zs, zt, mask, tokens, q, n, own=None):

@@ -58,6 +58,11 @@ def test_targeted_rollout_counts_only_at_and_below_its_branch(name):
   for prefix, (outcomes, visits) in expected.items():
     assert t.outcomes(prefix) == outcomes, prefix
     assert t.visits(prefix) == visits, prefix
+  # The targeted count: the decision nodes at depths ≥ b of its path (independent of Q̂).
+  a = t.arrays()
+  reached = {t.find(tokens[:d]) for d in range(b, len(tokens))}
+  assert {i for i in range(a.num_nodes) if a.targeted[i]} == reached
+  assert set(a.targeted[list(reached)]) == {1}
 
 
 def _snapshot(t):
