@@ -28,7 +28,8 @@ Intervals are percentile bootstraps over seeds.
 
   python -m experiments.validate_estimator --out=/tmp/validate
 
-With its defaults it took 204 s on 2 shared CPU cores (about 150 s of it the first seed's
+With its defaults (the student-only ideal_error priority) it took 388 s on 2 CPU cores shared
+with other jobs (204 s before, alone; about 150 s of it the first seed's
 compilations).
 
 Writes summary.json ({"records": [...]}, one per method × budget), report.md, error_vs_budget.png
