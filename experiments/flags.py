@@ -44,10 +44,15 @@ flags.DEFINE_integer("top_k", 0, "top-k sampling (0 = off)")
 flags.DEFINE_integer("max_new_tokens", 48, "rollout horizon in generated tokens")
 flags.DEFINE_enum("thinking", "task", ["task", "on", "off"],
                   "Qwen3 thinking mode of the prompts (task: the task's default)")
-flags.DEFINE_integer("budget", 32, "targeted rollouts per question, split across teacher specs")
+flags.DEFINE_integer("budget", 32, "targeted rollouts per question (the default priority: one "
+                     "tree for every spec; a teacher priority: this many for each spec's own "
+                     "copy of the tree)")
 flags.DEFINE_integer("num_continuations", 4, "M: continuations per targeted (node, token) pair")
-flags.DEFINE_enum("priority", "reverse_kl", list(targeted.PRIORITIES),
-                  "how targeted rollouts rank (node, token) pairs")
+flags.DEFINE_enum("priority", targeted.IDEAL_ERROR, list(targeted.PRIORITIES),
+                  "how targeted rollouts rank (node, token) pairs: ideal_error (the expected "
+                  "reduction of the error of ĝ*, student only, one tree for every spec) or "
+                  "|d_k| / |p_k − q_k| on each spec's teacher (each spec its own tree)")
+flags.DEFINE_integer("rounds", 2, "targeted: rounds, each re-scoring the refreshed tree")
 flags.DEFINE_list("directions", list(gradients.DIRECTIONS),
                   "distillation directions in the tables and report; the first is the headline")
 flags.DEFINE_integer("demo_samples", 16, "extra student rollouts per question that "
@@ -56,6 +61,8 @@ flags.DEFINE_integer("demo_samples", 16, "extra student rollouts per question th
 flags.DEFINE_integer("summary_tokens", 32, "most tokens of a generated summary")
 flags.DEFINE_integer("question_batch", 8, "questions sampled together (fixed groups of the "
                      "dataset order, so results do not depend on where a run was resumed)")
+flags.DEFINE_float("teacher_temperature", 1.0, "T_τ: the teacher's q = softmax(z_τ / T_τ) "
+                   "(1 = the teacher model as it is; --temperature is the student's only)")
 flags.DEFINE_float("jsd_beta", 0.5, "β of the JSD direction (and of the jsd priority)")
 flags.DEFINE_integer("topk", 20, "k of the top-k reverse-KL directions")
 flags.DEFINE_integer("chunk_nodes", 256, "nodes per scoring chunk (memory: chunk × vocab)")
@@ -82,15 +89,16 @@ GROUPS = {
     "data": ("task", "data", "num_questions", "question_batch", "seed"),
     "sampling": ("num_rollouts", "temperature", "top_p", "top_k", "max_new_tokens"),
     "contexts": ("thinking", "demo_samples", "summary_tokens"),
-    "targeted": ("budget", "num_continuations", "priority"),
-    "scoring": ("directions", "jsd_beta", "topk", "chunk_nodes", "permutations"),
+    "targeted": ("budget", "num_continuations", "priority", "rounds"),
+    "scoring": ("directions", "teacher_temperature", "jsd_beta", "topk", "chunk_nodes",
+                "permutations"),
     "calibration": ("seeds", "success_rate", "planted_delta", "alpha"),
 }
 ALWAYS = ("models", "data", "sampling")  # every experiment reads these
 # The order settings are recorded in (config.json, the report's settings table).
 ORDER = ("students", "teachers", "task", "data", "num_questions", "num_rollouts", "temperature",
          "top_p", "top_k", "max_new_tokens", "thinking", "budget", "num_continuations",
-         "priority", "directions", "demo_samples", "summary_tokens", "question_batch",
+         "priority", "rounds", "directions", "teacher_temperature", "demo_samples", "summary_tokens", "question_batch",
          "jsd_beta", "topk", "chunk_nodes", "permutations", "dtype", "seed", "seeds",
          "success_rate", "planted_delta", "alpha")
 OUTPUT = ("out", "overwrite")
@@ -229,13 +237,15 @@ def sampling_config(s: dict) -> sampling.SamplingConfig:
 
 def targeted_config(s: dict) -> targeted.TargetedConfig:
   return targeted.TargetedConfig(budget=s["budget"], num_continuations=s["num_continuations"],
-                                 priority=s["priority"], jsd_beta=s["jsd_beta"])
+                                 priority=s["priority"], rounds=s["rounds"],
+                                 jsd_beta=s["jsd_beta"])
 
 
 def scoring_config(s: dict) -> alignment.ScoringConfig:
   return alignment.ScoringConfig(directions=s["directions"], chunk_nodes=s["chunk_nodes"],
                                  jsd_beta=s["jsd_beta"], topk=s["topk"],
-                                 permutations=s["permutations"])
+                                 permutations=s["permutations"],
+                                 teacher_temperature=s["teacher_temperature"])
 
 
 def context_config(s: dict) -> contexts.ContextConfig:

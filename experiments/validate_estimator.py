@@ -28,7 +28,8 @@ Intervals are percentile bootstraps over seeds.
 
   python -m experiments.validate_estimator --out=/tmp/validate
 
-With its defaults it took 204 s on 2 shared CPU cores (about 150 s of it the first seed's
+With its defaults (the student-only ideal_error priority) it took 388 s on 2 CPU cores shared
+with other jobs (204 s before, alone; about 150 s of it the first seed's
 compilations).
 
 Writes summary.json ({"records": [...]}, one per method × budget), report.md, error_vs_budget.png
@@ -58,8 +59,11 @@ flags.DEFINE_integer("initial_rollouts", 8, "targeted: initial on-policy rollout
                      "(their nodes are the shared evaluation set)")
 flags.DEFINE_integer("num_continuations", 4, "targeted: M continuations per pair")
 flags.DEFINE_integer("rounds", 1, "targeted: rounds")
-flags.DEFINE_enum("priority", "reverse_kl", ["reverse_kl", "forward_kl", "jsd", "prob_gap"],
+flags.DEFINE_enum("priority", "ideal_error",
+                  ["ideal_error", "reverse_kl", "forward_kl", "jsd", "prob_gap"],
                   "targeted: pair priority")
+flags.DEFINE_float("tolerance", 0.01, "targeted (ideal_error): a pair stops once its share of "
+                   "the error of ĝ* is below this")
 flags.DEFINE_integer("min_trials", 1 << 30, "targeted: a pair is a candidate while n_k < this "
                      "(default: every pair; the budget also refines visited children)")
 flags.DEFINE_enum("surplus", "even", ["even", "priority"], "targeted: how budget left once "
@@ -197,8 +201,8 @@ def run_one(method, budget, seed, setup, tcfg_kwargs):
     tcfg = targeted.TargetedConfig(budget=budget - initial, **tcfg_kwargs)
     targeted.targeted_rollouts(
         pools, [scoring.PromptedModel(cfg, student, p) for p in prompts],
-        [scoring.PromptedModel(cfg, teacher, p) for p in prompts], tcfg, reward_fn, mask,
-        temperature=scfg.temperature, seed=seed, chunk_nodes=64)
+        [scoring.PromptedModel(cfg, teacher, p) for p in prompts] if tcfg.per_spec else None,
+        tcfg, reward_fn, mask, policy=scfg, seed=seed, chunk_nodes=64)
     for pool in pools:
       for br in pool.batches[1:]:
         worst = max(worst, check_policy(br, [r[0] for r in refs], vocab))
@@ -411,7 +415,7 @@ def main(argv):
   setup = (cfg, student, teacher, prompts, refs, mask, reward_fn, scfg, vocab)
   tcfg_kwargs = dict(num_continuations=FLAGS.num_continuations, rounds=FLAGS.rounds,
                      priority=FLAGS.priority, min_trials=FLAGS.min_trials,
-                     surplus=FLAGS.surplus)
+                     surplus=FLAGS.surplus, tolerance=FLAGS.tolerance)
   per_seed = {(m, b): [] for m in METHODS for b in budgets}
   used = {(m, b): [] for m in METHODS for b in budgets}
   worst = 0.0

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import sparse
 
-from gradalign_jax import gradients
+from gradalign_jax import gradients, sampling
 from gradalign_jax.scoring import PromptedModel, ScoringStats, Shapes, padded_chunks
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
@@ -47,6 +47,8 @@ class ScoringConfig:
     headline of the report. Every direction is computed; this selects the table columns.
   chunk_nodes: C, nodes per chunk (memory: C × V logits per model).
   jsd_beta: β of the JSD direction, in [0, 1]. topk: k of the top-k reverse-KL directions.
+  teacher_temperature: T_τ, the teacher's q = softmax(z_τ / T_τ) (MATH.md). Default 1.0: the
+    teacher model as it is; the student's sampling temperature never touches the teacher.
   permutations: relabellings of each question's on-policy rewards whose leave-one-out
     scores are recomputed (``TreeTerms.relabelled_means``) for the within-question
     permutation test and its null mean (0: no test). Cost: host float64 work ∝ this × the
@@ -57,6 +59,7 @@ class ScoringConfig:
   jsd_beta: float = 0.5
   topk: int = 20
   permutations: int = 500
+  teacher_temperature: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "directions", tuple(self.directions))
@@ -66,6 +69,8 @@ class ScoringConfig:
     if self.chunk_nodes < 1 or self.topk < 1 or self.permutations < 0:
       raise ValueError(f"need chunk_nodes ≥ 1, topk ≥ 1 and permutations ≥ 0 (got "
                        f"{self.chunk_nodes}, {self.topk}, {self.permutations})")
+    if not self.teacher_temperature > 0:
+      raise ValueError(f"teacher_temperature={self.teacher_temperature} must be > 0")
     if not 0.0 <= self.jsd_beta <= 1.0:
       raise ValueError(f"jsd_beta={self.jsd_beta} must be in [0, 1]")
 
@@ -75,12 +80,15 @@ class NonFiniteError(ValueError):
   garbage, so the group is not written."""
 
 
-@functools.partial(jax.jit, static_argnames=("topk",))
-def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, toks,
-                 visit_edge, jsd_beta, topk):
+@functools.partial(jax.jit, static_argnames=("topk", "policy"))
+def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask, rows, toks,
+                 visit_edge, jsd_beta, topk, policy):
   """One chunk of the device half.
 
-  student_logits, teacher_logits: f32[C, V] raw; vocab_mask: bool[V]; rows, toks: int32[E]
+  student_logits, teacher_logits: f32[C, V] raw; the student's become its sampling policy's
+  ``sampling.policy_logits`` (``policy``: temperature, top-p, top-k; π exactly 0 off the
+  support S_u), the teacher's are divided by ``teacher_temperature`` (never truncated);
+  vocab_mask: bool[V]; rows, toks: int32[E]
   child edges (rows ≥ C are padding, dropped); visit_edge: f32[E] visit frequencies w.
   Returns (node, edge, finite): {name: f32[C]} per node: the covariates, ``norm_<d>``, ``lse`` (log Σ exp z/T over
   the vocabulary), the MiniLLM sums ``unvisited_dd``, ``unvisited_dp``, ``unvisited_pp``
@@ -88,12 +96,14 @@ def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, 
   mode, summed over the other rows), ``mode`` (int32, argmax p), and [C, TOP_TOKENS]
   ``top_p``/``top_q`` with their token ids ``top_p_tokens``/``top_q_tokens`` (int32; the
   largest p and q, descending); {name: f32[E]} per edge:
-  ``z`` (z/T), ``p``, ``ell`` (ℓ = log p − log q) and ``d_<d>``;
+  ``z`` (log π, −1e30 off the support), ``p``, ``ell`` (ℓ = log p − log q), ``d_<d>`` and
+  ``support`` (1 where the child's token is in S_u, else 0);
   ``finite``: bool[3, C], whether the student's logits, the teacher's logits and every
   direction's norm are finite at each node.
   """
   c, v = student_logits.shape
-  zs, zt = student_logits / temperature, teacher_logits / temperature
+  zs = sampling.policy_logits(student_logits, policy, vocab_mask)
+  zt = teacher_logits / teacher_temperature
   mask = jnp.broadcast_to(vocab_mask, (c, v))
   w = jnp.zeros((c, v), jnp.float32).at[rows, toks].set(visit_edge, mode="drop")
   at = lambda x: x[jnp.minimum(rows, c - 1), toks]
@@ -117,13 +127,14 @@ def _chunk_terms(student_logits, teacher_logits, temperature, vocab_mask, rows, 
       unvisited_pp=jnp.sum(jnp.where(unvisited, p * p, 0.0), -1),
       off_mode=jnp.sum(jnp.where(jnp.arange(v) == mode[:, None], 0.0, p), -1),
       mode=mode.astype(jnp.int32))
-  edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq))
+  edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq),
+              support=(at(zs) > -1e29).astype(jnp.float32))
   k = min(TOP_TOKENS, v)
   for name, probs in (("p", p), ("q", gradients.masked_softmax(zt, vocab_mask))):
     node[f"top_{name}"], ids = jax.lax.top_k(probs, k)
     node[f"top_{name}_tokens"] = ids.astype(jnp.int32)
   norms = jnp.stack([node[f"norm_{name}"] for name in _ON_DEVICE])
-  finite = jnp.stack([jnp.all(jnp.isfinite(zs), -1), jnp.all(jnp.isfinite(zt), -1),
+  finite = jnp.stack([jnp.all(jnp.isfinite(student_logits), -1), jnp.all(jnp.isfinite(zt), -1),
                       jnp.all(jnp.isfinite(norms), 0)])
   return node, edge, finite
 
@@ -250,10 +261,17 @@ class TreeTerms:
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     return groups, a.children[np.repeat(a.child_start[nodes], counts) + offsets]
 
+  def _in_support(self, kids, trials):
+    """trials with the children outside the sampling support zeroed: O ⊆ S_u (MATH.md), even
+    where a rollout forced such a token."""
+    ok = self.edge["support"][kids] > 0
+    trials = np.asarray(trials)
+    return np.where(ok.reshape((-1,) + (1,) * (trials.ndim - 1)), trials, 0)
+
   def _scores(self, nodes, groups, kids, successes, trials):
     d = {name: self.edge[f"d_{name}"][kids] for name in gradients.DIRECTIONS}
     out = ideal_scores(groups, len(nodes), self.edge["z"][kids], self.node["lse"][nodes][groups],
-                       successes, trials, d)
+                       successes, self._in_support(kids, trials), d)
     for name in gradients.DIRECTIONS:
       out[f"align_{name}"] = cosine(out[f"dot_{name}"], out["norm_ideal"],
                                     self.node[f"norm_{name}"][nodes])
@@ -274,9 +292,14 @@ class TreeTerms:
       cols[f"align_{name}"] = s[f"align_{name}"]
       cols[f"dot_{name}"] = s[f"dot_{name}"]
       cols[f"norm_{name}"] = self.node[f"norm_{name}"][ids]
-    cols.update(node_id=ids, depth=a.depth[ids], informative=a.informative[ids],
-                num_observed=a.num_observed[ids], min_trials=a.min_trials[ids],
-                v_hat=s["v_hat"], targeted=a.targeted[ids])
+    # O is the observed children in the support: informative and |O| from those counts.
+    trials = self._in_support(kids, a.trials[kids])
+    low = np.full(len(ids), np.iinfo(np.int64).max)
+    np.minimum.at(low, groups[trials > 0], trials[trials > 0])
+    cols.update(node_id=ids, depth=a.depth[ids], informative=s["informative"],
+                num_observed=s["num_observed"],
+                min_trials=np.where(s["num_observed"] > 0, low, 0), v_hat=s["v_hat"],
+                targeted=a.targeted[ids])
     cols.update({c: self.node[c][ids] for c in ("top_p", "top_q", "top_p_tokens",
                                                  "top_q_tokens")})
     return cols
@@ -327,7 +350,7 @@ class TreeTerms:
     trials = (a.trials[kids] - own)[:, None]
     d = {name: self.edge[f"d_{name}"][kids] for name in directions}
     s = ideal_scores(groups, len(nodes), self.edge["z"][kids], self.node["lse"][nodes][groups],
-                     succ, np.broadcast_to(trials, succ.shape), d)
+                     succ, self._in_support(kids, np.broadcast_to(trials, succ.shape)), d)
     starts = np.r_[0, np.cumsum(lengths)[:-1]]
     info = s["informative"].astype(np.float64)
     count = np.add.reduceat(info, starts, axis=0)
@@ -341,11 +364,12 @@ class TreeTerms:
 
 def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
                chunk_nodes: int = 256, vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
-               temperature: float = 1.0, shapes: Shapes = Shapes()
-               ) -> tuple[TreeTerms, ScoringStats]:
+               policy: sampling.SamplingConfig | float = 1.0, shapes: Shapes = Shapes(),
+               teacher_temperature: float = 1.0) -> tuple[TreeTerms, ScoringStats]:
   """The device half of the final pass over every scored node of ``tree``, and MiniLLM
-  finished from it. Logits are divided by ``temperature`` (the sampling temperature; MATH.md's
-  π = softmax(z/T))."""
+  finished from it. The student's π is its sampling policy (``policy``: the rollouts'
+  SamplingConfig, or a bare temperature; with top-p/top-k the truncated, renormalised
+  distribution, MATH.md); the teacher's q = softmax(z_τ / ``teacher_temperature``)."""
   arrays = tree.arrays()
   v = student.cfg.vocab_size
   mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
@@ -357,9 +381,10 @@ def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   for chunk in padded_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
     rows, kids, _, _, w_e = arrays.child_stats(chunk.node_ids)
     n_out, e_out, finite = _chunk_terms(
-        chunk.student, chunk.teacher, temperature, mask,
+        chunk.student, chunk.teacher, teacher_temperature, mask,
         chunk.pad_edges(rows.astype(np.int32), chunk_nodes),
-        chunk.pad_edges(arrays.token[kids], 0), chunk.pad_edges(w_e, 0), jsd_beta, topk=topk)
+        chunk.pad_edges(arrays.token[kids], 0), chunk.pad_edges(w_e, 0), jsd_beta, topk=topk,
+        policy=sampling.as_policy(policy))
     keep = chunk.node_ids >= 0
     ids = chunk.node_ids[keep]
     bad = ~np.asarray(finite)[:, keep]
@@ -409,12 +434,13 @@ def _finish_minillm(tree, arrays, node, edge) -> None:
 
 def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
                chunk_nodes: int = 256, vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
-               temperature: float = 1.0, shapes: Shapes = Shapes()
+               policy: sampling.SamplingConfig | float = 1.0, shapes: Shapes = Shapes(),
+               teacher_temperature: float = 1.0
                ) -> tuple[dict[str, np.ndarray], ScoringStats]:
   """Per scored node, every direction's alignment with ĝ* (full-tree estimate) and the
   covariates: ``tree_terms(...)`` then ``TreeTerms.node_columns()``. Returns (columns, stats)."""
   terms, stats = tree_terms(tree, student, teacher, chunk_nodes, vocab_mask, jsd_beta, topk,
-                            temperature, shapes)
+                            policy, shapes, teacher_temperature)
   return terms.node_columns(), stats
 
 

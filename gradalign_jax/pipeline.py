@@ -181,12 +181,18 @@ def write_summaries(run: Setup, task: Task, examples: Sequence[Example],
 class Group:
   """A group of questions sampled together: ``indices`` (dataset indices, the sampler's
   question ids), ``examples``, the student's ``prompts``, each question's ``pools[j]`` (its
-  tree and the sampler batches behind it) and ``reward_fns[j]`` (generated ids → 0/1)."""
+  tree and the sampler batches behind it) and ``reward_fns[j]`` (generated ids → 0/1);
+  ``spec_pools[spec text]``: a spec's own copies of the pools (teacher priorities only)."""
   indices: list[int]
   examples: list[Example]
   prompts: list[list[int]]
   pools: list[targeted.RolloutPool]
   reward_fns: list[Callable]
+  spec_pools: dict[str, list[targeted.RolloutPool]] = dataclasses.field(default_factory=dict)
+
+  def pools_of(self, spec_text: str) -> list[targeted.RolloutPool]:
+    """The pools a spec is scored on: its own copies, or the shared ones."""
+    return self.spec_pools.get(spec_text, self.pools)
 
 
 def sample_group(run: Setup, task: Task, examples: Sequence[Example], indices: Sequence[int],
@@ -290,26 +296,32 @@ def _students(run: Setup, group: Group) -> list[scoring.PromptedModel]:
 
 def spend_targeted_budget(run: Setup, group: Group, teachers: TeacherPrompts,
                           config: DiagnoseConfig) -> None:
-  """Targeted rollouts into the group's trees: the budget per question is split over the
-  specs (shares in whole multiples of M where possible, so pairs get exactly M continuations
-  from one branch program), each spec choosing pairs by its own priority."""
-  specs, student = run.specs, run.student
+  """Targeted rollouts into the group's trees. The default (student-only) priority spends the
+  whole budget per question once, on the shared trees, whatever the specs: a spec's tables
+  are the same alone or in a sweep. A teacher priority gives each spec its own copy of every
+  tree (``Group.spec_pools``) and the whole budget on it, ranked on that spec's teacher."""
+  tc, student = config.targeted, run.student
   students = _students(run, group)
-  m = config.targeted.num_continuations
-  units, rest = divmod(config.targeted.budget, m)
-  shares = [m * (units // len(specs) + (k < units % len(specs))) for k in range(len(specs))]
-  shares[0] += rest
-  for k, (spec, share) in enumerate(zip(specs, shares)):
+  common = dict(vocab_mask=student.mask, policy=student.sampling_config(config.sampling),
+                chunk_nodes=config.scoring.chunk_nodes, shapes=scoring_shapes(config),
+                teacher_temperature=config.scoring.teacher_temperature)
+  if tc.budget == 0:
+    return
+  if not tc.per_spec:
+    targeted.targeted_rollouts(group.pools, students, None, tc, group.reward_fns,
+                               seed=config.seed * 7919, **common)
+    return
+  for spec in run.specs:
+    pools = [p.copy() for p in group.pools]
+    group.spec_pools[spec.text] = pools
     live = [j for j, t in enumerate(teachers.models[spec.text]) if t is not None]
-    if share == 0 or not live:
+    if not live:
       continue
+    # The same seed for every spec: a spec's own tree does not depend on its place in the list.
     targeted.targeted_rollouts(
-        [group.pools[j] for j in live], [students[j] for j in live],
-        [teachers.models[spec.text][j] for j in live],
-        dataclasses.replace(config.targeted, budget=share),
-        [group.reward_fns[j] for j in live], student.mask, config.sampling.temperature,
-        seed=config.seed * 7919 + k, chunk_nodes=config.scoring.chunk_nodes,
-        shapes=scoring_shapes(config))
+        [pools[j] for j in live], [students[j] for j in live],
+        [teachers.models[spec.text][j] for j in live], tc,
+        [group.reward_fns[j] for j in live], seed=config.seed * 7919, **common)
 
 
 def relabelled_deltas(terms: alignment.TreeTerms, paths, rewards, directions, permutations: int,
@@ -343,14 +355,15 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
   students = _students(run, group)
   shapes = scoring_shapes(config)
   results = {}
+  policy = config.sampling.policy_only()
   for j, (i, ex) in enumerate(zip(group.indices, group.examples)):
-    tree = group.pools[j].tree
-    arrays = tree.arrays()
-    paths = alignment.rollout_paths(tree, arrays)
-    rewards = [reward for _, reward, _ in tree.rollouts]
-    n_correct = int(sum(rewards[r] > 0.5 for r in range(g)))
     rows = {t: [] for t in TABLES}
     for spec in run.specs:
+      tree = group.pools_of(spec.text)[j].tree
+      arrays = tree.arrays()
+      paths = alignment.rollout_paths(tree, arrays)
+      rewards = [reward for _, reward, _ in tree.rollouts]
+      n_correct = int(sum(rewards[r] > 0.5 for r in range(g)))
       key = dict(student=run.name, spec=spec.text, question_id=ex.id)
       teacher = teachers.models[spec.text][j]
       cols = terms = None
@@ -358,7 +371,7 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
         try:
           terms, _ = alignment.tree_terms(tree, students[j], teacher, sc.chunk_nodes,
                                           run.student.mask, sc.jsd_beta, sc.topk,
-                                          config.sampling.temperature, shapes)
+                                          policy, shapes, sc.teacher_temperature)
         except alignment.NonFiniteError as e:
           raise alignment.NonFiniteError(
               f"student {run.student.ref}, teacher {run.teachers[spec.text].ref} ({spec.text}), "

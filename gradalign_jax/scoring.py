@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
@@ -250,20 +251,26 @@ def node_logit_chunks(tree: PrefixTree | TreeArrays, student: PromptedModel, tea
                       shapes: Shapes = Shapes()) -> Iterator[NodeLogits]:
   """Student and teacher logits at every scored node, one chunk of C nodes at a time.
 
+  teacher None: the student's logits only (chunks' ``teacher`` is None; no stats).
+
   Scored nodes: the root and every node with at least one child (a leaf has no decision).
   If ``stats_out`` is a list, a ScoringStats is appended to it once the stream is exhausted.
   """
-  both = student.tokenizer is not None and teacher.tokenizer is not None
-  check_compatible(student.cfg, teacher.cfg, student.tokenizer if both else None,
-                   teacher.tokenizer if both else None)
+  if teacher is not None:
+    both = student.tokenizer is not None and teacher.tokenizer is not None
+    check_compatible(student.cfg, teacher.cfg, student.tokenizer if both else None,
+                     teacher.tokenizer if both else None)
   arrays = tree.arrays() if isinstance(tree, PrefixTree) else tree
   plan = plan_tree(arrays, chunk_nodes, shapes.full_chunks)
   s_count, t_count = _Counter(), _Counter()
-  streams = zip(_logit_stream(student, plan, s_count, shapes),
-                _logit_stream(teacher, plan, t_count, shapes))
-  for (start, c), (s_logits, t_logits) in zip(plan.chunks, streams):
+  # No teacher (student-only targeting): no teacher forward at all.
+  t_stream = (_logit_stream(teacher, plan, t_count, shapes) if teacher is not None
+              else itertools.repeat(None))
+  for (start, c), s_logits, t_logits in zip(plan.chunks,
+                                            _logit_stream(student, plan, s_count, shapes),
+                                            t_stream):
     yield NodeLogits(plan.node_ids[start:start + c], s_logits, t_logits)
-  if stats_out is not None:
+  if stats_out is not None and teacher is not None:
     leaves = np.flatnonzero((arrays.child_count == 0) & (np.arange(arrays.num_nodes) > 0))
     lengths = arrays.depth[leaves]
     stats_out.append(ScoringStats(
@@ -320,5 +327,6 @@ def padded_chunks(arrays: TreeArrays, student: PromptedModel, teacher: PromptedM
     node_ids = np.concatenate([chunk.node_ids, np.full(extra, -1, np.int32)])
     rows, kids = arrays.child_edges(node_ids)
     yield PaddedChunk(node_ids, jnp.pad(chunk.student, ((0, extra), (0, 0))),
-                      jnp.pad(chunk.teacher, ((0, extra), (0, 0))), rows, kids,
+                      None if chunk.teacher is None
+                      else jnp.pad(chunk.teacher, ((0, extra), (0, 0))), rows, kids,
                       bucket(len(kids), 2 * chunk_nodes))

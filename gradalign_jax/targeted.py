@@ -6,9 +6,12 @@ chunk, Y candidate tokens kept per node, I chosen (node, token) pairs.
 
 One round:
   1. Candidates: every scored node u of the tree (root and nodes with a child) and every
-     token k of the vocabulary mask with n_k < ``min_trials``; priority |d_k(u)| for the chosen
-     distillation direction, or |p_k − q_k| (``priorities``). Logits come chunk by chunk from
-     ``scoring.padded_chunks``; only the Y best tokens of each node leave the device.
+     token k of the sampling policy's support S_u with n_k < ``min_trials``; priority by
+     default the expected reduction of the error of ĝ*(u) from the student and the tree alone
+     (``ideal_error_priority``: one tree serves every teacher spec), or |d_k(u)| of a
+     distillation direction / |p_k − q_k| on one teacher (``priorities``). Logits come chunk
+     by chunk from ``scoring.padded_chunks`` (the student's only, for the default); only the
+     Y best tokens of each node leave the device.
   2. Depth windows [0,1), [1,2), [2,4), [4,8), … (``window_index``): the round's pairs are split
      equally across the windows that have candidates, a window with fewer candidates than its
      share hands the rest on (``split_budget``); within a window the highest priorities win
@@ -28,6 +31,7 @@ its rollouts came from (the KV state a branch needs). Everything else is a pure 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Callable, NamedTuple, Sequence
@@ -39,29 +43,43 @@ import numpy as np
 from gradalign_jax import gradients, sampling, scoring
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
-# |d_k| of the registry's directions that need no tree statistics (the top-k ones are left
-# out: their support is the student's own top-k, so |d_k| says little about other tokens),
-# and |p_k − q_k|.
-PRIORITIES = ("reverse_kl", "forward_kl", "jsd", "prob_gap")
+# The student-only rule, then |d_k| of the registry's directions that need no tree statistics
+# (the top-k ones are left out: their support is the student's own top-k, so |d_k| says
+# little about other tokens), and |p_k − q_k|.
+IDEAL_ERROR = "ideal_error"
+PRIORITIES = (IDEAL_ERROR, "reverse_kl", "forward_kl", "jsd", "prob_gap")
 
 
 @dataclasses.dataclass(frozen=True)
 class TargetedConfig:
   """How targeted rollouts spend their budget (per question).
 
+  priority: how (node, token) pairs are ranked.
+    ``"ideal_error"`` (default): the expected reduction of the error of ĝ*(u) itself if the
+      pair gets M more continuations (``ideal_error_priority``), from the student's policy
+      and the tree's counts only. It never looks at a teacher, so one tree serves every spec
+      of a sweep and a spec's tables are the same alone or with others (MATH.md). Cost: one
+      student-only scoring pass per round and question, whatever the number of specs.
+    ``"reverse_kl"``, ``"forward_kl"``, ``"jsd"`` (β = ``jsd_beta``), ``"prob_gap"``
+      (|p_k − q_k|): |d_k(u)| of that direction on one teacher (the paper's rule, for a study
+      of one direction). It depends on the teacher, so the pipeline gives each spec its own
+      copy of the tree with the whole budget: cost × the number of specs (rollouts, branch
+      calls, a student + teacher pass per round, and the final pass on a tree per spec).
   budget: targeted rollouts in all, over all rounds (the initial on-policy rollouts are not
     counted here). Default 64.
   num_continuations: M, continuations per (node, token) pair. Default 4. A round's budget is
     dealt evenly over ⌈budget / M⌉ pairs (so pairs get M or M − 1 when it does not divide);
     when fewer pairs are eligible, each gets more (``plan_round``), so the budget is spent.
   rounds: the budget is split evenly across rounds; each round re-scores the refreshed tree
-    and chooses again (pairs found by earlier targeted rollouts become candidates). Default 1.
-  priority: ``"reverse_kl"`` (|d_k| of GKD's reverse-KL direction, the default),
-    ``"forward_kl"`` (|q_k − p_k|, the same order as ``"prob_gap"``), ``"jsd"`` (β =
-    ``jsd_beta``) or ``"prob_gap"`` (|p_k − q_k|).
-  min_trials: a pair is a candidate while n_k < min_trials (outcome trials of u·k). Default 4
-    (= M: a pair targeted once is not targeted again unless M < min_trials). A large value
-    makes every pair a candidate (the budget then also refines well-visited children).
+    and chooses again (pairs found by earlier targeted rollouts become candidates). Default 2.
+    Rounds stop early when no pair is eligible in any question (budget left unspent).
+  min_trials: a pair is a candidate while n_k < min_trials (outcome trials of u·k). None
+    (default): no limit for ``"ideal_error"`` (its priority falls as n_k grows and
+    ``tolerance`` stops it), 4 (= M) for the teacher priorities (a pair targeted once is not
+    targeted again).
+  tolerance: ``"ideal_error"`` only: a pair stops being a candidate once its share of the
+    error of ĝ*, ‖∂ĝ*/∂Q̂_k‖ · sd(Q̂_k) under the Beta(1 + s, 1 + n − s) posterior, is below
+    this (its interval is already tight where it matters). Default 0.01.
   max_pairs_per_node: at most this many tokens of one node are kept as candidates (the top
     priorities; bounds what leaves the device for a large vocabulary). Default 8.
   max_depth: nodes deeper than this are not candidates (None: no limit).
@@ -71,9 +89,10 @@ class TargetedConfig:
   """
   budget: int = 64
   num_continuations: int = 4
-  rounds: int = 1
-  priority: str = "reverse_kl"
-  min_trials: int = 4
+  rounds: int = 2
+  priority: str = IDEAL_ERROR
+  min_trials: int | None = None
+  tolerance: float = 0.01
   max_pairs_per_node: int = 8
   max_depth: int | None = None
   jsd_beta: float = 0.5
@@ -87,9 +106,22 @@ class TargetedConfig:
                        f"{self.budget}, {self.num_continuations}, {self.rounds})")
     if self.surplus not in ("even", "priority"):
       raise ValueError(f"surplus={self.surplus!r} must be 'even' or 'priority'")
-    if self.min_trials < 1 or self.max_pairs_per_node < 1:
+    if (self.min_trials is not None and self.min_trials < 1) or self.max_pairs_per_node < 1:
       raise ValueError(f"min_trials={self.min_trials} and max_pairs_per_node="
                        f"{self.max_pairs_per_node} must be ≥ 1")
+    if self.tolerance < 0:
+      raise ValueError(f"tolerance={self.tolerance} must be ≥ 0 (0: never stop early)")
+
+  @property
+  def per_spec(self) -> bool:
+    """Whether the priority reads a teacher (then each spec needs its own tree)."""
+    return self.priority != IDEAL_ERROR
+
+  def trial_limit(self) -> int:
+    """min_trials with its default resolved."""
+    if self.min_trials is not None:
+      return self.min_trials
+    return 2**30 if not self.per_spec else 4
 
   def round_budgets(self) -> list[int]:
     """Targeted rollouts of each round (sums to ``budget``; earlier rounds get the remainder)."""
@@ -192,60 +224,109 @@ def select(cands: Candidates, num_pairs: int) -> np.ndarray:
 
 def priorities(student_logits, teacher_logits, kind: str, vocab_mask=None,
                jsd_beta: float = 0.5) -> jax.Array:
-  """Priority of every token at a chunk of nodes: f32[C, V] logits (temperature applied) →
-  f32[C, V], 0 on masked rows. kind: one of PRIORITIES (|d_k| of that registry direction, or
-  |p_k − q_k| for ``"prob_gap"``)."""
+  """Priority of every token at a chunk of nodes for a teacher priority: f32[C, V] logits
+  (the student's ``sampling.policy_logits``, the teacher's over its temperature) →
+  f32[C, V], 0 on masked rows. kind: one of PRIORITIES but ``"ideal_error"`` (|d_k| of that
+  registry direction, or |p_k − q_k| for ``"prob_gap"``)."""
   if kind == "prob_gap":
     d = (gradients.masked_softmax(student_logits, vocab_mask)
          - gradients.masked_softmax(teacher_logits, vocab_mask))
-  elif kind in PRIORITIES:
+  elif kind in PRIORITIES and kind != IDEAL_ERROR:
     d = gradients.DIRECTIONS[kind].at_node(student_logits, teacher_logits, None, vocab_mask,
                                            jsd_beta, None)
   else:
-    raise ValueError(f"priority {kind!r} is not one of {PRIORITIES}")
+    raise ValueError(f"priority {kind!r} is not a teacher priority of {PRIORITIES}")
   return jnp.abs(d)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "k"))
-def _chunk_candidates(student_logits, teacher_logits, temperature, vocab_mask, rows, toks,
-                      trials_edge, min_trials, jsd_beta, kind, k):
+def ideal_error_priority(student_logits, vocab_mask, successes, trials, m):
+  """The expected reduction of the error of ĝ*(u) from M more continuations of each pair.
+
+  student_logits: f32[C, V] the student's ``sampling.policy_logits`` (support S_u: the rows
+  above −1e29); successes, trials: f32[C, V] s_k, n_k of each child (0 where none); m: M.
+  ĝ* = diag(π)(I − 1 π̃ᵀ) Q̂ on O ∪ {k} (π̃: π renormalised there), so an error in Q̂_k moves
+  ĝ* by ‖column k‖² = π_k² (1 − 2 π̃_k) + π̃_k² Σ_{O∪{k}} π_j² per unit variance; with a
+  Beta(1 + s, 1 + n − s) posterior of mean μ, Var = μ(1 − μ)/(n + 3), and M more trials leave
+  about μ(1 − μ)/(n + 3 + M). Returns (priority f32[C, V] = column² × that reduction, error
+  f32[C, V] = column × sd now, the pair's share of ĝ*'s error), 0 off the support.
+  """
+  support = (student_logits > -1e29) & vocab_mask
+  pi = gradients.masked_softmax(student_logits, support)
+  obs = support & (trials > 0)
+  mass = jnp.sum(jnp.where(obs, pi, 0.0), -1, keepdims=True)
+  sq = jnp.sum(jnp.where(obs, pi * pi, 0.0), -1, keepdims=True)
+  # The pair's own token joins O when it is not observed yet.
+  mass_k = mass + jnp.where(obs, 0.0, pi)
+  sq_k = sq + jnp.where(obs, 0.0, pi * pi)
+  pt = pi / jnp.maximum(mass_k, 1e-30)
+  column = jnp.maximum(pi * pi * (1 - 2 * pt) + pt * pt * sq_k, 0.0)
+  mu = (1 + successes) / (trials + 2)
+  spread = mu * (1 - mu)
+  reduction = spread * (1 / (trials + 3) - 1 / (trials + 3 + m))
+  prio = jnp.where(support, column * reduction, 0.0)
+  error = jnp.where(support, jnp.sqrt(column * spread / (trials + 3)), 0.0)
+  return prio, error
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "k", "policy"))
+def _chunk_candidates(student_logits, teacher_logits, teacher_temperature, vocab_mask, rows,
+                      toks, successes_edge, trials_edge, min_trials, tolerance, m, jsd_beta,
+                      kind, k, policy):
   """Top-k eligible tokens per node of a chunk. rows, toks: int32[E] child edges (rows ≥ C:
-  padding); trials_edge int32[E]. Returns (priority f32[C, Y], token int32[C, Y], trials
-  int32[C, Y]), Y = k; priority −1 where no eligible token is left."""
+  padding); successes_edge f32[E], trials_edge int32[E]; teacher_logits None for
+  ``"ideal_error"``. Returns (priority f32[C, Y], token int32[C, Y], trials int32[C, Y]),
+  Y = k; priority −1 where no eligible token is left. Only tokens of the sampling policy's
+  support are eligible (a forced token π can never sample would not estimate its Q)."""
   c, v = student_logits.shape
-  prio = priorities(student_logits / temperature, teacher_logits / temperature, kind,
-                    vocab_mask, jsd_beta)
+  zs = sampling.policy_logits(student_logits, policy, vocab_mask)
+  support = (zs > -1e29) & vocab_mask
   trials = jnp.zeros((c, v), jnp.int32).at[rows, toks].set(trials_edge, mode="drop")
-  ok = (trials < min_trials) & jnp.broadcast_to(vocab_mask, (c, v))
+  ok = (trials < min_trials) & support
+  if kind == IDEAL_ERROR:
+    succ = jnp.zeros((c, v), jnp.float32).at[rows, toks].set(successes_edge, mode="drop")
+    prio, error = ideal_error_priority(zs, vocab_mask, succ, trials.astype(jnp.float32), m)
+    ok &= error >= tolerance
+  else:
+    prio = priorities(zs, teacher_logits / teacher_temperature, kind, vocab_mask, jsd_beta)
   val, tok = jax.lax.top_k(jnp.where(ok, prio, -1.0), k)
   return val, tok, jnp.take_along_axis(trials, tok, axis=1)
 
 
 def candidates(tree: PrefixTree | TreeArrays, student: scoring.PromptedModel,
-               teacher: scoring.PromptedModel, cfg: TargetedConfig, vocab_mask=None, temperature: float = 1.0,
-               chunk_nodes: int = 256, shapes: scoring.Shapes = scoring.Shapes()
+               teacher: scoring.PromptedModel | None, cfg: TargetedConfig, vocab_mask=None,
+               policy: sampling.SamplingConfig | float = 1.0, chunk_nodes: int = 256,
+               shapes: scoring.Shapes = scoring.Shapes(), teacher_temperature: float = 1.0
                ) -> Candidates:
   """Every eligible (node, token) pair of the tree's scored nodes with its priority.
 
   A node is a candidate when it has a child (it is a decision some rollout took; a leaf ended
-  at EOS or the horizon) and its depth is ≤ cfg.max_depth; a token when it is in
-  ``vocab_mask`` (bool[V], None = all) and n_k < cfg.min_trials; at most
-  cfg.max_pairs_per_node tokens per node, the highest priorities. ``temperature`` divides the
-  logits (the sampling temperature: priorities use the policy that is sampled).
+  at EOS or the horizon) and its depth is ≤ cfg.max_depth; a token when it is in the support
+  of the sampling policy (``policy``: the rollouts' SamplingConfig or their temperature;
+  ``sampling.policy_logits`` within ``vocab_mask``, bool[V], None = all), n_k <
+  cfg.trial_limit() and, for ``"ideal_error"``, its error share ≥ cfg.tolerance; at most
+  cfg.max_pairs_per_node tokens per node, the highest priorities. teacher: needed by the
+  teacher priorities only (None for ``"ideal_error"``: no teacher pass); its logits are
+  divided by ``teacher_temperature``.
   """
+  if cfg.per_spec and teacher is None:
+    raise ValueError(f"priority={cfg.priority!r} ranks pairs on a teacher: pass one, or use "
+                     f"priority={IDEAL_ERROR!r}")
   arrays = tree.arrays() if isinstance(tree, PrefixTree) else tree
   v = student.cfg.vocab_size
   mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
   k = min(cfg.max_pairs_per_node, v)
   out = []
-  for chunk in scoring.padded_chunks(arrays, student, teacher, chunk_nodes, shapes=shapes):
+  for chunk in scoring.padded_chunks(arrays, student, teacher if cfg.per_spec else None,
+                                     chunk_nodes, shapes=shapes):
     node_ids, kids = chunk.node_ids, chunk.kids
     val, tok, tr = _chunk_candidates(
-        chunk.student, chunk.teacher, temperature, mask,
+        chunk.student, chunk.teacher, teacher_temperature, mask,
         chunk.pad_edges(chunk.rows, len(node_ids), jnp.int32),
         chunk.pad_edges(arrays.token[kids], 0, jnp.int32),
+        chunk.pad_edges(arrays.successes[kids], 0, jnp.float32),
         chunk.pad_edges(np.minimum(arrays.trials[kids], 2**30), 0, jnp.int32),
-        min(cfg.min_trials, 2**31 - 1), cfg.jsd_beta, kind=cfg.priority, k=k)
+        min(cfg.trial_limit(), 2**31 - 1), cfg.tolerance, cfg.num_continuations,
+        cfg.jsd_beta, kind=cfg.priority, k=k, policy=sampling.as_policy(policy))
     val, tok, tr = np.asarray(val), np.asarray(tok), np.asarray(tr)
     real = node_ids >= 0
     if cfg.max_depth is not None:
@@ -301,6 +382,13 @@ class RolloutPool:
   @property
   def num_rollouts(self) -> int:
     return len(self.origin)
+
+  def copy(self) -> "RolloutPool":
+    """An independent tree over the same sampler batches (a teacher priority's own tree)."""
+    out = RolloutPool()
+    out.tree = copy.deepcopy(self.tree)
+    out.batches, out.origin = list(self.batches), list(self.origin)
+    return out
 
 
 def find_sources(pool: RolloutPool, node_ids: Sequence[int],
@@ -428,34 +516,44 @@ def run_round(pools: Sequence[RolloutPool], cands: Sequence[Candidates], budget:
 
 
 def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.PromptedModel],
-                      teachers: Sequence[scoring.PromptedModel], cfg: TargetedConfig,
+                      teachers: Sequence[scoring.PromptedModel] | None, cfg: TargetedConfig,
                       reward_fn: RewardFn | Sequence[RewardFn], vocab_mask=None,
-                      temperature: float = 1.0, seed: int = 0,
-                      chunk_nodes: int = 256, shapes: scoring.Shapes = scoring.Shapes()
-                      ) -> list[list[RoundLog]]:
-  """All rounds of targeted rollouts for a batch of questions (one pool, student and teacher
-  PromptedModel each; the students share cfg and params, which also sample the continuations).
+                      policy: sampling.SamplingConfig | float = 1.0, seed: int = 0,
+                      chunk_nodes: int = 256, shapes: scoring.Shapes = scoring.Shapes(),
+                      teacher_temperature: float = 1.0) -> list[list[RoundLog]]:
+  """All rounds of targeted rollouts for a batch of questions (one pool and student
+  PromptedModel each, and one teacher each for a teacher priority, else None; the students
+  share cfg and params, which also sample the continuations).
 
-  temperature must be the sampling temperature of the pools' rollouts. Returns, per round,
-  one RoundLog per question. The pools' trees hold the refreshed estimates afterwards.
+  policy must be the sampling policy of the pools' rollouts (their SamplingConfig, or their
+  temperature when untruncated). Returns, per round, one RoundLog per question; rounds stop
+  early once no question has an eligible pair. The pools' trees hold the refreshed estimates
+  afterwards.
   """
+  if teachers is None:
+    teachers = [None] * len(pools)
   if not (len(pools) == len(students) == len(teachers)):
-    raise ValueError("pass one student and one teacher PromptedModel per pool")
+    raise ValueError("pass one student (and, for a teacher priority, one teacher) "
+                     "PromptedModel per pool")
+  policy = sampling.as_policy(policy)
   for pool in pools:
     for ro in pool.batches:
-      if ro.sampling.temperature != temperature:
-        raise ValueError(f"rollouts were sampled at T={ro.sampling.temperature} but "
-                         f"temperature={temperature}: priorities must use the sampled policy")
+      if ro.sampling.policy_only() != policy:
+        raise ValueError(f"rollouts were sampled with {ro.sampling.policy_only()} but the "
+                         f"policy given is {policy}: priorities must use the sampled policy")
   out = []
   for r, budget in enumerate(cfg.round_budgets()):
-    cands = [candidates(p.tree, s, t, cfg, vocab_mask, temperature, chunk_nodes, shapes)
+    cands = [candidates(p.tree, s, t, cfg, vocab_mask, policy, chunk_nodes, shapes,
+                        teacher_temperature)
              for p, s, t in zip(pools, students, teachers)]
+    if not any(len(c.node) for c in cands):
+      break
     out.append(run_round(pools, cands, budget, cfg.num_continuations, students[0].cfg,
                          students[0].params, reward_fn, vocab_mask, seed=seed * 101 + r,
                          surplus=cfg.surplus))
   return out
 
 
-__all__ = ["Candidates", "PRIORITIES", "RolloutPool", "RoundLog", "TargetedConfig",
-           "candidates", "find_sources", "plan_round", "priorities", "run_round", "select",
-           "split_budget", "targeted_rollouts", "window_bounds", "window_index"]
+__all__ = ["Candidates", "IDEAL_ERROR", "PRIORITIES", "RolloutPool", "RoundLog",
+           "TargetedConfig", "candidates", "find_sources", "ideal_error_priority",
+           "plan_round", "priorities", "run_round", "select", "split_budget", "targeted_rollouts", "window_bounds", "window_index"]

@@ -194,6 +194,20 @@ def test_diagnose_in_memory_equals_the_sweep_tables(small_run):
 
 
 @needs_toy
+def test_a_spec_alone_equals_the_spec_in_a_sweep(small_run, tmp_path):
+  """The default targeting rule never looks at the specs: ``teacher`` run alone gives the
+  same rollouts, nodes and questions rows as ``teacher`` next to another spec (same seed)."""
+  _, out, _ = small_run
+  alone = str(tmp_path / "alone")
+  sweep.run(sweep.settings(**dict(SMALL, teachers=("teacher",))), alone)
+  both, one = _tables(out), _tables(alone)
+  for name in ("rollouts", "nodes", "questions"):
+    want = both[name][both[name].spec == "teacher"].reset_index(drop=True)
+    assert len(want) and (name != "questions" or (want.targeted > 0).all())
+    pd.testing.assert_frame_equal(one[name], want, check_exact=True)
+
+
+@needs_toy
 def test_resume_gives_identical_tables(small_run, tmp_path):
   cfg, out, _ = small_run
   part = str(tmp_path / "resumed")

@@ -121,20 +121,31 @@ def test_positions_processed():
   assert st.per_rollout_student > 1.5 * st.student_positions
 
 
-def test_score_tree_matches_per_node_gradients():
+@pytest.mark.parametrize("t_student,t_teacher", [(0.7, 1.0), (0.7, 0.7), (1.0, 1.6)],
+                         ids=["teacher_as_is", "gkd_convention", "hot_teacher"])
+def test_score_tree_matches_per_node_gradients(t_student, t_teacher):
+  """The student's T reaches π only, the teacher's T_τ reaches q only (MATH.md)."""
   t, rollouts = _tree()
   student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
   teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
   mask = np.arange(V) < V - 5
   cols, stats = alignment.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
-                                   temperature=0.7)
+                                     policy=t_student, teacher_temperature=t_teacher)
   a = t.arrays()
   assert stats.unique_nodes == len(cols["node_id"])
   i = int(np.flatnonzero(cols["informative"])[0])
   node = cols["node_id"][i]
   path = t.path(node)
-  z = _full_node_logits(STUDENT_CFG, S_PARAMS, QUESTION, t, rollouts, [node])[0] / 0.7
-  zt = _full_node_logits(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION, t, rollouts, [node])[0] / 0.7
+  z = _full_node_logits(STUDENT_CFG, S_PARAMS, QUESTION, t, rollouts, [node])[0] / t_student
+  zt = (_full_node_logits(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION, t, rollouts, [node])[0]
+        / t_teacher)
+  lp, lq = _log_softmax(z, mask), _log_softmax(zt, mask)
+  p, pq = np.exp(lp), np.exp(lq)
+  lp, lq = np.where(mask, lp, 0.0), np.where(mask, lq, 0.0)  # −inf off the mask
+  np.testing.assert_allclose(cols["entropy_q"][i], -np.sum(np.where(mask, pq * lq, 0.0)),
+                             rtol=1e-4)
+  np.testing.assert_allclose(cols["kl_pq"][i], np.sum(np.where(mask, p * (lp - lq), 0.0)),
+                             rtol=1e-3, atol=1e-6)
   q = np.zeros(V)
   obs = np.zeros(V, bool)
   for tok, (s, n) in t.outcomes(path).items():
@@ -195,7 +206,7 @@ def test_score_tree_minillm_matches_dense_direction():
   student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
   teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
   cols, _ = alignment.score_tree(t, student, teacher, chunk_nodes=8, vocab_mask=mask, topk=5,
-                               temperature=temp)
+                                 policy=temp, teacher_temperature=temp)
   ids = cols["node_id"]
   zs = _full_node_logits(STUDENT_CFG, S_PARAMS, QUESTION, t, rollouts, ids) / temp
   zt = _full_node_logits(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION, t, rollouts, ids) / temp

@@ -3,6 +3,7 @@ from full forwards), branching that reaches the intended (node, token) and leave
 alone, Q̂ converging to the exact Q (exact.enumerate_tree) as M grows, and a smoke run of
 experiments/validate_estimator.py."""
 
+import dataclasses
 import json
 import os
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from gradalign_jax import exact, models, sampling, scoring, targeted, tree
+from gradalign_jax import alignment, exact, models, sampling, scoring, targeted, tree
 
 V = 16
 EOS = 1
@@ -226,6 +227,69 @@ def test_q_hat_converges_to_exact_q():
       widths.append(hi - lo)
   w = np.asarray(widths).reshape(len(toks), 3)
   assert np.all(w[:, 1] < w[:, 0]) and np.all(w[:, 2] < w[:, 1])
+
+
+def _numpy_top_p(lp, top_p):
+  """Support of nucleus sampling from log π over VOCAB (independent of sampler.py): tokens by
+  descending probability while the mass before them is short of top_p."""
+  p = np.exp(lp)
+  order = np.argsort(-p, kind="stable")
+  before = np.cumsum(p[order]) - p[order]
+  keep = np.zeros(len(p), bool)
+  keep[order[before < top_p]] = True
+  return keep & MASK
+
+
+def test_truncated_policy_end_to_end():
+  """With top-p sampling: every targeted rollout forces a token of the truncated support, and
+  the final pass's cosines equal numpy's with the truncated, renormalised π (O = observed
+  children in the support) and the untruncated teacher q."""
+  top_p = 0.8
+  scfg = dataclasses.replace(SCFG, top_p=top_p)
+  ro = sampling.sample(CFG, STUDENT, [PROMPT], scfg, num_samples=16, seed=5, vocab_mask=MASK)
+  pool = targeted.RolloutPool()
+  pool.add(ro, [reward(ro.sequence(b)) for b in range(len(ro))])
+  cfg = targeted.TargetedConfig(budget=48, num_continuations=4, rounds=2, tolerance=0.0)
+  targeted.targeted_rollouts([pool], [scoring.PromptedModel(CFG, STUDENT, PROMPT)], None, cfg,
+                             reward, MASK, policy=scfg, seed=2, chunk_nodes=8)
+  t = pool.tree
+  forced = [(seq, b) for seq, b in ((t.path(leaf), b) for leaf, _, b in t.rollouts)
+            if b is not None]
+  assert len(forced) == 48
+  for seq, b in forced:
+    lp = _numpy_logp(STUDENT, seq[:b])
+    assert _numpy_top_p(lp, top_p)[seq[b]], (seq, b)
+  cols, _ = alignment.score_tree(t, scoring.PromptedModel(CFG, STUDENT, PROMPT),
+                                 scoring.PromptedModel(CFG, TEACHER, PROMPT), chunk_nodes=8,
+                                 vocab_mask=MASK, topk=3, policy=scfg)
+  checked = truncated = 0
+  for i, u in enumerate(cols["node_id"]):
+    path = t.path(int(u))
+    lp = _numpy_logp(STUDENT, path)
+    keep = _numpy_top_p(lp, top_p)
+    truncated += keep.sum() < MASK.sum()
+    pi = np.where(keep, np.exp(lp), 0.0)
+    pi /= pi.sum()
+    q = np.exp(_numpy_logp(TEACHER, path))
+    obs = {k: s_ / n for k, (s_, n) in t.outcomes(path).items() if keep[k]}
+    informative = len(obs) >= 2 and len(set(obs.values())) > 1
+    assert cols["informative"][i] == informative and cols["num_observed"][i] == len(obs)
+    if not informative:
+      continue
+    v_hat = sum(pi[k] * x for k, x in obs.items()) / sum(pi[k] for k in obs)
+    g = np.zeros(V)
+    for k, x in obs.items():
+      g[k] = pi[k] * (x - v_hat)
+    with np.errstate(divide="ignore"):
+      ell = np.where(keep, np.log(np.where(keep, pi, 1.0)) - np.log(np.where(MASK, q, 1.0)), 0.0)
+    d = -pi * (ell - np.sum(pi * ell))
+    want = g @ d / (np.linalg.norm(g) * np.linalg.norm(d))
+    np.testing.assert_allclose(cols["align_reverse_kl"][i], want, atol=2e-4, err_msg=str(path))
+    fwd = np.where(MASK, q, 0.0) - pi
+    np.testing.assert_allclose(cols["align_forward_kl"][i],
+                               g @ fwd / (np.linalg.norm(g) * np.linalg.norm(fwd)), atol=2e-4)
+    checked += 1
+  assert checked >= 2 and truncated >= 3  # the truncation matters at several nodes
 
 
 def test_config_errors_name_the_fix():

@@ -4,7 +4,6 @@ a token, read the node's numbers from the details panel and compare them with no
 
 import json
 import math
-import os
 import re
 
 import numpy as np

@@ -11,7 +11,9 @@ state (``RolloutState`` is re-exported here).
 
 from gradalign_jax.models.cache import RolloutState
 from gradalign_jax.sampling.sampler import (STOP_EOS, STOP_MAX_TOKENS, STOP_REASONS, Rollouts,
-                                            SamplingConfig, branch, policy_logprobs, sample)
+                                            SamplingConfig, as_policy, branch,
+                                            policy_logits,
+                                            policy_logprobs, sample)
 
 __all__ = ["RolloutState", "Rollouts", "STOP_EOS", "STOP_MAX_TOKENS", "STOP_REASONS",
-           "SamplingConfig", "branch", "policy_logprobs", "sample"]
+           "SamplingConfig", "as_policy", "branch", "policy_logits", "policy_logprobs", "sample"]

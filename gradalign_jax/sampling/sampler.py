@@ -92,6 +92,11 @@ class SamplingConfig:
     if self.top_k < 0:
       raise ValueError(f"top_k={self.top_k} must be ≥ 0; 0 turns it off")
 
+  def policy_only(self) -> "SamplingConfig":
+    """The fields that define π (temperature, top_p, top_k), the rest at defaults: a static
+    jit argument that does not recompile for another horizon or EOS."""
+    return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
   def policy(self) -> dict[str, Any]:
     """The sampling policy, as recorded with results."""
     return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -156,6 +161,24 @@ def policy_logprobs(logits: jax.Array, sampling: SamplingConfig,
     threshold = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
     logp = jax.nn.log_softmax(jnp.where(logp >= threshold, logp, -jnp.inf), axis=-1)
   return logp
+
+
+def as_policy(policy: "SamplingConfig | float") -> SamplingConfig:
+  """The sampling policy π (temperature, top-p, top-k; ``SamplingConfig.policy_only``) from a
+  SamplingConfig or a bare temperature (untruncated)."""
+  if isinstance(policy, SamplingConfig):
+    return policy.policy_only()
+  return SamplingConfig(temperature=float(policy))
+
+
+def policy_logits(logits: jax.Array, sampling: SamplingConfig,
+                  vocab_mask: jax.Array | None = None) -> jax.Array:
+  """log π (``policy_logprobs``) as finite logits: f32[..., V], −1e30 (``MASKED_LOGIT``)
+  outside the support instead of −inf, so the masked softmaxes of ``gradients`` give π
+  exactly (0 off the support) and 0 · logit stays 0. What scoring and targeting read as the
+  student's logits (MATH.md: with top-p/top-k, π is the truncated, renormalised policy)."""
+  logp = policy_logprobs(logits, sampling, vocab_mask)
+  return jnp.where(jnp.isfinite(logp), logp, -1e30)
 
 
 def _blocks(v: int) -> int:
