@@ -42,7 +42,9 @@ def _nums(xs) -> list:
 
 
 def _milli(xs) -> list:
-  return [int(round(float(x) * 1000)) if math.isfinite(float(x)) else None for x in xs]
+  """Thousandths as ints; None for a missing or non-finite value (parquet may give None)."""
+  return [int(round(float(x) * 1000)) if x is not None and math.isfinite(float(x)) else None
+          for x in xs]
 
 
 class _Strings:
