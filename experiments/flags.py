@@ -16,8 +16,8 @@ import time
 
 from absl import app, flags
 
-from gradalign_jax import (alignment, contexts, gradients, pipeline, rundir, sampling, targeted,
-                           tasks)
+from gradalign_jax import (alignment, compilation, contexts, gradients, pipeline, rundir, sampling,
+                           targeted, tasks)
 from gradalign_jax.models.loaded import ModelCache
 
 DEFAULT_TEACHERS = ("teacher", "teacher:correct_demo", "self:correct_demo",
@@ -165,6 +165,7 @@ def run_script(groups, run, default_out: str) -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    compilation.enable()  # a rerun or a resumed run skips compiles
     try:
       refuse_others(groups)
       run(settings(groups), FLAGS.out, overwrite=FLAGS.overwrite)

@@ -335,7 +335,10 @@ def plot(out, records, target):
 
 def main(argv):
   del argv
+  from gradalign_jax import compilation
   from gradalign_jax.analysis import stats
+
+  compilation.enable()  # a rerun skips compiles
 
   if not FLAGS.out:
     raise app.UsageError("--out is required (the directory for summary.json and report.md)")
