@@ -153,6 +153,34 @@ def bench_branch(cfg, params, depths, m, new_tokens, repeats):
   return out
 
 
+def bench_horizon(cfg, params, batch, long_horizon, repeats):
+  """Rollouts that all stop by EOS before 64 tokens, sampled under max_new_tokens=64 and under
+  ``long_horizon``: the same rows (same seed), so the ratio is what the long horizon costs.
+
+  A random model's next-token distribution is near uniform, so V/16 EOS ids stop a row with
+  probability ~1/16 a step; the seed is the first whose rows all stop by EOS before 64."""
+  prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, PROMPT_LEN).tolist()
+  eos = tuple(range(cfg.vocab_size // 16))
+  short = sampling.SamplingConfig(max_new_tokens=64, eos_ids=eos)
+  long = sampling.SamplingConfig(max_new_tokens=long_horizon, eos_ids=eos,
+                                 max_cache_len=PROMPT_LEN + long_horizon)
+  for seed in range(50):
+    ro = sampling.sample(cfg, params, [prompt], short, num_samples=batch, seed=seed)
+    if np.all(ro.stop_reason == sampling.STOP_EOS):
+      break
+  else:
+    raise RuntimeError("no seed in 0 … 49 stops every row by EOS before 64 tokens")
+  times = {}
+  for name, sc in (("short", short), ("long", long)):
+    def run(sc=sc):
+      out = sampling.sample(cfg, params, [prompt], sc, num_samples=batch, seed=seed)
+      np.testing.assert_array_equal(out.lengths, ro.lengths)
+    times[name] = _best_time(run, repeats)
+  return dict(batch=batch, seed=seed, long_horizon=long_horizon,
+              mean_length=float(ro.lengths.mean()), max_length=int(ro.lengths.max()),
+              short_s=times["short"], long_s=times["long"], ratio=times["long"] / times["short"])
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default=None, help="JSON file for the results")
@@ -160,7 +188,12 @@ def main():
   ap.add_argument("--models", default="0.1M,28M")
   ap.add_argument("--batches", default="16,64")
   ap.add_argument("--branch_depths", default="0,64,128,256,448")
+  ap.add_argument("--sections", default="generate,branch,horizon",
+                  help="what to measure: generate (ours vs HF), branch (cost at depth t), "
+                       "horizon (EOS at ~64 tokens under max_new_tokens 4096 vs 64)")
+  ap.add_argument("--long_horizon", type=int, default=4096)
   args = ap.parse_args()
+  sections = set(args.sections.split(","))
   import torch
   torch.set_num_threads(os.cpu_count())
   result = dict(machine=_machine(), generate=[])
@@ -169,12 +202,21 @@ def main():
     for name in args.models.split(","):
       hf, cfg, params = _make_model(name, tmp)
       for batch in map(int, args.batches.split(",")):
+        if "horizon" in sections:
+          h = bench_horizon(cfg, params, batch, args.long_horizon, args.repeats)
+          result.setdefault("horizon", []).append(dict(model=name, **h))
+          print(f"{name:>5} batch {batch:3d}, rows stop by EOS at {h['mean_length']:.0f} tokens on "
+                f"average (max {h['max_length']}): max_new_tokens={args.long_horizon} "
+                f"{h['long_s'] * 1e3:.1f} ms, max_new_tokens=64 {h['short_s'] * 1e3:.1f} ms, "
+                f"×{h['ratio']:.2f}", flush=True)
+        if "generate" not in sections:
+          continue
         row = bench_generate(name, hf, cfg, params, batch, args.repeats)
         result["generate"].append(row)
         print(f"{name:>5} ({row['params']:,} params) batch {batch:3d}: ours {row['ours_tok_s']:9.0f} "
               f"tok/s, HF {row['hf_tok_s']:8.0f} tok/s, ×{row['ours_tok_s'] / row['hf_tok_s']:.1f}; "
               f"ours {row['ours_gflops']:.1f} GFLOP/s")
-      if name == "28M":
+      if name == "28M" and "branch" in sections:
         depths = [int(t) for t in args.branch_depths.split(",")]
         br = bench_branch(cfg, params, depths, m=16, new_tokens=32, repeats=args.repeats)
         result["branch_cost_ratio"] = {str(t): v["ratio"] for t, v in br.items()}

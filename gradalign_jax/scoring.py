@@ -1,10 +1,10 @@
 """Student and teacher logits at every unique node of a prefix tree, chunk by chunk.
 
 Shape letters (gradalign_jax/__init__.py): U scored nodes, C nodes per chunk, S cache slots
-(S' of them the stack of ancestor slots, one per depth),
-V vocab, P prompt length. This module stops at logits; the final pass that turns them into
-directions and cosines is ``alignment.py``, and targeted rollouts rank pairs from the same
-chunks (``padded_chunks`` serves both).
+(S' of them the stack of ancestor slots, one per depth), V vocab, P prompt length. This module
+stops at logits; the final pass that turns them into directions and cosines is
+``alignment.py``, and targeted rollouts rank pairs from the same chunks (``padded_chunks``
+serves both).
 
 How (each node computed once, each prompt prefilled once, each node attending only to its
 ancestors):
@@ -27,8 +27,8 @@ ancestors):
      (the tree mask within the chunk). Nothing of nodes × vocab is kept beyond one chunk:
      consumers get f32[C, V] per chunk (``node_logit_chunks``, ``padded_chunks``).
 
-Cost and memory: each chunk attends over P + S' + C slots (S' = the deepest node's depth + 1, to
-a power of two), so a tree of U scored nodes costs U × (P + S' + C) attention entries, the
+Cost and memory: each chunk attends over P + S' + C slots (S' = the deepest node's depth + 1,
+to a power of two), so a tree of U scored nodes costs U × (P + S' + C) attention entries, the
 same as one causal forward of every rollout (Σ_r L_r × (P + L_r)) up to the chunk, and the
 cache holds P + S' + C slots whatever the tree's size. Before the stack, every chunk attended
 over the whole tree (P + U slots): 11-29× the two forwards at G = 16 (BENCHMARKS.md).
