@@ -31,7 +31,7 @@ Cost and memory: each chunk attends over P + S' + C slots (S' = the deepest node
 to a power of two), so a tree of U scored nodes costs U × (P + S' + C) attention entries, the
 same as one causal forward of every rollout (Σ_r L_r × (P + L_r)) up to the chunk, and the
 cache holds P + S' + C slots whatever the tree's size. Before the stack, every chunk attended
-over the whole tree (P + U slots): 11-29× the two forwards at G = 16 (BENCHMARKS.md).
+over the whole tree (P + U slots): 11-29× one forward of the rollouts at G = 16 (issue 13).
 
 Why this and not the alternatives (measured by ``ScoringStats``; see tests/test_scoring.py
 and the numbers below): a forward per rollout ("cached prefixes" without a tree) processes
