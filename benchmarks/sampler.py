@@ -181,6 +181,30 @@ def bench_horizon(cfg, params, batch, long_horizon, repeats):
               short_s=times["short"], long_s=times["long"], ratio=times["long"] / times["short"])
 
 
+def branch_memory(cfg, params, requests=(8, 16, 32, 64), m=4, horizon=512):
+  """Bytes the compiled branch program allocates (XLA's ``memory_analysis()``: temporaries and
+  outputs) for N requests on one source row, against N: a prefix gathered per request grows
+  with N, one shared by the requests of a source would not."""
+  from gradalign_jax.sampling import sampler as sampler_lib
+  prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, PROMPT_LEN).tolist()
+  sc = sampling.SamplingConfig(max_new_tokens=horizon)
+  src = sampling.sample(cfg, params, [prompt], sc, num_samples=1, seed=0)
+  rows = []
+  for n in requests:
+    z = np.zeros(n, np.int32)
+    keys = jax.random.split(jax.random.key(0), n * m)
+    lowered = sampler_lib._branch_program.lower(
+        cfg, sc, m, horizon, sampler_lib._first_width(horizon), params, src.state, z,
+        np.arange(n, dtype=np.int32), z, keys, np.ones(n * m, bool), None)
+    mem = lowered.compile().memory_analysis()
+    kv_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # f32 k and v, one slot
+    rows.append(dict(requests=n, rows=n * m, temp_bytes=int(mem.temp_size_in_bytes),
+                     output_bytes=int(mem.output_size_in_bytes),
+                     prefix_bytes=n * (src.state.prefix.valid.shape[1]
+                                       + src.state.gen.capacity) * kv_slot))
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default=None, help="JSON file for the results")
@@ -190,7 +214,9 @@ def main():
   ap.add_argument("--branch_depths", default="0,64,128,256,448")
   ap.add_argument("--sections", default="generate,branch,horizon",
                   help="what to measure: generate (ours vs HF), branch (cost at depth t), "
-                       "horizon (EOS at ~64 tokens under max_new_tokens 4096 vs 64)")
+                       "horizon (EOS at ~64 tokens under max_new_tokens 4096 vs 64), "
+                       "branch_memory (bytes of the branch program against requests on one "
+                       "source)")
   ap.add_argument("--long_horizon", type=int, default=4096)
   args = ap.parse_args()
   sections = set(args.sections.split(","))
@@ -221,6 +247,13 @@ def main():
         br = bench_branch(cfg, params, depths, m=16, new_tokens=32, repeats=args.repeats)
         result["branch_cost_ratio"] = {str(t): v["ratio"] for t, v in br.items()}
         result["branch"] = {str(t): v for t, v in br.items()}
+      if name == "28M" and "branch_memory" in sections:
+        result["branch_memory"] = branch_memory(cfg, params)
+        for r in result["branch_memory"]:
+          print(f"branch program, {r['requests']:3d} requests on one source ({r['rows']} rows): "
+                f"temporaries {r['temp_bytes'] / 2**20:8.1f} MiB, outputs "
+                f"{r['output_bytes'] / 2**20:8.1f} MiB; gathered prefixes "
+                f"{r['prefix_bytes'] / 2**20:8.1f} MiB", flush=True)
         for t, v in br.items():
           print(f"branch t={t:3d} (M=16, 32 tokens): {v['branch_s'] * 1e3:7.1f} ms "
                 f"(×{v['ratio']:.2f} of t=0); re-prefill prompt+t: {v['reprefill_s'] * 1e3:7.1f} ms")
