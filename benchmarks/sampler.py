@@ -153,12 +153,16 @@ def bench_branch(cfg, params, depths, m, new_tokens, repeats):
   return out
 
 
-def bench_horizon(cfg, params, batch, long_horizon, repeats):
+def bench_horizon(cfg, params, batch, long_horizon, repeats, one_stage=True):
   """Rollouts that all stop by EOS before 64 tokens, sampled under max_new_tokens=64 and under
-  ``long_horizon``: the same rows (same seed), so the ratio is what the long horizon costs.
+  ``long_horizon``, and under ``long_horizon`` with one decode stage (the code before staged
+  decode: every step attends to all ``long_horizon`` slots): the same rows (same seed).
 
   A random model's next-token distribution is near uniform, so V/16 EOS ids stop a row with
-  probability ~1/16 a step; the seed is the first whose rows all stop by EOS before 64."""
+  probability ~1/16 a step; the seed is the first whose rows all stop by EOS before 64. The
+  three runs alternate, each the fastest of ``repeats`` (load on a shared machine comes and
+  goes)."""
+  from gradalign_jax.sampling import sampler as sampler_lib
   prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, PROMPT_LEN).tolist()
   eos = tuple(range(cfg.vocab_size // 16))
   short = sampling.SamplingConfig(max_new_tokens=64, eos_ids=eos)
@@ -170,15 +174,33 @@ def bench_horizon(cfg, params, batch, long_horizon, repeats):
       break
   else:
     raise RuntimeError("no seed in 0 … 49 stops every row by EOS before 64 tokens")
-  times = {}
-  for name, sc in (("short", short), ("long", long)):
-    def run(sc=sc):
+  first = sampler_lib.FIRST_WIDTH
+
+  def run(sc, width):
+    sampler_lib.FIRST_WIDTH = width
+    try:
+      t = time.perf_counter()
       out = sampling.sample(cfg, params, [prompt], sc, num_samples=batch, seed=seed)
       np.testing.assert_array_equal(out.lengths, ro.lengths)
-    times[name] = _best_time(run, repeats)
-  return dict(batch=batch, seed=seed, long_horizon=long_horizon,
-              mean_length=float(ro.lengths.mean()), max_length=int(ro.lengths.max()),
-              short_s=times["short"], long_s=times["long"], ratio=times["long"] / times["short"])
+      return time.perf_counter() - t
+    finally:
+      sampler_lib.FIRST_WIDTH = first
+
+  cases = {"short": (short, first), "long": (long, first)}
+  if one_stage:  # slow: every step of every row attends to long_horizon slots
+    cases["one_stage"] = (long, long_horizon)
+  for sc, width in cases.values():
+    run(sc, width)  # compile
+  times = {k: run(*cases[k]) for k in cases}
+  for _ in range(repeats - 1):
+    for k in cases:
+      times[k] = min(times[k], run(*cases[k]))
+  out = dict(batch=batch, seed=seed, long_horizon=long_horizon,
+             mean_length=float(ro.lengths.mean()), max_length=int(ro.lengths.max()),
+             short_s=times["short"], long_s=times["long"], ratio=times["long"] / times["short"])
+  if one_stage:
+    out.update(one_stage_s=times["one_stage"], one_stage_ratio=times["one_stage"] / times["short"])
+  return out
 
 
 def branch_memory(cfg, params, requests=(8, 16, 32, 64), m=4, horizon=512):
@@ -218,6 +240,8 @@ def main():
                        "branch_memory (bytes of the branch program against requests on one "
                        "source)")
   ap.add_argument("--long_horizon", type=int, default=4096)
+  ap.add_argument("--one_stage_models", default="0.1M",
+                  help="models whose horizon row also times the single-stage decode (slow)")
   args = ap.parse_args()
   sections = set(args.sections.split(","))
   import torch
@@ -229,12 +253,14 @@ def main():
       hf, cfg, params = _make_model(name, tmp)
       for batch in map(int, args.batches.split(",")):
         if "horizon" in sections:
-          h = bench_horizon(cfg, params, batch, args.long_horizon, args.repeats)
+          h = bench_horizon(cfg, params, batch, args.long_horizon, args.repeats,
+                            one_stage=name in args.one_stage_models.split(","))
           result.setdefault("horizon", []).append(dict(model=name, **h))
           print(f"{name:>5} batch {batch:3d}, rows stop by EOS at {h['mean_length']:.0f} tokens on "
                 f"average (max {h['max_length']}): max_new_tokens={args.long_horizon} "
                 f"{h['long_s'] * 1e3:.1f} ms, max_new_tokens=64 {h['short_s'] * 1e3:.1f} ms, "
-                f"×{h['ratio']:.2f}", flush=True)
+                f"×{h['ratio']:.2f}" + (f"; one decode stage (before): {h['one_stage_s'] * 1e3:.1f} "
+                f"ms, ×{h['one_stage_ratio']:.2f}" if "one_stage_s" in h else ""), flush=True)
         if "generate" not in sections:
           continue
         row = bench_generate(name, hf, cfg, params, batch, args.repeats)
@@ -247,6 +273,9 @@ def main():
         br = bench_branch(cfg, params, depths, m=16, new_tokens=32, repeats=args.repeats)
         result["branch_cost_ratio"] = {str(t): v["ratio"] for t, v in br.items()}
         result["branch"] = {str(t): v for t, v in br.items()}
+        for t, v in br.items():
+          print(f"branch t={t:3d} (M=16, 32 tokens): {v['branch_s'] * 1e3:7.1f} ms "
+                f"(×{v['ratio']:.2f} of t=0); re-prefill prompt+t: {v['reprefill_s'] * 1e3:7.1f} ms")
       if name == "28M" and "branch_memory" in sections:
         result["branch_memory"] = branch_memory(cfg, params)
         for r in result["branch_memory"]:
@@ -254,9 +283,6 @@ def main():
                 f"temporaries {r['temp_bytes'] / 2**20:8.1f} MiB, outputs "
                 f"{r['output_bytes'] / 2**20:8.1f} MiB; gathered prefixes "
                 f"{r['prefix_bytes'] / 2**20:8.1f} MiB", flush=True)
-        for t, v in br.items():
-          print(f"branch t={t:3d} (M=16, 32 tokens): {v['branch_s'] * 1e3:7.1f} ms "
-                f"(×{v['ratio']:.2f} of t=0); re-prefill prompt+t: {v['reprefill_s'] * 1e3:7.1f} ms")
   # The peak is measured before and after (other jobs on a shared machine slow a run down):
   # the larger of the two makes the fraction conservative.
   peaks.append(matmul_peak())
