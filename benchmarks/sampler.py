@@ -12,7 +12,6 @@ Both sides run on the CPU in one process, one after the other, with the same ran
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -23,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import models, sampling
+
+from common import best_time, finish
 
 MODELS = {  # HF Qwen3Config kwargs
     "0.1M": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,16 +48,6 @@ def _machine() -> dict:
   return dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform(),
               jax=jax.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads(),
               load_avg_start=list(os.getloadavg()))
-
-
-def _best_time(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
 
 
 def _make_model(name: str, tmp: str):
@@ -97,8 +88,8 @@ def bench_generate(name, hf, cfg, params, batch, repeats):
                         min_new_tokens=NEW_TOKENS, use_cache=True, pad_token_id=0)
     assert out.shape[1] == PROMPT_LEN + NEW_TOKENS
 
-  t_ours = _best_time(ours, repeats)
-  t_hf = _best_time(theirs, repeats)
+  t_ours = best_time(ours, repeats)
+  t_hf = best_time(theirs, repeats)
   n = batch * NEW_TOKENS
   row = dict(model=name, params=cfg.num_params(), batch=batch, new_tokens=NEW_TOKENS,
              ours_tok_s=n / t_ours, hf_tok_s=n / t_hf, ours_s=t_ours, hf_s=t_hf)
@@ -146,7 +137,7 @@ def bench_branch(cfg, params, depths, m, new_tokens, repeats):
     def reprefill():
       sampling.sample(cfg, params, [prefix], sc_re, num_samples=m, seed=1)
 
-    out[t] = dict(branch_s=_best_time(ours, repeats), reprefill_s=_best_time(reprefill, repeats))
+    out[t] = dict(branch_s=best_time(ours, repeats), reprefill_s=best_time(reprefill, repeats))
   base = out[depths[0]]["branch_s"]
   for t in depths:
     out[t]["ratio"] = out[t]["branch_s"] / base
@@ -296,11 +287,7 @@ def main():
       result["decode_flops_fraction"] = row["ours_gflops"] / peak
       print(f"decode FLOP/s fraction of matmul peak (28M, batch 64): "
             f"{result['decode_flops_fraction']:.2f}")
-  result["machine"]["load_avg_end"] = list(os.getloadavg())
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  finish(result, args.out)
 
 
 if __name__ == "__main__":

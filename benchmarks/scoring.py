@@ -15,29 +15,19 @@ alone (``scoring.node_logit_chunks``), ``score_tree`` adds the final pass.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import time
 
 import jax
 import numpy as np
 
 from gradalign_jax import alignment, models, scoring, tree
 
+from common import best_time, finish
+
 CFG = models.Qwen3Config(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=64)
 QUESTION_LEN, CONTEXT_LEN = 32, 32
-
-
-def _best(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
 
 
 def run_case(g: int, length: int, repeats: int, chunk_nodes: int) -> dict:
@@ -67,8 +57,8 @@ def run_case(g: int, length: int, repeats: int, chunk_nodes: int) -> dict:
     jax.block_until_ready((models.forward(CFG, s_params, s_tok), models.forward(CFG, t_params, t_tok)))
 
   row = dict(g=g, length=length, unique_nodes=int(np.sum(t.arrays().child_count > 0)),
-             forwards_s=_best(forwards, repeats), logits_s=_best(logits, repeats),
-             score_tree_s=_best(score, repeats))
+             forwards_s=best_time(forwards, repeats), logits_s=best_time(logits, repeats),
+             score_tree_s=best_time(score, repeats))
   row["ratio"] = row["score_tree_s"] / row["forwards_s"]
   row["logits_ratio"] = row["logits_s"] / row["forwards_s"]
   return row
@@ -96,13 +86,9 @@ def main():
     print(f"| {g} | {length} | {r['unique_nodes']:,} | {r['score_tree_s']:.2f} s | "
           f"{r['logits_s']:.2f} s | {r['forwards_s']:.2f} s | {r['ratio']:.2f}× | "
           f"{r['logits_ratio']:.2f}× |", flush=True)
-  result["machine"]["load_avg_end"] = list(os.getloadavg())
+  finish(result, args.out)
   print(f"load average start {result['machine']['load_avg_start']}, end "
         f"{result['machine']['load_avg_end']}")
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
