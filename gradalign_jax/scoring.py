@@ -248,11 +248,10 @@ def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
     slot_lo[scratch:scratch + c], slot_hi[scratch:scratch + c] = plan.lo[sl], plan.hi[sl]
     dest = _stack_moves(plan, start, c, stack_at, cache.capacity)
     order = np.arange(start, start + c, dtype=np.int32)
-    logits, cache = _tree_chunk(model.cfg, model.params, jnp.asarray(tokens[sl])[None],
-                                jnp.asarray(base + plan.depth[sl])[None],
-                                jnp.asarray(plan.node_ids[sl] >= 0)[None], jnp.asarray(order)[None],
-                                jnp.asarray(slot_lo), jnp.asarray(slot_hi), jnp.asarray(dest),
-                                cache)
+    # numpy arguments go to the device with the call (no eager op per array)
+    logits, cache = _tree_chunk(model.cfg, model.params, tokens[None, sl],
+                                (base + plan.depth[sl])[None], (plan.node_ids[sl] >= 0)[None],
+                                order[None], slot_lo.copy(), slot_hi.copy(), dest, cache)
     moved = dest < cache.capacity
     stack_hi[dest[moved] - stack_at] = plan.hi[sl][moved]
     counter.positions += c
