@@ -10,7 +10,8 @@
 ``sample`` prefills each prompt once (questions batched, left-padded to a bucketed length);
 the G rows of a question attend to its prompt KV through a ``SharedPrefix`` (no copy per
 row). The first token of each row is drawn from the prompt's last logits; the rest are drawn
-inside one ``lax.while_loop`` that stops as soon as every row has hit EOS or its token limit.
+inside a ``lax.while_loop`` per decode stage (see the cost notes) that stops as soon as every row
+has hit EOS or its token limit.
 
 ``branch`` starts M rows from each (source rollout, depth t, forced token k): the source's
 prompt KV and its generated KV are gathered into a new shared prefix and masked to depth
