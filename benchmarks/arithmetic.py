@@ -100,10 +100,12 @@ def main():
   rows = stages(a.g, a.length, a.student_prompt, a.teacher_prompt, a.budget, a.continuations,
                 a.chunk)
   hw = list(HARDWARE)
-  print(f"student {STUDENT.num_params() / 1e9:.2f}B params, teacher {TEACHER.num_params() / 1e9:.2f}B;"
+  print(f"student {STUDENT.num_params() / 1e9:.2f}B params, "
+        f"teacher {TEACHER.num_params() / 1e9:.2f}B;"
         f" KV per token {kv_bytes(STUDENT) / 1024:.0f} KiB / {kv_bytes(TEACHER) / 1024:.0f} KiB; "
         f"G = {a.g}, L = {a.length}, tree nodes {a.g * a.length:,}")
-  print("| stage | TFLOP | GB moved | GB resident | " + " | ".join(f"{h}: s (bound)" for h in hw) + " |")
+  print("| stage | TFLOP | GB moved | GB resident | "
+        + " | ".join(f"{h}: s (bound)" for h in hw) + " |")
   print("|---|---:|---:|---:|" + "---:|" * len(hw))
   totals = {h: 0.0 for h in hw}
   for r in rows:

@@ -250,8 +250,9 @@ def main():
           print(f"{name:>5} batch {batch:3d}, rows stop by EOS at {h['mean_length']:.0f} tokens on "
                 f"average (max {h['max_length']}): max_new_tokens={args.long_horizon} "
                 f"{h['long_s'] * 1e3:.1f} ms, max_new_tokens=64 {h['short_s'] * 1e3:.1f} ms, "
-                f"×{h['ratio']:.2f}" + (f"; one decode stage (before): {h['one_stage_s'] * 1e3:.1f} "
-                f"ms, ×{h['one_stage_ratio']:.2f}" if "one_stage_s" in h else ""), flush=True)
+                f"×{h['ratio']:.2f}" + (
+                    f"; one decode stage (before): {h['one_stage_s'] * 1e3:.1f} ms, "
+                    f"×{h['one_stage_ratio']:.2f}" if "one_stage_s" in h else ""), flush=True)
         if "generate" not in sections:
           continue
         row = bench_generate(name, hf, cfg, params, batch, args.repeats)

@@ -54,7 +54,8 @@ def run_case(g: int, length: int, repeats: int, chunk_nodes: int) -> dict:
   t_tok = np.asarray([teacher_prompt + r for r in rollouts], np.int32)
 
   def forwards():
-    jax.block_until_ready((models.forward(CFG, s_params, s_tok), models.forward(CFG, t_params, t_tok)))
+    jax.block_until_ready((models.forward(CFG, s_params, s_tok),
+                           models.forward(CFG, t_params, t_tok)))
 
   row = dict(g=g, length=length, unique_nodes=int(np.sum(t.arrays().child_count > 0)),
              forwards_s=best_time(forwards, repeats), logits_s=best_time(logits, repeats),
