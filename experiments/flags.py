@@ -17,8 +17,8 @@ import time
 from absl import app, flags
 
 from experiments import cli
-from gradalign_jax import (alignment, contexts, gradients, pipeline, rundir, sampling, targeted,
-                           tasks)
+from gradalign_jax import (alignment, compilation, contexts, gradients, pipeline, rundir, sampling,
+                           targeted, tasks)
 from gradalign_jax.models import checkpoint
 from gradalign_jax.models.loaded import ModelCache, resolve_model
 from gradalign_jax.tasks.base import fingerprint_source
@@ -210,6 +210,7 @@ def main_function(groups, run):
   def main(argv):
     if len(argv) > 1:
       cli.fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    compilation.enable()  # a rerun or a resumed run skips compiles
     try:
       refuse_others(groups)
       run(settings(groups), FLAGS.out, overwrite=FLAGS.overwrite)

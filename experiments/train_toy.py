@@ -238,8 +238,10 @@ def train_one(name, task, tok, out_dir):
 
 def main(argv):
   del argv
-  from gradalign_jax import models
+  from gradalign_jax import compilation, models
   from gradalign_jax.tasks import synthetic
+
+  compilation.enable()  # a rerun skips compiles
 
   tok_dir = synthetic.write_tokenizer(os.path.join(FLAGS.out, "tokenizer"))
   tok = models.load_tokenizer(tok_dir)

@@ -393,9 +393,10 @@ def main(argv):
     os.makedirs(FLAGS.out, exist_ok=True)
   except (ValueError, OSError) as e:
     cli.fail(str(e))
-  from gradalign_jax import sampling
+  from gradalign_jax import compilation, sampling
   from gradalign_jax.analysis import stats
 
+  compilation.enable()  # a rerun skips compiles
   start = time.time()
 
   cfg, student, teacher = model_setup(FLAGS.logit_scale)

@@ -13,6 +13,7 @@ Public modules (import them as submodules: ``from gradalign_jax import models, t
   tasks      loaders, prompts, verifiers; the synthetic toy task
   analysis   tables (schemas, aggregates), statistics, report, plots, token view
   rundir     a run directory: settings check, atomic per-question parts, resume, merge
+  compilation  JAX's persistent compilation cache (``compilation.enable()``)
   exact      exact V and g* by enumeration (tiny vocabulary and horizon)
 See ../shared/design/ARCHITECTURE.md and MATH.md.
 

@@ -278,15 +278,11 @@ def teacher_prompts(run: Setup, task: Task, group: Group, config: DiagnoseConfig
 
 def scoring_shapes(config: DiagnoseConfig) -> scoring.Shapes:
   """Padding for every scoring pass of a run, fixed by the settings (so results never depend
-  on which questions came first): prompts padded to ≥ 64 tokens, and when the largest
-  possible tree (every rollout distinct) fits 8192 cache slots, one cache size and full
-  chunks, so each model compiles a few scoring programs in all (on small models compilation
-  is most of the run time)."""
-  most = (256 + 1 + (config.num_rollouts + config.targeted.budget)
-          * config.sampling.max_new_tokens)
-  if most <= 8192:
-    return scoring.Shapes(min_prompt=64, min_capacity=bucket(most), full_chunks=True)
-  return scoring.Shapes(min_prompt=64)
+  on which questions came first): prompts padded to ≥ 64 tokens, the stack of ancestor slots
+  to the horizon (no scored node is deeper) and full chunks, so each model compiles one
+  scoring program per prompt bucket (on small models compilation is most of the run time)."""
+  return scoring.Shapes(min_prompt=64, min_capacity=bucket(config.sampling.max_new_tokens),
+                        full_chunks=True)
 
 
 def _students(run: Setup, group: Group) -> list[scoring.PromptedModel]:

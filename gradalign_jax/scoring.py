@@ -1,23 +1,37 @@
 """Student and teacher logits at every unique node of a prefix tree, chunk by chunk.
 
-Shape letters (gradalign_jax/__init__.py): U scored nodes, C nodes per chunk, S cache slots,
-V vocab, P prompt length. This module stops at logits; the final pass that turns them into
-directions and cosines is ``alignment.py``, and targeted rollouts rank pairs from the same
-chunks (``padded_chunks`` serves both).
+Shape letters (gradalign_jax/__init__.py): U scored nodes, C nodes per chunk, S cache slots
+(S' of them the stack of ancestor slots, one per depth), V vocab, P prompt length. This module
+stops at logits; the final pass that turns them into directions and cosines is
+``alignment.py``, and targeted rollouts rank pairs from the same chunks (``padded_chunks``
+serves both).
 
-How (each node computed once, each prompt prefilled once):
+How (each node computed once, each prompt prefilled once, each node attending only to its
+ancestors):
   1. The model's prompt minus its last token is prefilled once into a KV cache (the teacher's
      prompt is its privileged context + the question; the student's is the question).
   2. The scored nodes (the root and every node with a child) are laid out in depth-first
      preorder; node i of that order is *one* token: the prompt's last token for the root, the
      node's own token otherwise, at position P − 1 + depth. Its logits are the node's
      next-token logits.
-  3. Chunks of C consecutive nodes are appended to the cache. In preorder a node's ancestors
-     come before it, and the subtree of u is the interval [pre(u), pre(u) + size(u)); so the
-     mask "slot s holds an ancestor-or-self of node i" is ``lo[s] <= i < hi[s]``, built on
-     device from two int32[S] arrays and passed as ``attend_mask`` over the cache (prompt
-     slots: always visible). Nothing of nodes × vocab is kept beyond one chunk: consumers get
-     f32[C, V] per chunk (``node_logit_chunks``, ``padded_chunks``).
+  3. Chunks of C consecutive nodes are forwarded in that order. In preorder the subtree of u
+     is the interval [pre(u), pre(u) + size(u)), so "y is an ancestor-or-self of node i" is
+     ``lo[y] <= i < hi[y]``; and every ancestor of a chunk's node that lies *before* the
+     chunk is an ancestor of the chunk's first node a (its subtree interval contains both).
+  4. So the cache is [prompt | a stack of S' slots, one per depth | the chunk]: after a chunk
+     each node's KV moves to the stack slot of its depth (the last node of each depth wins),
+     and when the next chunk starts, stack slot d < depth(a) holds a's ancestor at depth d
+     (the last node written at depth d before a: anything at depth d after that ancestor
+     would lie in its subtree, hence deeper). A chunk attends to the prompt, stack slots
+     d < depth(a) that are its node's ancestors (``lo``/``hi`` again) and its own nodes
+     (the tree mask within the chunk). Nothing of nodes × vocab is kept beyond one chunk:
+     consumers get f32[C, V] per chunk (``node_logit_chunks``, ``padded_chunks``).
+
+Cost and memory: each chunk attends over P + S' + C slots (S' = the deepest node's depth + 1,
+to a power of two), so a tree of U scored nodes costs U × (P + S' + C) attention entries, the
+same as one causal forward of every rollout (Σ_r L_r × (P + L_r)) up to the chunk, and the
+cache holds P + S' + C slots whatever the tree's size. Before the stack, every chunk attended
+over the whole tree (P + U slots): 11-29× one forward of the rollouts at G = 16 (issue 13).
 
 Why this and not the alternatives (measured by ``ScoringStats``; see tests/test_scoring.py
 and the numbers below): a forward per rollout ("cached prefixes" without a tree) processes
@@ -26,18 +40,13 @@ single tree-masked chunk processes the same U positions as this scheme but needs
 mask and U × V logits at once. Appending the preorder chunk by chunk processes exactly
 (P − 1) + U positions, plus padding (the prompt is prefilled padded to a power of two ≥ 16 and
 the last chunk of nodes to a power of two, so a sweep over many questions and contexts
-compiles a handful of programs), with memory O(C × (P + U) + C × V).
+compiles a handful of programs).
 Measured on the sample tree of tests/test_scoring.py::test_positions_processed (16 rollouts of
 48 tokens, each branching off an earlier one; question P = 8, teacher context + question
 P = 48; C = 8): 439 unique scored nodes; positions processed 456 = 7 + 439 + 1 node padding
 + 9 prompt padding (student) and 504 = 47 + 439 + 1 + 17 (teacher), i.e. ≤ 1.05 × nodes +
 context + prompt padding; forwards per rollout would process 880 (student) and 1520
 (teacher), 1.9× and 3.0× more.
-
-The attention of a chunk is dense over the whole cache (S = P − 1 + U rounded up to a power
-of two): time
-O(U × (P + U)) per model, which is fine for trees of a few thousand nodes; a much larger tree
-would want per-subtree cache windows.
 """
 
 from __future__ import annotations
@@ -76,14 +85,15 @@ class PromptedModel:
 class Shapes:
   """How a scoring pass pads, i.e. how many programs a sweep compiles.
 
-  min_prompt: the prompt is prefilled padded to a power of two ≥ this. min_capacity: the KV
-  cache holds a power of two ≥ this many slots. full_chunks: pad the last chunk of nodes to
-  the full chunk size (one chunk program) instead of a power of two (less padding). A sweep
-  over a small model sets min_capacity to bound every tree it will meet and full_chunks, so
-  that it compiles one chunk program per model: compilation, not compute, dominates there.
+  min_prompt: the prompt is prefilled padded to a power of two ≥ this. min_capacity: the
+  stack of ancestor slots (one per depth) holds a power of two ≥ this many. full_chunks: pad
+  the last chunk of nodes to the full chunk size (one chunk program) instead of a power of
+  two (less padding). A sweep sets min_capacity to its horizon (no node is deeper) and
+  full_chunks, so that it compiles one chunk program per model: on small models
+  compilation, not compute, dominates.
   """
   min_prompt: int = 16
-  min_capacity: int = 512
+  min_capacity: int = 64
   full_chunks: bool = False
 
 
@@ -153,26 +163,48 @@ def plan_tree(arrays: TreeArrays, chunk_nodes: int, full_chunks: bool = False) -
                   chunks=tuple(chunks))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=8)
-def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, cache):
-  """One chunk of tree nodes appended to the cache, each seeing only its ancestors.
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=9)
+def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, dest, cache):
+  """One chunk of tree nodes: attends to the prompt, its ancestors' stack slots and itself.
 
   tokens, positions, order: int32[1, C] (order = the node's preorder index); valid: bool[1, C];
-  slot_lo, slot_hi: int32[S]. Returns (logits f32[C, V], cache).
+  slot_lo, slot_hi: int32[S] (slot s is seen by node i iff slot_lo[s] <= order[i] <
+  slot_hi[s]); dest: int32[C] the stack slot each node's KV moves to afterwards (≥ S: it does
+  not). The chunk is written at the scratch slots [cache.length, cache.length + C) and then
+  moved to its stack slots, so ``cache.length`` (prompt + stack) is the same after the call.
+  Returns (logits f32[C, V], cache).
   """
   attend = ((slot_lo[None, None, :] <= order[:, :, None])
             & (order[:, :, None] < slot_hi[None, None, :]))  # [1, C, S]
   c = tokens.shape[1]
-  chunk_mask = jax.lax.dynamic_slice(attend, (0, 0, cache.length), (1, c, c))
+  start = cache.length
+  chunk_mask = jax.lax.dynamic_slice(attend, (0, 0, start), (1, c, c))
   logits, cache = models.bind(cfg, params)(tokens, positions, valid, cache, chunk_mask,
                                            attend_mask=attend)
+  move = lambda x: x.at[:, :, dest].set(jax.lax.dynamic_slice_in_dim(x, start, c, axis=2),
+                                        mode="drop")
+  cache = models.KVCache(k=move(cache.k), v=move(cache.v),
+                         valid=cache.valid.at[:, dest].set(True, mode="drop"), length=start)
   return logits[0], cache
-
 
 
 class _Counter:
   positions = 0
   prompt_padding = 0
+
+
+def _stack_moves(plan: TreePlan, start: int, c: int, stack_at: int, capacity: int) -> np.ndarray:
+  """int32[C]: the cache slot each node of a chunk moves to (its depth's stack slot), or
+  ``capacity`` (dropped) for padding and for a node a later node of the chunk at the same
+  depth replaces (preorder: the last node at a depth is the one later nodes descend from)."""
+  depth = plan.depth[start:start + c]
+  real = plan.node_ids[start:start + c] >= 0
+  dest = np.full(c, capacity, np.int32)
+  rev = np.flatnonzero(real)[::-1]
+  _, first = np.unique(depth[rev], return_index=True)  # the last node of each depth
+  keep = rev[first]
+  dest[keep] = stack_at + depth[keep]
+  return dest
 
 
 def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
@@ -186,8 +218,10 @@ def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
   # The prompt is prefilled padded to a bucket (padding slots are invalid, never attended),
   # so prompts of many lengths share a handful of compiled programs.
   padded = bucket(base, shapes.min_prompt) if base else 0
-  cache = models.init_cache(model.cfg, 1,
-                            bucket(padded + len(plan.node_ids), shapes.min_capacity))
+  depth_slots = bucket(int(plan.depth.max()) + 1, shapes.min_capacity)
+  largest = max(c for _, c in plan.chunks)
+  stack_at, scratch = padded, padded + depth_slots
+  cache = models.init_cache(model.cfg, 1, scratch + largest)
   if base:
     toks = np.zeros((1, padded), np.int32)
     toks[0, :base] = prompt[:-1]
@@ -196,21 +230,31 @@ def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
                                      jnp.asarray(np.arange(padded) < base)[None], cache)
     counter.positions += padded
     counter.prompt_padding = padded - base
-  spare = cache.capacity - padded - len(plan.node_ids)  # never-visible slots past the tree
-  hidden = padded - base
-  slot_lo = jnp.asarray(np.concatenate([np.zeros(base, np.int32), np.ones(hidden), plan.lo,
-                                        np.ones(spare)]), jnp.int32)
-  slot_hi = jnp.asarray(np.concatenate([np.full(base, _NEVER, np.int32), np.zeros(hidden),
-                                        plan.hi, np.zeros(spare)]), jnp.int32)
+  cache = dataclasses.replace(cache, length=jnp.asarray(scratch, jnp.int32))
+  # slot_hi of a stack slot: the subtree end of the node last written at that depth; only
+  # depths above the chunk's first node are its ancestors (and its nodes' only ancestors
+  # outside the chunk), so deeper stack slots are hidden (hi 0).
+  slot_lo = np.zeros(cache.capacity, np.int32)
+  slot_hi = np.zeros(cache.capacity, np.int32)
+  slot_hi[:base] = _NEVER
+  stack_hi = np.zeros(depth_slots, np.int32)
   tokens = plan.token.copy()
   tokens[0] = prompt[-1]  # the root (order 0) is the prompt's last token
   for start, c in plan.chunks:
     sl = slice(start, start + c)
+    top = plan.depth[start]
+    slot_hi[stack_at:scratch] = np.where(np.arange(depth_slots) < top, stack_hi, 0)
+    slot_lo[scratch:] = 1
+    slot_hi[scratch:] = 0
+    slot_lo[scratch:scratch + c], slot_hi[scratch:scratch + c] = plan.lo[sl], plan.hi[sl]
+    dest = _stack_moves(plan, start, c, stack_at, cache.capacity)
     order = np.arange(start, start + c, dtype=np.int32)
-    logits, cache = _tree_chunk(model.cfg, model.params, jnp.asarray(tokens[sl])[None],
-                                jnp.asarray(base + plan.depth[sl])[None],
-                                jnp.asarray(plan.node_ids[sl] >= 0)[None], jnp.asarray(order)[None],
-                                slot_lo, slot_hi, cache)
+    # numpy arguments go to the device with the call (no eager op per array)
+    logits, cache = _tree_chunk(model.cfg, model.params, tokens[None, sl],
+                                (base + plan.depth[sl])[None], (plan.node_ids[sl] >= 0)[None],
+                                order[None], slot_lo.copy(), slot_hi.copy(), dest, cache)
+    moved = dest < cache.capacity
+    stack_hi[dest[moved] - stack_at] = plan.hi[sl][moved]
     counter.positions += c
     yield logits
 

@@ -10,6 +10,12 @@ import pytest
 # Parity needs exact fp32 matmuls; CPU is exact, this also holds where tests run elsewhere.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+from gradalign_jax import compilation  # noqa: E402  (after the precision is set)
+
+# A rerun of the suite loads its compiled programs from disk ($GRADALIGN_JAX_COMPILATION_CACHE=off
+# turns that off).
+compilation.enable()
+
 
 def _torch():
   return pytest.importorskip("torch")

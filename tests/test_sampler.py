@@ -250,3 +250,47 @@ def test_vocab_mask_is_never_sampled():
   assert ro.tokens.max() < 16 and ro.policy["vocab_masked"]
   with pytest.raises(ValueError, match="masked out by vocab_mask"):
     sampling.branch(CFG, PARAMS, ro, [0], [1], [20], num_samples=1, vocab_mask=mask)
+
+
+@pytest.fixture
+def one_stage(monkeypatch):
+  """The decode as it was before stages: one loop over a cache of every slot."""
+  monkeypatch.setattr(sampler_lib, "FIRST_WIDTH", 1 << 30)
+
+
+def test_staged_decode_equals_one_loop_over_every_slot(request):
+  """Decode grows its KV by stages (64, 256, then the horizon here: lengths 5 … 300 cross both
+  boundaries); tokens, log-probs and a branch from the result equal the old single loop."""
+  sc = sampling.SamplingConfig(max_new_tokens=300, eos_ids=(2,), max_cache_len=400)
+  prompts = [[3, 1, 4, 1, 5], [2, 7]]
+
+  def run():
+    ro = sampling.sample(CFG, PARAMS, prompts, sc, num_samples=8, seed=3)
+    br = sampling.branch(CFG, PARAMS, ro, [9, 13], [3, 70], [4, 5], num_samples=2, seed=1)
+    return ro, br
+
+  grown = sampler_lib._grow_program._cache_size()
+  staged = run()
+  assert sampler_lib._grow_program._cache_size() > grown  # later stages ran
+  request.getfixturevalue("one_stage")
+  single = run()
+  lengths = staged[0].lengths
+  assert lengths.min() < 64 < 70 < lengths.max()  # crosses the stages (and the branch at 70)
+  for got, want in zip(staged, single):
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-6, atol=1e-6)
+
+
+def test_short_rollouts_ignore_the_horizon():
+  """Rows that stop by EOS before 64 tokens come out the same under a horizon of 64 and 4096
+  (the latter decodes over a 64-slot cache until they stop)."""
+  prompts = [[3, 1, 4, 1, 5], [2, 7]]
+  short, long = (sampling.sample(CFG, PARAMS, prompts, sampling.SamplingConfig(
+      max_new_tokens=n, eos_ids=(2,), max_cache_len=4200), num_samples=8, seed=3)
+      for n in (64, 4096))
+  done = (short.stop_reason == sampling.STOP_EOS)
+  assert done.sum() >= 6 and not done.all()
+  np.testing.assert_array_equal(short.lengths[done], long.lengths[done])
+  np.testing.assert_array_equal(short.tokens[done], long.tokens[done, :64])
+  np.testing.assert_allclose(short.logprobs[done], long.logprobs[done, :64], rtol=1e-6, atol=1e-6)

@@ -239,3 +239,51 @@ def test_score_tree_minillm_matches_dense_direction():
     np.testing.assert_allclose(cols["norm_minillm"][j], float(np.linalg.norm(d)), rtol=1e-3)
     checked += cols["informative"][j]
   assert checked >= 3
+
+
+def _ragged_rollouts(n, max_len, seed):
+  """Rollouts of random lengths 1 … max_len, each branching off an earlier one."""
+  rng = np.random.default_rng(seed)
+  rollouts = [list(rng.integers(0, V, max_len))]
+  for _ in range(n - 1):
+    base = rollouts[rng.integers(len(rollouts))]
+    cut = int(rng.integers(0, len(base)))
+    rollouts.append(base[:cut] + list(rng.integers(0, V, int(rng.integers(1, max_len + 1)))))
+  return rollouts
+
+
+def _comb(length, seed):
+  """A chain with a one-token side branch at every depth (every chunk straddles branches)."""
+  rng = np.random.default_rng(seed)
+  spine = list(rng.integers(0, V - 1, length))
+  return [spine] + [spine[:d] + [V - 1] for d in range(length)]
+
+
+TREES = {  # name → (rollouts, chunk_nodes)
+    "deep_chain": ([list(np.random.default_rng(1).integers(0, V, 150))], 16),
+    "wide_fan": ([[k, (3 * k) % V, 7] for k in range(V)], 8),
+    "fan_of_chains": ([[5] + list(np.random.default_rng(k).integers(0, V, 40)) for k in range(12)],
+                      32),
+    "ragged_depths": (_ragged_rollouts(30, 60, seed=4), 16),
+    "comb": (_comb(45, seed=2), 8),
+}
+
+
+@pytest.mark.parametrize("name", list(TREES))
+def test_tree_logits_equal_forward_of_each_path(name):
+  """Every scored node's logits equal a plain forward of its path, whatever the tree's shape:
+  each node sees exactly its ancestors (through the stack of ancestor slots) and nothing else."""
+  rollouts, chunk = TREES[name]
+  t = tree.PrefixTree()
+  for r in rollouts:
+    t.add(r, 1)
+  student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
+  teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
+  ids, s, te, stats = scoring.node_logits(t, student, teacher, chunk)
+  a = t.arrays()
+  assert sorted(ids.tolist()) == np.flatnonzero((a.child_count > 0) | (np.arange(a.num_nodes) == 0)
+                                                ).tolist()
+  for cfg, params, prompt, got in [(STUDENT_CFG, S_PARAMS, QUESTION, s),
+                                   (TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION, te)]:
+    np.testing.assert_allclose(got, _full_node_logits(cfg, params, prompt, t, rollouts, ids),
+                               rtol=1e-5, atol=1e-5)

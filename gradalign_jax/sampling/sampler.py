@@ -10,7 +10,8 @@
 ``sample`` prefills each prompt once (questions batched, left-padded to a bucketed length);
 the G rows of a question attend to its prompt KV through a ``SharedPrefix`` (no copy per
 row). The first token of each row is drawn from the prompt's last logits; the rest are drawn
-inside one ``lax.while_loop`` that stops as soon as every row has hit EOS or its token limit.
+inside a ``lax.while_loop`` per decode stage (see the cost notes) that stops as soon as every row
+has hit EOS or its token limit.
 
 ``branch`` starts M rows from each (source rollout, depth t, forced token k): the source's
 prompt KV and its generated KV are gathered into a new shared prefix and masked to depth
@@ -30,8 +31,11 @@ sizes (up to fp reassociation in the matmuls). A branch row's key folds the sour
 the branch seed, depth, forced token and its index m < M; repeating a request in one call is
 refused (it would repeat the rows).
 
-Cost notes: a decode step attends to all of its row's generated slots (max_new_tokens, masked
-beyond the current length) and its prefix; a branch's prefix is the source's prompt plus all
+Cost notes: decode runs in stages whose generated KV is FIRST_WIDTH (64) slots, then ×GROWTH
+(4) up to the horizon: a step attends to its prefix and its stage's slots (masked beyond the
+current length), a later stage runs only while some row is live (one host sync per stage, a
+compiled program per width reached), so rollouts that stop at t tokens pay for under
+max(64, 4t) slots whatever max_new_tokens is. A branch's prefix is the source's prompt plus all
 its generated slots, gathered once per request (not per row), so branching costs the same at
 any depth. top-p sorts the vocabulary every step; temperature and top-k do not.
 
@@ -221,52 +225,104 @@ def _is_eos(tok: jax.Array, sampling: SamplingConfig) -> jax.Array:
   return jnp.isin(tok, jnp.asarray(sampling.eos_ids, jnp.int32))
 
 
-def _decode(model, sampling, vocab_mask, prefix, first_tok, first_lp, base_pos, limit,
-            keys, depth0, active, n_slots):
-  """The decode loop. Buffer slot i of row b holds its token at depth depth0[b] + i.
+# Decode grows the generated KV by stages: widths FIRST_WIDTH, ×GROWTH, …, up to the horizon.
+# A step attends over its stage's width, so a row that stops at t tokens pays for < GROWTH·t
+# slots (at least FIRST_WIDTH), not for max_new_tokens; a stage is one compiled program.
+FIRST_WIDTH, GROWTH = 64, 4
 
-  first_tok, first_lp: [B] buffer slot 0; base_pos int32[B] position of slot 0; limit
-  int32[B] most tokens the row may hold; active bool[B] (False = padding row).
-  Returns (tokens int32[B, W], logprobs f32[B, W], count int32[B], gen KVCache), W = n_slots.
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Decoding:
+  """The decode loop's carry. Buffer slot i of row b holds its token at depth depth0[b] + i.
+
+  step int32[]: slots written − 1; tokens int32[B, W] and logprobs f32[B, W] (W = the call's
+  slots); count int32[B]; finished bool[B]; gen: KVCache [L, B, W', K, H], W' the stage's width.
   """
+  step: jax.Array
+  tokens: jax.Array
+  logprobs: jax.Array
+  count: jax.Array
+  finished: jax.Array
+  gen: cache_lib.KVCache
+
+
+def _start(cfg, sampling, first_tok, first_lp, limit, active, n_slots, width) -> _Decoding:
+  """Slot 0 holds first_tok / first_lp ([B]); limit int32[B] most tokens a row may hold;
+  active bool[B] (False = padding row)."""
   b = first_tok.shape[0]
-  toks = jnp.full((b, n_slots), sampling.pad_id, jnp.int32).at[:, 0].set(first_tok)
-  lps = jnp.full((b, n_slots), jnp.nan, jnp.float32).at[:, 0].set(first_lp)
-  count = active.astype(jnp.int32)
-  finished = ~active | _is_eos(first_tok, sampling) | (limit <= 1)
-  gen = cache_lib.init_cache(model.cfg, b, n_slots)
-  # Every draw's uniform at once: threefry per step inside the loop costs a small model 10%.
-  u_all = _uniforms(keys, depth0[:, None] + jnp.arange(n_slots, dtype=jnp.int32)[None])
+  return _Decoding(
+      step=jnp.zeros((), jnp.int32),
+      tokens=jnp.full((b, n_slots), sampling.pad_id, jnp.int32).at[:, 0].set(first_tok),
+      logprobs=jnp.full((b, n_slots), jnp.nan, jnp.float32).at[:, 0].set(first_lp),
+      count=active.astype(jnp.int32),
+      finished=~active | _is_eos(first_tok, sampling) | (limit <= 1),
+      gen=cache_lib.init_cache(cfg, b, width))
 
-  def cond(carry):
-    i, _, _, _, finished, _ = carry
-    return (i < n_slots - 1) & ~jnp.all(finished)
 
-  def body(carry):
-    i, toks, lps, count, finished, gen = carry
-    live = ~finished
-    tok = jax.lax.dynamic_slice_in_dim(toks, i, 1, axis=1)
-    logits, gen = model(tok, (base_pos + i)[:, None], live[:, None], gen, prefix=prefix)
+def _decode(model, sampling, vocab_mask, prefix, base_pos, limit, keys, depth0,
+            carry: _Decoding) -> _Decoding:
+  """Decode steps while a row is live and the stage's width (carry.gen's) has room.
+
+  base_pos int32[B] position of slot 0; limit int32[B]; keys [B]; depth0 int32[B].
+  """
+  width = carry.gen.capacity
+  # This stage's uniforms at once: threefry per step inside the loop costs a small model 10%.
+  u_all = _uniforms(keys, depth0[:, None] + jnp.arange(width, dtype=jnp.int32)[None])
+
+  def cond(c):
+    return (c.step < width - 1) & ~jnp.all(c.finished)
+
+  def body(c):
+    i = c.step
+    live = ~c.finished
+    tok = jax.lax.dynamic_slice_in_dim(c.tokens, i, 1, axis=1)
+    logits, gen = model(tok, (base_pos + i)[:, None], live[:, None], c.gen, prefix=prefix)
     logp = policy_logprobs(logits[:, 0], sampling, vocab_mask)
     u = jax.lax.dynamic_index_in_dim(u_all, i + 1, axis=1, keepdims=False)
     nxt, lp = _draw(logp, u)
     nxt = jnp.where(live, nxt, sampling.pad_id)
     lp = jnp.where(live, lp, jnp.nan)
-    toks = jax.lax.dynamic_update_slice_in_dim(toks, nxt[:, None], i + 1, axis=1)
-    lps = jax.lax.dynamic_update_slice_in_dim(lps, lp[:, None], i + 1, axis=1)
-    count = count + live
-    finished = finished | (live & (_is_eos(nxt, sampling) | (count >= limit)))
-    return i + 1, toks, lps, count, finished, gen
+    count = c.count + live
+    return _Decoding(
+        step=i + 1, tokens=jax.lax.dynamic_update_slice_in_dim(c.tokens, nxt[:, None], i + 1, 1),
+        logprobs=jax.lax.dynamic_update_slice_in_dim(c.logprobs, lp[:, None], i + 1, 1),
+        count=count, finished=c.finished | (live & (_is_eos(nxt, sampling) | (count >= limit))),
+        gen=gen)
 
-  carry = (jnp.zeros((), jnp.int32), toks, lps, count, finished, gen)
-  _, toks, lps, count, _, gen = jax.lax.while_loop(cond, body, carry)
-  return toks, lps, count, gen
+  return jax.lax.while_loop(cond, body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "group_size"))
-def _sample_program(cfg, sampling, group_size, params, prompt_tok, prompt_pos, prompt_valid,
-                    keys, active, vocab_mask):
-  """Prefill Q left-padded prompts once, then sample group_size rows from each."""
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "width"))
+def _grow_program(cfg, sampling, width, params, prefix, base_pos, limit, keys, depth0, carry,
+                  vocab_mask):
+  """The next stage: the generated KV padded to ``width`` slots, then decode on."""
+  pad = lambda x: jnp.pad(x, [(0, 0)] * 2 + [(0, width - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
+  gen = carry.gen
+  gen = cache_lib.KVCache(k=pad(gen.k), v=pad(gen.v), length=gen.length,
+                          valid=jnp.pad(gen.valid, ((0, 0), (0, width - gen.capacity))))
+  return _decode(qwen3.bind(cfg, params), sampling, vocab_mask, prefix, base_pos, limit, keys,
+                 depth0, dataclasses.replace(carry, gen=gen))
+
+
+def _stages(cfg, sampling, params, prefix, base_pos, limit, keys, depth0, carry, vocab_mask,
+            n_slots) -> _Decoding:
+  """Runs the later stages while some row is live (one host sync per stage)."""
+  while carry.gen.capacity < n_slots and not bool(jnp.all(carry.finished)):
+    width = min(n_slots, carry.gen.capacity * GROWTH)
+    carry = _grow_program(cfg, sampling, width, params, prefix, base_pos, limit, keys, depth0,
+                          carry, vocab_mask)
+  return carry
+
+
+def _first_width(n_slots: int) -> int:
+  return min(n_slots, FIRST_WIDTH)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "group_size", "width"))
+def _sample_program(cfg, sampling, group_size, width, params, prompt_tok, prompt_pos,
+                    prompt_valid, keys, active, vocab_mask):
+  """Prefill Q left-padded prompts once, then sample group_size rows from each (first stage)."""
   model = qwen3.bind(cfg, params)
   nq, p = prompt_tok.shape
   logits, pcache = model(prompt_tok, prompt_pos, prompt_valid, cache_lib.init_cache(cfg, nq, p))
@@ -276,18 +332,18 @@ def _sample_program(cfg, sampling, group_size, params, prompt_tok, prompt_pos, p
   first_tok, first_lp = _draw(logp, _uniforms(keys, jnp.zeros((b, 1), jnp.int32))[:, 0])
   prompt_len = jnp.repeat(jnp.sum(prompt_valid, axis=1, dtype=jnp.int32), group_size)
   n = sampling.max_new_tokens
-  toks, lps, count, gen = _decode(
-      model, sampling, vocab_mask, prefix, first_tok, first_lp, prompt_len,
-      jnp.full((b,), n, jnp.int32), keys, jnp.zeros((b,), jnp.int32), active, n)
-  state = cache_lib.RolloutState(prefix=prefix, prefix_pos=prompt_pos, gen=gen,
-                                 base_pos=prompt_len, prompt_len=prompt_len)
-  return toks, lps, count, state
+  limit = jnp.full((b,), n, jnp.int32)
+  carry = _start(cfg, sampling, first_tok, first_lp, limit, active, n, width)
+  carry = _decode(model, sampling, vocab_mask, prefix, prompt_len, limit, keys,
+                  jnp.zeros((b,), jnp.int32), carry)
+  return carry, prefix, prompt_len, limit
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "group_size", "n_slots"))
-def _branch_program(cfg, sampling, group_size, n_slots, params, state, rows, depths, forced,
-                    keys, active, vocab_mask):
-  """M = group_size rows per (source row, depth, forced token), from the source's KV."""
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "group_size", "n_slots", "width"))
+def _branch_program(cfg, sampling, group_size, n_slots, width, params, state, rows, depths,
+                    forced, keys, active, vocab_mask):
+  """M = group_size rows per (source row, depth, forced token), from the source's KV (first
+  stage)."""
   model = qwen3.bind(cfg, params)
   prefix, prefix_pos = cache_lib.branch_prefix(state, rows, depths)
   rep = lambda x: jnp.repeat(x, group_size)
@@ -295,12 +351,11 @@ def _branch_program(cfg, sampling, group_size, n_slots, params, state, rows, dep
   depth0 = rep(depths)
   limit = jnp.minimum(n_slots, sampling.max_new_tokens - depth0)
   b = rows.shape[0] * group_size
-  toks, lps, count, gen = _decode(
-      model, sampling, vocab_mask, prefix, rep(forced), jnp.full((b,), jnp.nan, jnp.float32),
-      prompt_len + depth0, limit, keys, depth0, active, n_slots)
-  new_state = cache_lib.RolloutState(prefix=prefix, prefix_pos=prefix_pos, gen=gen,
-                                     base_pos=prompt_len + depth0, prompt_len=prompt_len)
-  return toks, lps, count, new_state
+  carry = _start(cfg, sampling, rep(forced), jnp.full((b,), jnp.nan, jnp.float32), limit,
+                 active, n_slots, width)
+  carry = _decode(model, sampling, vocab_mask, prefix, prompt_len + depth0, limit, keys, depth0,
+                  carry)
+  return carry, prefix, prefix_pos, prompt_len, depth0, limit
 
 
 @jax.jit
@@ -367,10 +422,16 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]],
   keys = _sample_keys(int(seed) % 2**31, np.repeat(all_qids, g),
                       np.tile(np.arange(g, dtype=np.int32), qb))
   active = np.arange(qb * g) < nq * g
-  toks, lps, count, state = _sample_program(
-      cfg, sampling, g, params, tok, pos, valid, keys, active, _mask_arg(vocab_mask, cfg))
+  mask = _mask_arg(vocab_mask, cfg)
+  n = sampling.max_new_tokens
+  carry, prefix, prompt_len, limit = _sample_program(
+      cfg, sampling, g, _first_width(n), params, tok, pos, valid, keys, active, mask)
+  depth0 = jnp.zeros_like(prompt_len)
+  carry = _stages(cfg, sampling, params, prefix, prompt_len, limit, keys, depth0, carry, mask, n)
+  state = cache_lib.RolloutState(prefix=prefix, prefix_pos=jnp.asarray(pos), gen=carry.gen,
+                                 base_pos=prompt_len, prompt_len=prompt_len)
   b = nq * g
-  toks, lps, count = (np.asarray(x)[:b] for x in (toks, lps, count))
+  toks, lps, count = (np.asarray(x)[:b] for x in (carry.tokens, carry.logprobs, carry.count))
   return Rollouts(
       tokens=toks, logprobs=lps, lengths=count, stop_reason=_finish(toks, lps, count,
                                                                     sampling.eos_ids),
@@ -423,11 +484,17 @@ def branch(cfg: qwen3.Qwen3Config, params, source: Rollouts, rows: Sequence[int]
                       np.repeat(depths_b, m),
                       np.repeat(forced_b, m), np.tile(np.arange(m, dtype=np.int32), nb))
   active = np.arange(nb * m) < n * m
-  toks, lps, count, state = _branch_program(
-      cfg, sampling, m, n_slots, params, source.state, rows_b, depths_b, forced_b, keys, active,
-      _mask_arg(vocab_mask, cfg))
+  mask = _mask_arg(vocab_mask, cfg)
+  carry, prefix, prefix_pos, prompt_len, depth0, limit = _branch_program(
+      cfg, sampling, m, n_slots, _first_width(n_slots), params, source.state, rows_b, depths_b,
+      forced_b, keys, active, mask)
+  base_pos = prompt_len + depth0
+  carry = _stages(cfg, sampling, params, prefix, base_pos, limit, keys, depth0, carry, mask,
+                  n_slots)
+  state = cache_lib.RolloutState(prefix=prefix, prefix_pos=prefix_pos, gen=carry.gen,
+                                 base_pos=base_pos, prompt_len=prompt_len)
   b = n * m
-  toks, lps, count = (np.asarray(x)[:b] for x in (toks, lps, count))
+  toks, lps, count = (np.asarray(x)[:b] for x in (carry.tokens, carry.logprobs, carry.count))
   src = np.repeat(rows, m)
   t0 = np.repeat(depths, m)
   width = sampling.max_new_tokens
