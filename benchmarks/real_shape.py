@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from gradalign_jax import alignment, models, sampling, scoring, targeted, tree
+from gradalign_jax import alignment, models, sampling, scoring, targeted
 
 from common import finish
 
