@@ -97,10 +97,10 @@ GROUPS = {
 ALWAYS = ("models", "data", "sampling")  # every experiment reads these
 # The order settings are recorded in (config.json, the report's settings table).
 ORDER = ("students", "teachers", "task", "data", "num_questions", "num_rollouts", "temperature",
-         "top_p", "top_k", "max_new_tokens", "thinking", "budget", "num_continuations",
-         "priority", "rounds", "directions", "teacher_temperature", "demo_samples", "summary_tokens", "question_batch",
-         "jsd_beta", "topk", "chunk_nodes", "permutations", "dtype", "seed", "seeds",
-         "success_rate", "planted_delta", "alpha")
+         "top_p", "top_k", "max_new_tokens", "thinking", "budget", "num_continuations", "priority",
+         "rounds", "directions", "teacher_temperature", "demo_samples", "summary_tokens",
+         "question_batch", "jsd_beta", "topk", "chunk_nodes", "permutations", "dtype", "seed",
+         "seeds", "success_rate", "planted_delta", "alpha")
 OUTPUT = ("out", "overwrite")
 
 

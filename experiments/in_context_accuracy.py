@@ -23,7 +23,8 @@ rollouts and the demo pools are the sweep's. Results go to ``--out``:
                           resumes where an interrupted run stopped
 
 The flags are the alignment sweep's minus the targeted-rollout and scoring groups
-(experiments/flags.py; --budget and the like are refused). With no flags it runs both bundled toy students on the synthetic task:
+(experiments/flags.py; --budget and the like are refused). With no flags it runs both
+bundled toy students on the synthetic task:
 
   python -m experiments.in_context_accuracy --out=runs/in_context
   python -m experiments.in_context_accuracy --students=Qwen/Qwen3-1.7B \\

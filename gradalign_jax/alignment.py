@@ -90,8 +90,9 @@ def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
   support S_u), the teacher's are divided by ``teacher_temperature`` (never truncated);
   vocab_mask: bool[V]; rows, toks: int32[E]
   child edges (rows ≥ C are padding, dropped); visit_edge: f32[E] visit frequencies w.
-  Returns (node, edge, finite): {name: f32[C]} per node: the covariates, ``norm_<d>``, ``lse`` (log Σ exp z/T over
-  the vocabulary), the MiniLLM sums ``unvisited_dd``, ``unvisited_dp``, ``unvisited_pp``
+  Returns (node, edge, finite): {name: f32[C]} per node: the covariates, ``norm_<d>``,
+  ``lse`` (log Σ exp z/T over the vocabulary), the MiniLLM sums ``unvisited_dd``,
+  ``unvisited_dp``, ``unvisited_pp``
   (Σ d_rkl², Σ d_rkl p, Σ p² over the unvisited vocabulary), ``off_mode`` (1 − p at the
   mode, summed over the other rows), ``mode`` (int32, argmax p), and [C, TOP_TOKENS]
   ``top_p``/``top_q`` with their token ids ``top_p_tokens``/``top_q_tokens`` (int32; the
@@ -128,7 +129,7 @@ def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
       off_mode=jnp.sum(jnp.where(jnp.arange(v) == mode[:, None], 0.0, p), -1),
       mode=mode.astype(jnp.int32))
   edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq),
-              support=(at(zs) > -1e29).astype(jnp.float32))
+              support=sampling.in_support(at(zs)).astype(jnp.float32))
   k = min(TOP_TOKENS, v)
   for name, probs in (("p", p), ("q", gradients.masked_softmax(zt, vocab_mask))):
     node[f"top_{name}"], ids = jax.lax.top_k(probs, k)
@@ -253,14 +254,6 @@ class TreeTerms:
   node: dict[str, np.ndarray]
   edge: dict[str, np.ndarray]
 
-  def _children(self, nodes):
-    """(group of each edge, child ids) of the given decision nodes (one group per entry)."""
-    a = self.arrays
-    counts = a.child_count[nodes]
-    groups = np.repeat(np.arange(len(nodes)), counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return groups, a.children[np.repeat(a.child_start[nodes], counts) + offsets]
-
   def _in_support(self, kids, trials):
     """trials with the children outside the sampling support zeroed: O ⊆ S_u (MATH.md), even
     where a rollout forced such a token."""
@@ -268,13 +261,16 @@ class TreeTerms:
     trials = np.asarray(trials)
     return np.where(ok.reshape((-1,) + (1,) * (trials.ndim - 1)), trials, 0)
 
-  def _scores(self, nodes, groups, kids, successes, trials):
-    d = {name: self.edge[f"d_{name}"][kids] for name in gradients.DIRECTIONS}
+  def _scores(self, nodes, groups, kids, successes, trials, directions=gradients.DIRECTIONS):
+    """ideal_scores over the children of ``nodes`` and each direction's cosine; successes,
+    trials: [E] or [E, P] (P relabellings)."""
+    d = {name: self.edge[f"d_{name}"][kids] for name in directions}
     out = ideal_scores(groups, len(nodes), self.edge["z"][kids], self.node["lse"][nodes][groups],
                        successes, self._in_support(kids, trials), d)
-    for name in gradients.DIRECTIONS:
-      out[f"align_{name}"] = cosine(out[f"dot_{name}"], out["norm_ideal"],
-                                    self.node[f"norm_{name}"][nodes])
+    extra = (None,) * (np.ndim(successes) - 1)
+    for name in directions:
+      norm = self.node[f"norm_{name}"][nodes][(slice(None),) + extra]
+      out[f"align_{name}"] = cosine(out[f"dot_{name}"], out["norm_ideal"], norm)
     return out
 
   def node_columns(self) -> dict[str, np.ndarray]:
@@ -284,7 +280,7 @@ class TreeTerms:
     rollouts that reached the node), and [U', TOP_TOKENS] ``top_p``, ``top_q``,
     ``top_p_tokens``, ``top_q_tokens``."""
     a, ids = self.arrays, self.scored
-    groups, kids = self._children(ids)
+    groups, kids = self.arrays.child_edges(ids)
     s = self._scores(ids, groups, kids, a.successes[kids], a.trials[kids])
     cols = {c: self.node[c][ids] for c in gradients.COVARIATES}
     cols["norm_ideal"] = s["norm_ideal"]
@@ -312,7 +308,7 @@ class TreeTerms:
     ``norm_ideal``, ``informative``, ``align_/dot_<d>`` of every direction."""
     a = self.arrays
     nodes = a.parent[path]
-    groups, kids = self._children(nodes)
+    groups, kids = self.arrays.child_edges(nodes)
     mine = kids == path[groups]
     successes = a.successes[kids] - np.where(mine, reward, 0.0)
     trials = a.trials[kids] - mine
@@ -338,7 +334,7 @@ class TreeTerms:
     path_edges = np.concatenate(paths)
     owner = np.repeat(np.arange(g), lengths)
     nodes = a.parent[path_edges]
-    groups, kids = self._children(nodes)
+    groups, kids = self.arrays.child_edges(nodes)
     # Each edge's successes as a function of the labels: the targeted rollouts' part is fixed;
     # an on-policy rollout adds its label to every edge of its path.
     incidence = np.zeros((a.num_nodes, g))
@@ -347,17 +343,14 @@ class TreeTerms:
     own = (kids == path_edges[groups]).astype(np.float64)
     succ = (fixed[kids][:, None] + incidence[kids] @ labels.T
             - own[:, None] * labels.T[owner[groups]])
-    trials = (a.trials[kids] - own)[:, None]
-    d = {name: self.edge[f"d_{name}"][kids] for name in directions}
-    s = ideal_scores(groups, len(nodes), self.edge["z"][kids], self.node["lse"][nodes][groups],
-                     succ, self._in_support(kids, np.broadcast_to(trials, succ.shape)), d)
+    trials = np.broadcast_to((a.trials[kids] - own)[:, None], succ.shape)
+    s = self._scores(nodes, groups, kids, succ, trials, directions)
     starts = np.r_[0, np.cumsum(lengths)[:-1]]
     info = s["informative"].astype(np.float64)
     count = np.add.reduceat(info, starts, axis=0)
     out = {}
     for name in directions:
-      cos = cosine(s[f"dot_{name}"], s["norm_ideal"], self.node[f"norm_{name}"][nodes][:, None])
-      total = np.add.reduceat(np.where(info > 0, cos, 0.0), starts, axis=0)
+      total = np.add.reduceat(np.where(info > 0, s[f"align_{name}"], 0.0), starts, axis=0)
       out[name] = np.where(count > 0, total / np.maximum(count, 1), np.nan).T
     return out
 
@@ -365,12 +358,16 @@ class TreeTerms:
 def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
                chunk_nodes: int = 256, vocab_mask=None, jsd_beta: float = 0.5, topk: int = 20,
                policy: sampling.SamplingConfig | float = 1.0, shapes: Shapes = Shapes(),
-               teacher_temperature: float = 1.0) -> tuple[TreeTerms, ScoringStats]:
+               teacher_temperature: float = 1.0, arrays: TreeArrays | None = None,
+               paths: Sequence[np.ndarray] | None = None) -> tuple[TreeTerms, ScoringStats]:
   """The device half of the final pass over every scored node of ``tree``, and MiniLLM
   finished from it. The student's π is its sampling policy (``policy``: the rollouts'
   SamplingConfig, or a bare temperature; with top-p/top-k the truncated, renormalised
-  distribution, MATH.md); the teacher's q = softmax(z_τ / ``teacher_temperature``)."""
-  arrays = tree.arrays()
+  distribution, MATH.md); the teacher's q = softmax(z_τ / ``teacher_temperature``).
+  arrays, paths: the tree's ``arrays()`` and ``rollout_paths`` when the caller has them (one
+  tree scored against several teachers computes them once)."""
+  arrays = tree.arrays() if arrays is None else arrays
+  paths = rollout_paths(tree, arrays) if paths is None else paths
   v = student.cfg.vocab_size
   mask = jnp.ones(v, bool) if vocab_mask is None else jnp.asarray(vocab_mask, bool)
   u = arrays.num_nodes
@@ -399,11 +396,11 @@ def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
       node.setdefault(k, np.zeros((u,) + x.shape[1:], x.dtype))[ids] = x[keep]
     for k, x in e_out.items():
       edge.setdefault(k, np.zeros(u, np.float32))[kids] = np.asarray(x)[:len(kids)]
-  _finish_minillm(tree, arrays, node, edge)
+  _finish_minillm(tree, arrays, paths, node, edge)
   return TreeTerms(arrays, np.concatenate(scored), node, edge), stats[0]
 
 
-def _finish_minillm(tree, arrays, node, edge) -> None:
+def _finish_minillm(tree, arrays, paths, node, edge) -> None:
   """MiniLLM's entries at the children (``d_minillm``) and norm (``norm_minillm``), float64.
 
   d_minillm = d_rkl + h − p H with h_k = w_k R̄_k on visited children and H = Σ_k h_k.
@@ -416,7 +413,7 @@ def _finish_minillm(tree, arrays, node, edge) -> None:
   tot = arrays.total_visits[par]
   w = np.where(tot > 0, arrays.visits[kids] / np.maximum(tot, 1), 0.0)
   ell = edge["ell"].astype(np.float64)
-  h = w * _future_rewards(tree, arrays, rollout_paths(tree, arrays), ell)[kids]
+  h = w * _future_rewards(tree, arrays, paths, ell)[kids]
   big_h = np.bincount(par, weights=h, minlength=arrays.num_nodes)
   p = edge["p"][kids].astype(np.float64)
   is_mode = arrays.token[kids] == node["mode"][par]
@@ -444,5 +441,5 @@ def score_tree(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   return terms.node_columns(), stats
 
 
-__all__ = ["NonFiniteError", "ScoringConfig", "TOP_TOKENS", "TreeTerms", "cosine", "ideal_scores", "rollout_paths",
-           "score_tree", "tree_terms"]
+__all__ = ["NonFiniteError", "ScoringConfig", "TOP_TOKENS", "TreeTerms", "cosine", "ideal_scores",
+           "rollout_paths", "score_tree", "tree_terms"]

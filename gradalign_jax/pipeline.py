@@ -354,10 +354,13 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
   policy = config.sampling.policy_only()
   for j, (i, ex) in enumerate(zip(group.indices, group.examples)):
     rows = {t: [] for t in TABLES}
+    flat: dict[int, tuple] = {}  # one tree's arrays and paths, whichever specs share it
     for spec in run.specs:
       tree = group.pools_of(spec.text)[j].tree
-      arrays = tree.arrays()
-      paths = alignment.rollout_paths(tree, arrays)
+      if id(tree) not in flat:
+        arrays = tree.arrays()
+        flat[id(tree)] = arrays, alignment.rollout_paths(tree, arrays)
+      arrays, paths = flat[id(tree)]
       rewards = [reward for _, reward, _ in tree.rollouts]
       n_correct = int(sum(rewards[r] > 0.5 for r in range(g)))
       key = dict(student=run.name, spec=spec.text, question_id=ex.id)
@@ -367,7 +370,7 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
         try:
           terms, _ = alignment.tree_terms(tree, students[j], teacher, sc.chunk_nodes,
                                           run.student.mask, sc.jsd_beta, sc.topk,
-                                          policy, shapes, sc.teacher_temperature)
+                                          policy, shapes, sc.teacher_temperature, arrays, paths)
         except alignment.NonFiniteError as e:
           raise alignment.NonFiniteError(
               f"student {run.student.ref}, teacher {run.teachers[spec.text].ref} ({spec.text}), "
@@ -375,19 +378,19 @@ def score_specs(run: Setup, group: Group, teachers: TeacherPrompts,
               "written. The weights are corrupt or overflow in "
               f"{run.student.cfg.dtype}: check the checkpoints, or try --dtype=float32") from None
         cols = terms.node_columns()
-      rows["questions"].append(tables.question_row(
+      question = tables.question_row(
           key, cols, directions, question_index=i, n_rollouts=g, n_correct=n_correct,
           accuracy=n_correct / g, context=teachers.status[spec.text][j],
           prompt_tokens=0 if teacher is None else len(teacher.prompt),
           context_tokens=0 if teacher is None else len(teacher.prompt) - len(group.prompts[j]),
-          targeted=len(tree.rollouts) - g))
-      null = {d: [] for d in directions}
-      if cols is not None:
-        null = relabelled_deltas(terms, paths[:g], rewards[:g], directions, sc.permutations,
-                                 seed=config.seed * 1_000_003 + i)
-      rows["questions"][-1].update({f"null_delta_{d}": null[d] for d in directions})
-      if cols is None:
+          targeted=len(tree.rollouts) - g)
+      rows["questions"].append(question)
+      if terms is None:
+        question.update({f"null_delta_{d}": [] for d in directions})
         continue
+      null = relabelled_deltas(terms, paths[:g], rewards[:g], directions, sc.permutations,
+                               seed=config.seed * 1_000_003 + i)
+      question.update({f"null_delta_{d}": null[d] for d in directions})
       rows["nodes"] += tables.node_rows(key, cols, terms, paths, directions,
                                         run.student.token_text)
       rows["rollouts"] += tables.rollout_rows(key, terms, paths, rewards, g, directions,

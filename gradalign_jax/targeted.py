@@ -242,15 +242,15 @@ def priorities(student_logits, teacher_logits, kind: str, vocab_mask=None,
 def ideal_error_priority(student_logits, vocab_mask, successes, trials, m):
   """The expected reduction of the error of ĝ*(u) from M more continuations of each pair.
 
-  student_logits: f32[C, V] the student's ``sampling.policy_logits`` (support S_u: the rows
-  above −1e29); successes, trials: f32[C, V] s_k, n_k of each child (0 where none); m: M.
+  student_logits: f32[C, V] the student's ``sampling.policy_logits`` (support S_u:
+  ``sampling.in_support``); successes, trials: f32[C, V] s_k, n_k of each child (0 where none); m: M.
   ĝ* = diag(π)(I − 1 π̃ᵀ) Q̂ on O ∪ {k} (π̃: π renormalised there), so an error in Q̂_k moves
   ĝ* by ‖column k‖² = π_k² (1 − 2 π̃_k) + π̃_k² Σ_{O∪{k}} π_j² per unit variance; with a
   Beta(1 + s, 1 + n − s) posterior of mean μ, Var = μ(1 − μ)/(n + 3), and M more trials leave
   about μ(1 − μ)/(n + 3 + M). Returns (priority f32[C, V] = column² × that reduction, error
   f32[C, V] = column × sd now, the pair's share of ĝ*'s error), 0 off the support.
   """
-  support = (student_logits > -1e29) & vocab_mask
+  support = sampling.in_support(student_logits) & vocab_mask
   pi = gradients.masked_softmax(student_logits, support)
   obs = support & (trials > 0)
   mass = jnp.sum(jnp.where(obs, pi, 0.0), -1, keepdims=True)
@@ -279,7 +279,7 @@ def _chunk_candidates(student_logits, teacher_logits, teacher_temperature, vocab
   support are eligible (a forced token π can never sample would not estimate its Q)."""
   c, v = student_logits.shape
   zs = sampling.policy_logits(student_logits, policy, vocab_mask)
-  support = (zs > -1e29) & vocab_mask
+  support = sampling.in_support(zs) & vocab_mask
   trials = jnp.zeros((c, v), jnp.int32).at[rows, toks].set(trials_edge, mode="drop")
   ok = (trials < min_trials) & support
   if kind == IDEAL_ERROR:
@@ -554,6 +554,7 @@ def targeted_rollouts(pools: Sequence[RolloutPool], students: Sequence[scoring.P
   return out
 
 
-__all__ = ["Candidates", "IDEAL_ERROR", "PRIORITIES", "RolloutPool", "RoundLog",
-           "TargetedConfig", "candidates", "find_sources", "ideal_error_priority",
-           "plan_round", "priorities", "run_round", "select", "split_budget", "targeted_rollouts", "window_bounds", "window_index"]
+__all__ = ["Candidates", "IDEAL_ERROR", "PRIORITIES", "RolloutPool", "RoundLog", "TargetedConfig",
+           "candidates", "find_sources", "ideal_error_priority", "plan_round", "priorities",
+           "run_round", "select", "split_budget", "targeted_rollouts", "window_bounds",
+           "window_index"]

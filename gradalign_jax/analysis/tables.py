@@ -340,7 +340,8 @@ def accuracy_row(key: dict, question_index: int, answerer: str, status: str,
               n_truncated=outcome.n_truncated)
 
 
-__all__ = ["ACCURACY_COLUMNS", "AlignmentSums", "BASELINE", "Outcome", "KEY_COLUMNS", "NODE_COLUMNS", "NODE_DIRECTION_COLUMNS",
-           "QUESTION_COLUMNS", "QUESTION_DIRECTION_COLUMNS", "ROLLOUT_COLUMNS",
-           "ROLLOUT_DIRECTION_COLUMNS", "accuracy_row", "direction_columns", "node_rows",
-           "prompt_hash", "question_row", "rollout_rows", "rollout_sums"]
+__all__ = ["ACCURACY_COLUMNS", "AlignmentSums", "BASELINE", "Outcome", "KEY_COLUMNS",
+           "NODE_COLUMNS", "NODE_DIRECTION_COLUMNS", "QUESTION_COLUMNS",
+           "QUESTION_DIRECTION_COLUMNS", "ROLLOUT_COLUMNS", "ROLLOUT_DIRECTION_COLUMNS",
+           "accuracy_row", "direction_columns", "node_rows", "prompt_hash", "question_row",
+           "rollout_rows", "rollout_sums"]

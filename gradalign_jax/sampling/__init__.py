@@ -12,8 +12,9 @@ state (``RolloutState`` is re-exported here).
 from gradalign_jax.models.cache import RolloutState
 from gradalign_jax.sampling.sampler import (STOP_EOS, STOP_MAX_TOKENS, STOP_REASONS, Rollouts,
                                             SamplingConfig, as_policy, branch,
-                                            policy_logits,
+                                            in_support, policy_logits,
                                             policy_logprobs, sample)
 
 __all__ = ["RolloutState", "Rollouts", "STOP_EOS", "STOP_MAX_TOKENS", "STOP_REASONS",
-           "SamplingConfig", "as_policy", "branch", "policy_logits", "policy_logprobs", "sample"]
+           "SamplingConfig", "as_policy", "branch", "in_support", "policy_logits",
+           "policy_logprobs", "sample"]

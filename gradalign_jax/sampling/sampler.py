@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradalign_jax.gradients import MASKED_LOGIT
 from gradalign_jax.models import cache as cache_lib
 from gradalign_jax.models import qwen3
 from gradalign_jax.shapes import bucket
@@ -182,7 +183,12 @@ def policy_logits(logits: jax.Array, sampling: SamplingConfig,
   exactly (0 off the support) and 0 · logit stays 0. What scoring and targeting read as the
   student's logits (MATH.md: with top-p/top-k, π is the truncated, renormalised policy)."""
   logp = policy_logprobs(logits, sampling, vocab_mask)
-  return jnp.where(jnp.isfinite(logp), logp, -1e30)
+  return jnp.where(jnp.isfinite(logp), logp, MASKED_LOGIT)
+
+
+def in_support(policy_logits_: jax.Array) -> jax.Array:
+  """bool[..., V]: the rows of ``policy_logits`` output inside the sampling support S_u."""
+  return policy_logits_ > MASKED_LOGIT / 2
 
 
 def _blocks(v: int) -> int:
