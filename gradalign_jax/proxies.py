@@ -1,0 +1,82 @@
+"""Cheap token filters: scores a distillation run could gate tokens on instead of alignment.
+
+A proxy scores one generated position from the student's and the teacher's logits there and
+the token the student sampled; a higher score means "keep this token's distillation loss".
+The literature's filters keep 5–50% of tokens by such a score (high student entropy, large
+KL, teacher confidence) and claim to match all-token distillation; the sweep's report asks
+how well each predicts ``align > 0`` (MATH.md), and ``experiments/gated_distillation.py``
+trains with each. ``PROXIES`` is the one registry both read.
+
+Shape letters (gradalign_jax/__init__.py): V vocab; ``...`` any leading axes (positions,
+rows); every function broadcasts over them. Logits are raw, the temperature applied by the
+caller (the student's: its policy π; the teacher's: its own T_τ, as in the final pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from gradalign_jax.gradients import masked_log_softmax, node_covariates
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+  """One token filter.
+
+  name: its column / arm name (``proxy_<name>`` in tables, an arm of gated_distillation).
+  doc: one line for ``--help`` and the report, saying which end is kept.
+  at_token: ``(logp f32[..., V], logq f32[..., V], token int32[...]) → f32[...]``, higher =
+    keep; ``logp``, ``logq`` the student's and teacher's log-probabilities (masked rows at a
+    large negative value), ``token`` the sampled id.
+  """
+  name: str
+  doc: str
+  at_token: Callable
+
+
+def _at(logx: jax.Array, token: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(logx, token[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+PROXIES = {p.name: p for p in (
+    Proxy("student_entropy", "H(p): the student's entropy at the position (high kept)",
+          lambda logp, logq, t: node_covariates(logp, logq)["entropy_p"]),
+    Proxy("kl_pq", "KL(p‖q) at the position, the reverse-KL loss itself (high kept)",
+          lambda logp, logq, t: node_covariates(logp, logq)["kl_pq"]),
+    Proxy("abs_p_minus_q", "|p(t) − q(t)| at the sampled token t (high kept)",
+          lambda logp, logq, t: jnp.abs(jnp.exp(_at(logp, t)) - jnp.exp(_at(logq, t)))),
+    Proxy("teacher_logprob", "log q(t), the teacher's log-probability of the sampled token "
+          "(high kept: tokens the teacher endorses)",
+          lambda logp, logq, t: _at(logq, t)),
+)}
+
+
+def proxy_scores(student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array,
+                 vocab_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Every proxy at every position: ``{name: f32[...]}``.
+
+  student_logits, teacher_logits f32[..., V] (raw, temperature applied); tokens int32[...]
+  the sampled ids; vocab_mask bool[V] or None.
+  """
+  logp = masked_log_softmax(student_logits, vocab_mask)
+  logq = masked_log_softmax(teacher_logits, vocab_mask)
+  tokens = jnp.asarray(tokens)
+  return {name: p.at_token(logp, logq, tokens) for name, p in PROXIES.items()}
+
+
+def top_fraction(scores: jax.Array, valid: jax.Array, fraction: float) -> jax.Array:
+  """bool[...]: the ``fraction`` of the valid positions with the highest scores.
+
+  Ties at the threshold are broken by position (the earlier kept), so exactly
+  ``round(fraction · #valid)`` positions are kept. scores f32[...], valid bool[...].
+  """
+  flat, ok = jnp.ravel(scores), jnp.ravel(valid)
+  keep_n = jnp.round(fraction * jnp.sum(ok)).astype(jnp.int32)
+  # Invalid positions sort last; a stable argsort breaks ties by position.
+  order = jnp.argsort(jnp.where(ok, -flat, jnp.inf), stable=True)
+  rank = jnp.empty_like(order).at[order].set(jnp.arange(order.size))
+  return ((rank < keep_n) & ok).reshape(jnp.shape(scores))
