@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import sparse
 
-from gradalign_jax import gradients, sampling
+from gradalign_jax import gradients, proxies, sampling
 from gradalign_jax.scoring import PromptedModel, ScoringStats, Shapes, padded_chunks
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
@@ -97,8 +97,9 @@ def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
   mode, summed over the other rows), ``mode`` (int32, argmax p), and [C, TOP_TOKENS]
   ``top_p``/``top_q`` with their token ids ``top_p_tokens``/``top_q_tokens`` (int32; the
   largest p and q, descending); {name: f32[E]} per edge:
-  ``z`` (log π, −1e30 off the support), ``p``, ``ell`` (ℓ = log p − log q), ``d_<d>`` and
-  ``support`` (1 where the child's token is in S_u, else 0);
+  ``z`` (log π, −1e30 off the support), ``p``, ``ell`` (ℓ = log p − log q), ``logq`` (log q
+  of the child's token), ``d_<d>``, ``support`` (1 where the child's token is in S_u, else 0)
+  and ``proxy_<name>`` (every ``proxies.PROXIES`` at the child's token);
   ``finite``: bool[3, C], whether the student's logits, the teacher's logits and every
   direction's norm are finite at each node.
   """
@@ -128,8 +129,10 @@ def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
       unvisited_pp=jnp.sum(jnp.where(unvisited, p * p, 0.0), -1),
       off_mode=jnp.sum(jnp.where(jnp.arange(v) == mode[:, None], 0.0, p), -1),
       mode=mode.astype(jnp.int32))
-  edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq),
+  edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq), logq=at(logq),
               support=sampling.in_support(at(zs)).astype(jnp.float32))
+  edge.update({f"proxy_{name}": x for name, x in
+               _edge_proxies(zs, zt, rows, toks, vocab_mask).items()})
   k = min(TOP_TOKENS, v)
   for name, probs in (("p", p), ("q", gradients.masked_softmax(zt, vocab_mask))):
     node[f"top_{name}"], ids = jax.lax.top_k(probs, k)
@@ -138,6 +141,15 @@ def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
   finite = jnp.stack([jnp.all(jnp.isfinite(student_logits), -1), jnp.all(jnp.isfinite(zt), -1),
                       jnp.all(jnp.isfinite(norms), 0)])
   return node, edge, finite
+
+
+def _edge_proxies(zs, zt, rows, toks, vocab_mask):
+  """``proxies.proxy_scores`` at every child edge, from its node's π logits ``zs`` and q logits
+  ``zt`` (f32[C, V], as the directions see them) and the child's token: {name: f32[E]}.
+  Mapped C edges at a time, so no E × V array is made (E ≥ 2C)."""
+  c = zs.shape[0]
+  one = lambda e: proxies.proxy_scores(zs[e[0]], zt[e[0]], e[1], vocab_mask)
+  return jax.lax.map(one, (jnp.minimum(rows, c - 1), toks), batch_size=c)
 
 
 def rollout_paths(tree: PrefixTree, arrays: TreeArrays) -> list[np.ndarray]:
@@ -247,7 +259,8 @@ class TreeTerms:
   child) in the pass's order; node: {name: float[U]} per node (indexed by node id; rows of
   unscored nodes are 0): the covariates, ``norm_<d>`` for every direction, ``lse``, and
   [U, TOP_TOKENS] ``top_p``, ``top_q``, ``top_p_tokens``, ``top_q_tokens``;
-  edge: {name: float[U]} per edge, indexed by child id: ``z``, ``p``, ``ell``, ``d_<d>``.
+  edge: {name: float[U]} per edge, indexed by child id: ``z``, ``p``, ``ell``, ``logq``,
+  ``d_<d>``, ``proxy_<name>``.
   """
   arrays: TreeArrays
   scored: np.ndarray
@@ -277,8 +290,9 @@ class TreeTerms:
     """Per scored node (the full tree's estimate): the covariates, ``norm_ideal``,
     ``align_/dot_/norm_<d>`` of every direction, ``node_id``, ``depth``, ``informative``,
     ``num_observed``, ``min_trials``, ``v_hat`` (the V̂ of ĝ*), ``targeted`` (targeted
-    rollouts that reached the node), and [U', TOP_TOKENS] ``top_p``, ``top_q``,
-    ``top_p_tokens``, ``top_q_tokens``."""
+    rollouts that reached the node), ``proxy_<name>`` of every ``proxies.PROXIES``
+    (``proxies.node_proxies``: its mean over the node's on-policy rollout tokens), and
+    [U', TOP_TOKENS] ``top_p``, ``top_q``, ``top_p_tokens``, ``top_q_tokens``."""
     a, ids = self.arrays, self.scored
     groups, kids = self.arrays.child_edges(ids)
     s = self._scores(ids, groups, kids, a.successes[kids], a.trials[kids])
@@ -298,6 +312,8 @@ class TreeTerms:
                 targeted=a.targeted[ids])
     cols.update({c: self.node[c][ids] for c in ("top_p", "top_q", "top_p_tokens",
                                                  "top_q_tokens")})
+    cols.update(proxies.node_proxies({n: self.edge[f"proxy_{n}"][kids] for n in proxies.PROXIES},
+                                     a.visits[kids], groups, len(ids)))
     return cols
 
   def leave_one_out(self, path: np.ndarray, reward: float) -> dict[str, np.ndarray]:

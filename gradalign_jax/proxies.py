@@ -19,6 +19,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradalign_jax.gradients import masked_log_softmax, node_covariates
 
@@ -66,6 +67,30 @@ def proxy_scores(student_logits: jax.Array, teacher_logits: jax.Array, tokens: j
   logq = masked_log_softmax(teacher_logits, vocab_mask)
   tokens = jnp.asarray(tokens)
   return {name: p.at_token(logp, logq, tokens) for name, p in PROXIES.items()}
+
+
+def node_proxies(edge_scores: dict[str, np.ndarray], visits: np.ndarray, groups: np.ndarray,
+                 num_nodes: int) -> dict[str, np.ndarray]:
+  """Each proxy's value at a tree node: its mean over the node's on-policy rollout tokens.
+
+  A node's on-policy rollouts leave it by its children in proportion to the visits, so the
+  mean is the visit-weighted mean over the children of the proxy at the child's token (a
+  position-level proxy, e.g. H(p), is the same for every child and comes back unchanged).
+  Shape letters as in alignment.py: E child edges. edge_scores: {name: f[E]}, ``proxy_scores``
+  at each child's token; visits: int[E] on-policy visits of each edge (``TreeArrays.visits``);
+  groups: int[E] the edge's node, 0 … num_nodes − 1. Returns {``proxy_<name>``:
+  float64[num_nodes]}, NaN at a node no on-policy rollout left (only forced tokens).
+  """
+  w = np.asarray(visits, np.float64)
+  g = np.asarray(groups, np.int64)
+  total = np.bincount(g, weights=w, minlength=num_nodes)
+  out = {}
+  for name, x in edge_scores.items():
+    # A zero weight must not let a non-finite score (log q of a masked token) through.
+    wx = np.where(w > 0, w * np.asarray(x, np.float64), 0.0)
+    s = np.bincount(g, weights=wx, minlength=num_nodes)
+    out[f"proxy_{name}"] = np.where(total > 0, s / np.where(total > 0, total, 1.0), np.nan)
+  return out
 
 
 def top_fraction(scores: jax.Array, valid: jax.Array, fraction: float) -> jax.Array:

@@ -4,7 +4,7 @@ without the rollout, and the float64 ĝ* against a direct computation."""
 import numpy as np
 import pytest
 
-from gradalign_jax import alignment, models, scoring, tree
+from gradalign_jax import alignment, models, proxies, scoring, tree
 
 V = 40
 CFG = models.Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1,
@@ -126,3 +126,56 @@ def test_relabelled_means_equal_rescoring_with_the_labels_swapped():
       want = _loo_means(ref_terms, paths, row, g, name)
       np.testing.assert_allclose(got[name][p], want, rtol=1e-6, atol=1e-9, err_msg=f"{name} {p}")
   assert not np.allclose(np.nan_to_num(got["reverse_kl"][0]), np.nan_to_num(got["reverse_kl"][1]))
+
+
+def _softmax64(z):
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max())
+  return e / e.sum()
+
+
+def test_node_proxies_equal_the_proxies_at_the_rollout_tokens():
+  """Each node's proxy_<name> is the mean over the rollouts that leave it on-policy of the
+  proxy at their token: checked against the models' logits from an independent forward at
+  the node's prefix (π at the sampling temperature, q at the teacher's), both through
+  proxies.proxy_scores and through numpy's formulas; child_logq is log q of each child."""
+  temperature, teacher_temperature = 0.7, 1.5
+  rollouts = _rollouts(3) + [([4], 1.0, None), ([4, 5], 0.0, 1)]
+  t = _build(rollouts)
+  student = scoring.PromptedModel(CFG, STUDENT, PROMPT)
+  teacher = scoring.PromptedModel(CFG, TEACHER, PROMPT)
+  terms, _ = alignment.tree_terms(t, student, teacher, chunk_nodes=8, topk=3,
+                                  policy=temperature, teacher_temperature=teacher_temperature)
+  cols = terms.node_columns()
+  names = list(proxies.PROXIES)
+  checked = nan_nodes = 0
+  for i, u in enumerate(cols["node_id"]):
+    prefix = list(t.path(int(u)))
+    ids = np.asarray([PROMPT + prefix])
+    zs = np.asarray(models.forward(CFG, STUDENT, ids))[0, -1] / temperature
+    zt = np.asarray(models.forward(CFG, TEACHER, ids))[0, -1] / teacher_temperature
+    visits = t.visits(prefix)
+    kids = sorted(t.outcomes(prefix))
+    p, q = _softmax64(zs), _softmax64(zt)
+    logq_kids = terms.edge["logq"][[t.find(prefix + [k]) for k in kids]]
+    np.testing.assert_allclose(logq_kids, np.log(q[kids]), rtol=1e-4, atol=1e-5)
+    total = sum(visits.values())
+    if total == 0:  # only forced tokens left the node
+      assert all(np.isnan(cols[f"proxy_{n}"][i]) for n in names)
+      nan_nodes += 1
+      continue
+    toks = np.asarray(sorted(visits))
+    w = np.asarray([visits[k] for k in toks], np.float64) / total
+    lib = proxies.proxy_scores(np.broadcast_to(zs, (len(toks), V)),
+                               np.broadcast_to(zt, (len(toks), V)), toks)
+    by_hand = {"student_entropy": np.full(len(toks), -np.sum(p * np.log(p))),
+               "kl_pq": np.full(len(toks), np.sum(p * (np.log(p) - np.log(q)))),
+               "abs_p_minus_q": np.abs(p[toks] - q[toks]),
+               "teacher_logprob": np.log(q[toks])}
+    for n in names:
+      np.testing.assert_allclose(cols[f"proxy_{n}"][i], np.sum(w * np.asarray(lib[n])),
+                                 rtol=1e-4, atol=1e-6, err_msg=f"{n} node {u}")
+      np.testing.assert_allclose(cols[f"proxy_{n}"][i], np.sum(w * by_hand[n]), rtol=1e-4,
+                                 atol=1e-6, err_msg=f"{n} node {u} (by hand)")
+    checked += len(toks) > 1
+  assert checked >= 5 and nan_nodes == 1

@@ -26,6 +26,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from gradalign_jax.gradients import COVARIATES, DIRECTIONS
+from gradalign_jax.proxies import PROXIES
 
 KEY_COLUMNS = {
     "student": "the student model as given (toy name, directory or hub id)",
@@ -55,6 +56,8 @@ NODE_COLUMNS = {
     "child_q_lo": "list: Wilson 95% lower bound of each child's Q̂",
     "child_q_hi": "list: Wilson 95% upper bound of each child's Q̂",
     "child_p": "list: π of each child's token (ĝ*_k = π_k (Q̂_k − V̂) on the observed ones)",
+    "child_logq": "list: log q of each child's token (the teacher's q at its temperature T_τ, "
+                  "the q of every direction)",
     "child_text": "list: each child's token decoded alone",
     "targeted": "targeted rollouts that reached the node at or below their branch point (they "
                 "count in its children's Q̂)",
@@ -65,6 +68,9 @@ NODE_COLUMNS = {
     "top_q_tokens": "list: the teacher's TOP_TOKENS most likely token ids, descending",
     "top_q": "list: their q",
     "top_q_text": "list: each decoded alone",
+    **{f"proxy_{name}": f"cheap filter {name} (proxies.py), its mean over the node's on-policy "
+                        f"rollout tokens (visit-weighted over the children; NaN where none "
+                        f"left the node): {p.doc}" for name, p in PROXIES.items()},
 }
 NODE_DIRECTION_COLUMNS = {
     "align_{d}": "cos(ĝ*, d), full-tree ĝ* (0 where either is 0; meaningful on informative "
@@ -241,6 +247,7 @@ def node_rows(key: dict, cols: dict, terms, paths, directions: Sequence[str],
   table["child_q_lo"] = [arrays.wilson_lo[k].tolist() for k in kids]
   table["child_q_hi"] = [arrays.wilson_hi[k].tolist() for k in kids]
   table["child_p"] = [terms.edge["p"][k].tolist() for k in kids]
+  table["child_logq"] = [terms.edge["logq"][k].tolist() for k in kids]
   table["child_text"] = [token_text(arrays.token[k].tolist()) for k in kids]
   for d in directions:
     table[f"child_d_{d}"] = [terms.edge[f"d_{d}"][k].tolist() for k in kids]
