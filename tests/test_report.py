@@ -13,6 +13,7 @@ from scipy import stats as sps
 
 from experiments import files
 from gradalign_jax.analysis import plots, report
+from gradalign_jax.proxies import PROXIES
 
 DIRS = ("reverse_kl", "jsd")
 COVARIATES = ("kl_pq", "kl_qp", "l2_pq", "cos_pq", "entropy_p", "entropy_q", "depth",
@@ -70,12 +71,17 @@ def sweep_tables(shifts, n_q=6, G=6, seed=0, V=4):
                                for d in DIRS}))
     n = 40
     kl = rng.exponential(size=n)
-    node = dict(student=student, spec=spec, question_id="q0", node_id=np.arange(n),
+    node = dict(student=student, spec=spec, question_id=[f"q{i % n_q}" for i in range(n)],
+                node_id=np.arange(n),
                 depth=rng.integers(0, 20, n), informative=rng.random(n) < 0.8,
                 kl_pq=kl, **{c: rng.normal(size=n) for c in COVARIATES[1:] if c != "depth"})
     node["depth_norm"] = node["depth"] / 20
     for d in DIRS:
       node[f"align_{d}"] = np.tanh(kl - 1 + 0.5 * rng.normal(size=n))
+    # filters: one tracking KL (so the alignment), the others noise; one node without a value
+    for name in PROXIES:
+      node[f"proxy_{name}"] = kl + rng.normal(size=n) if name == "kl_pq" else rng.normal(size=n)
+      node[f"proxy_{name}"][n - 1] = np.nan
     nodes.append(pd.DataFrame(node))
   return pd.DataFrame(rollouts), pd.DataFrame(questions), pd.concat(nodes, ignore_index=True)
 
@@ -453,7 +459,10 @@ def test_within_question_block_is_strict_json_when_undefined(sweep):
     assert spec["within_question"][key] is None
   assert spec["within_question"]["regression"]["coefficient"] is None
   assert back["methods"] == {"alpha": 0.05, "power": 0.8, "n_boot": N_BOOT, "n_perm": N_NULL,
-                             "seed": 0}
+                             "seed": 0, "proxies": {"direction": "reverse_kl",
+                                                    "keep_percents": [10, 25, 50],
+                                                    "positive": "align_reverse_kl > 0",
+                                                    "unit": "question"}}
 
 
 def test_coverage_is_informative_over_scored_nodes(sweep):
@@ -466,6 +475,32 @@ def test_coverage_is_informative_over_scored_nodes(sweep):
 
 # ---------------------------------------------------------------------------------------
 # report.md
+
+
+def test_filters_block_and_section(sweep):
+  """summary["proxies"]: per student and spec, each filter's AUC over the informative nodes
+  with a value (pairwise count by hand) and the top-x% alignment; report.md's section shows
+  them."""
+  _, _, nodes, summary = sweep
+  n = nodes[(nodes.student == "small") & (nodes.spec == "teacher") & nodes.informative]
+  n = n[np.isfinite(n.proxy_kl_pq)]
+  e = summary["proxies"]["small"]["teacher"]["kl_pq"]
+  s, y = n.proxy_kl_pq.to_numpy(), n.align_reverse_kl.to_numpy() > 0
+  wins = sum((a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y])
+  assert e["auc"] == pytest.approx(wins / (y.sum() * (~y).sum()))
+  assert e["auc"] > 0.6 and e["ci_low"] < e["auc"] < e["ci_high"]
+  assert (e["num_nodes"], e["num_questions"]) == (len(n), n.question_id.nunique())
+  top = n.sort_values("proxy_kl_pq", ascending=False, kind="stable").align_reverse_kl
+  assert e["kept_align"]["25"]["value"] == pytest.approx(top[:round(len(n) / 4)].mean())
+  assert set(summary["proxies"]["large"]) == {"self", "teacher", "all_correct"}
+  assert summary["methods"]["proxies"]["direction"] == "reverse_kl"
+  text = report.render(json.loads(report.to_json(summary)))
+  assert "## Cheap token filters vs alignment" in text
+  assert text.index("## Cheap token filters vs alignment") > text.index("## large")
+  row = (f"| teacher | kl_pq | {e['auc']:.2f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}] | "
+         f"{e['num_nodes']} ({e['num_questions']}) | {e['kept_align']['10']['value']:.2f} [")
+  assert row in text
+  assert "| teacher | oracle (top by alignment) |" in text and "| self | all nodes |" in text
 
 
 def _p_text(p):

@@ -9,9 +9,10 @@ one):
   n_pos_<d>``, and ``sum_gg`` (sums over the informative nodes of the rollout's path).
 - questions: one row per (student, spec, question_id); ``n_rollouts, n_correct, accuracy,
   context`` ("ok" or why the teacher context could not be built) and ``mean_<d>``.
-- nodes: one row per scored node; ``student, spec, depth, depth_norm, informative``,
-  ``align_<d>, norm_<d>`` and the covariates (``kl_pq, kl_qp, l2_pq, cos_pq, entropy_p,
-  entropy_q, norm_ideal``).
+- nodes: one row per scored node; ``student, spec, question_id, depth, depth_norm,
+  informative``, ``align_<d>, norm_<d>``, the covariates (``kl_pq, kl_qp, l2_pq, cos_pq,
+  entropy_p, entropy_q, norm_ideal``) and each cheap filter's ``proxy_<name>``
+  (``analysis.filters``).
 
 The headline is within question (MATH.md): per question with both correct and incorrect
 rollouts (with a finite ``mean_<d>``), Δ_q = mean incorrect − mean correct rollout score, and
@@ -33,8 +34,9 @@ import os
 import numpy as np
 import pandas as pd
 
-from gradalign_jax.analysis import stats, tables
+from gradalign_jax.analysis import filters, stats, tables
 from gradalign_jax.gradients import COVARIATES
+from gradalign_jax.proxies import PROXIES
 
 ALPHA = 0.05
 POWER = 0.8
@@ -278,7 +280,10 @@ def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFra
   "tests": {d: {"within_question", "mann_whitney", "wilcoxon", "difference",
   "difference_ci"}}, "covariates": {name: {"spearman", "p"}}}``, then _question_wins' keys
   (``best_spec``, ``question_wins``, ``n_common_questions``, ``spec_means``,
-  ``best_spec_margin``). ``methods`` states the tests' settings; ``findings`` answers the
+  ``best_spec_margin``). ``proxies``: {student: {spec: {proxy: filters.calibrate's entry}}},
+  each cheap filter of ``proxies.PROXIES`` against the primary direction's alignment over the
+  informative nodes (AUC for align > 0, the alignment its top 10/25/50% keep vs the oracle's,
+  intervals over questions). ``methods`` states the tests' settings; ``findings`` answers the
   research questions for the primary direction (see _findings).
   """
   dirs = list(directions)
@@ -290,10 +295,11 @@ def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFra
       questions, ["student", "spec", "question_id", "n_rollouts", "n_correct", "context"]
       + [f"mean_{d}" for d in dirs], "questions")
   nodes = _check_columns(
-      nodes, ["student", "spec", "informative", f"align_{primary}", f"norm_{primary}"]
-      + list(NODE_COVARIATES), "nodes")
+      nodes, ["student", "spec", "question_id", "informative", f"align_{primary}",
+              f"norm_{primary}"] + list(NODE_COVARIATES) + [f"proxy_{p}" for p in PROXIES],
+      "nodes")
 
-  students = {}
+  students, calibration = {}, {}
   for student in _ordered_unique(questions["student"], rollouts["student"]):
     s_roll = rollouts[rollouts["student"] == student]
     s_q = questions[questions["student"] == student]
@@ -317,6 +323,8 @@ def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFra
           "tests": tests,
           "covariates": _covariates(s_nodes[s_nodes["spec"] == spec], primary),
       }
+      calibration.setdefault(student, {})[spec] = filters.calibrate(
+          s_nodes[s_nodes["spec"] == spec], primary, n_boot=n_boot, alpha=ALPHA, seed=seed)
     students[student] = {
         "accuracy": _ratio(float(s_q["n_correct"].sum()), float(s_q["n_rollouts"].sum())),
         "n_questions": int(s_q["question_id"].nunique()),
@@ -326,9 +334,12 @@ def summarize(rollouts: pd.DataFrame, questions: pd.DataFrame, nodes: pd.DataFra
   relabellings = [b["within_question"]["num_relabellings"] for s in students.values()
                   for b in s["specs"].values()]
   methods = {"alpha": ALPHA, "power": POWER, "n_boot": n_boot,
-             "n_perm": max(relabellings, default=0), "seed": seed}
+             "n_perm": max(relabellings, default=0), "seed": seed,
+             "proxies": {"direction": primary, "keep_percents": list(filters.KEEP_PERCENTS),
+                         "positive": f"align_{primary} > 0", "unit": "question"}}
   return {"config": dict(config or {}), "directions": dirs, "methods": methods,
-          "students": students, "findings": _findings(students, primary)}
+          "students": students, "proxies": calibration,
+          "findings": _findings(students, primary)}
 
 
 def _findings(students: dict, primary: str) -> dict:
@@ -635,6 +646,48 @@ def _student_text(student: str, s: dict, dirs: list) -> list[str]:
                 for n in names] for spec, b in specs.items()])
 
 
+def _kept_cell(block: dict) -> str:
+  return f"{_num(block['value'], 2)} {_ci([block['ci_low'], block['ci_high']])}"
+
+
+def _filters_text(summary: dict) -> list[str]:
+  """The cheap token filters against the primary direction's alignment (filters.calibrate)."""
+  m = summary["methods"].get("proxies")
+  if not m or not summary.get("proxies"):
+    return []
+  d, percents = m["direction"], [str(x) for x in m["keep_percents"]]
+  lines = ["## Cheap token filters vs alignment", "",
+           f"Each filter's node value is its mean over the node's on-policy rollout tokens "
+           f"(higher = keep; proxies.py). Over informative nodes with {d} alignment: AUC = "
+           f"P(filter of a node with align > 0 > filter of one with align ≤ 0), ties ½ "
+           f"(Mann–Whitney U / n₁n₀; 0.5 = chance); top x%: mean {d} alignment of the nodes "
+           f"the filter's top x% keep, then the share of Σ max(align, 0) they hold; the "
+           f"oracle keeps the top x% by alignment, 'all nodes' is the mean over every node. "
+           f"[95% CI]: percentile bootstrap over questions (whole questions resampled, "
+           f"{summary['methods']['n_boot']} resamples); nodes (questions) behind each row.", ""]
+  header = (["spec", "filter", "AUC [95% CI]", "nodes (questions)"]
+            + [f"mean align, top {x}%" for x in percents]
+            + [f"share of align⁺, top {x}%" for x in percents])
+  for student, specs in summary["proxies"].items():
+    rows = []
+    for spec, by_proxy in specs.items():
+      for name, e in by_proxy.items():
+        auc = f"{_num(e['auc'], 2)} {_ci([e['ci_low'], e['ci_high']])}"
+        rows.append([spec, name, auc, f"{e['num_nodes']} ({e['num_questions']})"]
+                    + [_kept_cell(e["kept_align"][x]) for x in percents]
+                    + [_kept_cell(e["kept_positive"][x]) for x in percents])
+      if by_proxy:  # the oracle and the reference, over the first filter's nodes
+        e = next(iter(by_proxy.values()))
+        count = f"{e['num_nodes']} ({e['num_questions']})"
+        rows.append([spec, "oracle (top by alignment)", "", count]
+                    + [_kept_cell(e["oracle_kept_align"][x]) for x in percents]
+                    + [_kept_cell(e["oracle_kept_positive"][x]) for x in percents])
+        rows.append([spec, "all nodes", "", count] + [_kept_cell(e["all_align"])] * len(percents)
+                    + ["1"] * len(percents))
+    lines += [f"### {student}", ""] + _table(header, rows)
+  return lines
+
+
 def render(summary: dict, plots=(), explorer: str | None = None) -> str:
   """The markdown of ``report.md`` from a summary (as returned by summarize, or loaded back
   from summary.json with null for NaN). plots: png paths relative to the report, embedded in
@@ -658,6 +711,7 @@ def render(summary: dict, plots=(), explorer: str | None = None) -> str:
   lines += _methods_text(summary["methods"])
   for student, s in students.items():
     lines += _student_text(student, s, dirs)
+  lines += _filters_text(summary)
   if plots:
     lines += ["## Plots", ""]
     pooled = [p for p in plots if os.path.basename(p) in POOLED_PLOTS]
