@@ -497,7 +497,7 @@ def test_filters_block_and_section(sweep):
   text = report.render(json.loads(report.to_json(summary)))
   assert "## Cheap token filters vs alignment" in text
   assert text.index("## Cheap token filters vs alignment") > text.index("## large")
-  row = (f"| teacher | kl_pq | {e['auc']:.2f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}] | "
+  row = (f"| teacher | kl_pq | {e['auc']:.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}] | "
          f"{e['num_nodes']} ({e['num_questions']}) | {e['kept_align']['10']['value']:.2f} [")
   assert row in text
   assert "| teacher | oracle (top by alignment) |" in text and "| self | all nodes |" in text

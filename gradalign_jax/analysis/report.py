@@ -646,8 +646,13 @@ def _student_text(student: str, s: dict, dirs: list) -> list[str]:
                 for n in names] for spec, b in specs.items()])
 
 
+def _value_ci(value, low, high) -> str:
+  """"0.57 [0.43, 0.72]": the filters' table keeps two digits to stay readable."""
+  return f"{_num(value, 2)} [{_num(low, 2)}, {_num(high, 2)}]"
+
+
 def _kept_cell(block: dict) -> str:
-  return f"{_num(block['value'], 2)} {_ci([block['ci_low'], block['ci_high']])}"
+  return _value_ci(block["value"], block["ci_low"], block["ci_high"])
 
 
 def _filters_text(summary: dict) -> list[str]:
@@ -672,11 +677,11 @@ def _filters_text(summary: dict) -> list[str]:
     rows = []
     for spec, by_proxy in specs.items():
       for name, e in by_proxy.items():
-        auc = f"{_num(e['auc'], 2)} {_ci([e['ci_low'], e['ci_high']])}"
-        rows.append([spec, name, auc, f"{e['num_nodes']} ({e['num_questions']})"]
+        rows.append([spec, name, _value_ci(e["auc"], e["ci_low"], e["ci_high"]),
+                     f"{e['num_nodes']} ({e['num_questions']})"]
                     + [_kept_cell(e["kept_align"][x]) for x in percents]
                     + [_kept_cell(e["kept_positive"][x]) for x in percents])
-      if by_proxy:  # the oracle and the reference, over the first filter's nodes
+      if by_proxy:  # every filter has a value at the same nodes: the oracle and reference once
         e = next(iter(by_proxy.values()))
         count = f"{e['num_nodes']} ({e['num_questions']})"
         rows.append([spec, "oracle (top by alignment)", "", count]
