@@ -46,7 +46,8 @@ def auc(scores, positive) -> float:
 def weighted_auc(scores, positive, weights) -> np.ndarray:
   """``auc`` of each row of ``weights`` f[B, n] (node i counted weights[b, i] times), i.e.
   of the nodes repeated by their weights: f64[B], NaN where a class has no weight. The
-  bootstrap's replicates at once (one scipy call each would take a minute per sweep)."""
+  bootstrap's replicates at once (a scipy call per resample, ~0.5 ms, would add ~40 s to the
+  default sweep)."""
   x, y = np.asarray(scores, np.float64), np.asarray(positive, bool)
   w = np.atleast_2d(np.asarray(weights, np.float64))
   _, level = np.unique(x, return_inverse=True)  # equal scores share a level: ties
