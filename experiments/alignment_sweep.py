@@ -36,7 +36,7 @@ from absl import logging
 from experiments import files
 from experiments import flags as flags_lib
 from gradalign_jax import pipeline, rundir
-from gradalign_jax.analysis import plots, report, token_view
+from gradalign_jax.analysis import markdown, plots, report, token_view
 
 GROUPS = ("contexts", "targeted", "scoring")
 flags_lib.use(GROUPS)
@@ -80,7 +80,7 @@ def finish(settings: dict, run_dir: rundir.RunDir, num_questions: int, seconds: 
   for name, fig in figures.items():
     files.save_figure(fig, run_dir.file(name))
   files.write_text(run_dir.file("report.md"),
-                   report.render(summary, list(figures), explorer="tokens.html"))
+                   markdown.render(summary, list(figures), explorer="tokens.html"))
   files.write_text(run_dir.file("tokens.html"), token_view.render(
       tables.nodes, tables.rollouts, tables.questions, summary, primary))
   logging.info("wrote %s (report.md, summary.json, tables, plots, tokens.html)", run_dir.path)

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from experiments import files
 from experiments import flags as flags_lib
 from gradalign_jax import pipeline, rundir
-from gradalign_jax.analysis import calibration, report
+from gradalign_jax.analysis import calibration, markdown, report
 from gradalign_jax.models.loaded import ModelCache
 
 GROUPS = ("targeted", "scoring", "calibration")
@@ -140,11 +140,11 @@ def _render(summary: dict) -> str:
            f"permutation test at α = {a}, on leave-one-out rollout scores. Power: the same "
            f"tables with Δ = {summary['planted_delta']} added to the incorrect rollouts' scores, "
            "found significant with the right sign. Intervals: Clopper–Pearson 95%.", ""]
-  lines += report._table(["student", "spec", "seeds", "questions with both kinds (mean)",
-                          "false-positive rate", "power", "detectable abs Δ (median)",
-                          "pooled Mann–Whitney false-positive rate (secondary)"], rows)
+  lines += markdown._table(["student", "spec", "seeds", "questions with both kinds (mean)",
+                            "false-positive rate", "power", "detectable abs Δ (median)",
+                            "pooled Mann–Whitney false-positive rate (secondary)"], rows)
   lines += ["![null p-values](p_values.png)", "", "## Settings", ""]
-  lines += [f"- {k}: {report._config_value(v)}" for k, v in summary["config"].items()]
+  lines += [f"- {k}: {markdown._config_value(v)}" for k, v in summary["config"].items()]
   return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""analysis.report / plots against brute force over node vectors and scipy by hand."""
+"""analysis.report / markdown / plots against brute force over node vectors and scipy by hand."""
 
 import json
 import math
@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from scipy import stats as sps
 
 from experiments import files
-from gradalign_jax.analysis import plots, report
+from gradalign_jax.analysis import markdown, plots, report
 from gradalign_jax.proxies import PROXIES
 
 DIRS = ("reverse_kl", "jsd")
@@ -494,7 +494,7 @@ def test_filters_block_and_section(sweep):
   assert e["kept_align"]["25"]["value"] == pytest.approx(top[:round(len(n) / 4)].mean())
   assert set(summary["proxies"]["large"]) == {"self", "teacher", "all_correct"}
   assert summary["methods"]["proxies"]["direction"] == "reverse_kl"
-  text = report.render(json.loads(report.to_json(summary)))
+  text = markdown.render(json.loads(report.to_json(summary)))
   assert "## Cheap token filters vs alignment" in text
   assert text.index("## Cheap token filters vs alignment") > text.index("## large")
   row = (f"| teacher | kl_pq | {e['auc']:.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}] | "
@@ -523,7 +523,7 @@ def test_render_numbers_and_findings():
                              {"task": "synthetic", "G": 6}, n_boot=N_BOOT)
   # summary.json round trip: render reads null as n/a
   summary = json.loads(report.to_json(summary))
-  text = report.render(summary, ["correct_vs_incorrect.png"], explorer="tokens.html")
+  text = markdown.render(summary, ["correct_vs_incorrect.png"], explorer="tokens.html")
   assert "Token explorer: [tokens.html](tokens.html)" in text
 
   for spec in ("self", "teacher"):
@@ -554,12 +554,12 @@ def test_render_numbers_and_findings():
 @pytest.mark.parametrize("p,text", [(0.0034, "0.003"), (0.5, "0.500"), (2.1e-5, "2e-05"),
                                     (math.nan, "n/a"), (None, "n/a")])
 def test_p_value_format(p, text):
-  assert report._p(p) == text
+  assert markdown._p(p) == text
 
 
 def test_render_empty():
   summary = report.summarize(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), DIRS)
-  text = report.render(summary)
+  text = markdown.render(summary)
   assert "## Findings" in text and "no best one" in text and "## Plots" not in text
 
 

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from gradalign_jax.analysis import stats
 from gradalign_jax.analysis.plots import _empty, _figure
-from gradalign_jax.analysis.report import _config_value, _num, _table
+from gradalign_jax.analysis.markdown import _config_value, _num, _table
 from gradalign_jax.analysis.tables import BASELINE
 
 COLUMNS = ("student", "spec", "question_id", "n_samples", "n_correct", "accuracy", "context")
