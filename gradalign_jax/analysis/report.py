@@ -22,8 +22,7 @@ and question wins compare specs on the same questions. Rollouts pooled over ques
 
 Every function is pure (the sweep writes the files): ``summarize`` returns plain Python
 values (NaN where a quantity is undefined) and ``to_json`` turns NaN into null.
-``analysis.markdown.render`` gives report.md's text from the summary (``report.render`` is
-the same function, kept for callers written before the two were split).
+``analysis.markdown.render`` gives report.md's text from the summary.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import numpy as np
 import pandas as pd
 
 from gradalign_jax.analysis import filters, stats, tables
-from gradalign_jax.analysis.markdown import render  # noqa: F401  (report.render predates the split)
 from gradalign_jax.gradients import COVARIATES
 from gradalign_jax.proxies import PROXIES
 
