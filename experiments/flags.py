@@ -7,6 +7,10 @@ line is refused, and ``settings`` collects their values as one flat dict (what `
 records and a resumed run must match). The ``*_config`` functions turn settings into the
 library's frozen configs; building them is the validation, so a bad value is refused before
 any model is loaded.
+
+The "distributed" group (``DISTRIBUTED``: --coordinator, --num_processes, --process_id) says
+how the processes of one job find each other; every experiment run through ``run_script``
+accepts it, and it is not a setting (results do not depend on the number of processes).
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import time
 from absl import app, flags
 
 from experiments import cli
-from gradalign_jax import (alignment, compilation, contexts, gradients, pipeline, rundir, sampling,
-                           targeted, tasks)
+from gradalign_jax import (alignment, compilation, contexts, distributed, gradients, pipeline,
+                           rundir, sampling, targeted, tasks)
 from gradalign_jax.models import checkpoint
 from gradalign_jax.models.loaded import ModelCache, resolve_model
 from gradalign_jax.tasks.base import fingerprint_source
@@ -80,6 +84,14 @@ flags.DEFINE_integer("permutations", 500, "random relabellings of each question'
 flags.DEFINE_string("out", None, "output directory (reruns resume from its parts/)")
 flags.DEFINE_bool("overwrite", False, "start over instead of resuming: delete the run in --out "
                   "once every other flag is checked (a directory that is not a run is refused)")
+flags.DEFINE_string("coordinator", None, "distributed: host:port of process 0's coordination "
+                    "service, the same on every process (default: $GRADALIGN_JAX_COORDINATOR, "
+                    "else detected on TPU pods and SLURM, else one process)")
+flags.DEFINE_integer("num_processes", None, "distributed: processes in the job (default: "
+                     "$GRADALIGN_JAX_NUM_PROCESSES, else detected, else 1)", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "distributed: this process's index, 0 … "
+                     "num_processes − 1; process 0 checks --out, merges and writes the report "
+                     "(default: $GRADALIGN_JAX_PROCESS_ID, else detected, else 0)", lower_bound=0)
 FLAGS = flags.FLAGS
 # From here on, key flags this module declares (``use``) belong to the experiment calling it.
 flags.disclaim_key_flags()
@@ -102,6 +114,7 @@ ORDER = ("students", "teachers", "task", "data", "num_questions", "num_rollouts"
          "question_batch", "jsd_beta", "topk", "chunk_nodes", "permutations", "dtype", "seed",
          "seeds", "success_rate", "planted_delta", "alpha")
 OUTPUT = ("out", "overwrite")
+DISTRIBUTED = ("coordinator", "num_processes", "process_id")
 
 
 def _names(groups) -> list[str]:
@@ -115,7 +128,7 @@ def _names(groups) -> list[str]:
 def use(groups) -> None:
   """Declares the flags of ``groups`` (and the ones every experiment reads) as the script's
   key flags: its ``--help`` lists them. Call at import."""
-  for name in _names(groups) + list(OUTPUT):
+  for name in _names(groups) + list(OUTPUT) + list(DISTRIBUTED):
     flags.declare_key_flag(name)
 
 
@@ -186,17 +199,20 @@ def run_groups(s: dict, out: str, step: pipeline.Step, finish, *, overwrite: boo
   into the run directory ``out``, then ``finish(s, run_dir, questions loaded, seconds)``
   writes the outputs, under the directory's lock. Nothing is written (nor, with
   ``overwrite``, deleted) before the settings, ``out``, the data and every checkpoint have
-  been checked. Returns finish's result, or None when stopped after ``stop_after`` groups."""
+  been checked. Returns finish's result, or None when stopped after ``stop_after`` groups.
+  In a job of several processes (``distributed.initialize``) each does its share of the
+  groups and only process 0 calls ``finish``, once all are done; the others return None."""
   config, specs, task, examples = prepare(s)
   run_dir = rundir.RunDir(out, s, inputs=inputs(s, specs), overwrite=overwrite,
-                          stop_after=stop_after)
+                          stop_after=stop_after, processes=distributed.processes())
   models = ModelCache(s["dtype"])
   setups = [pipeline.setup(name, specs, task, examples, config, models)
             for name in s["students"]]
   with run_dir.open():
     start = time.time()
     try:
-      pipeline.resume(run_dir, setups, task, examples, config, step)
+      if not pipeline.resume(run_dir, setups, task, examples, config, step):
+        return None  # not process 0: its share is written
     except rundir.Interrupt:
       return None
     return finish(s, run_dir, len(examples), time.time() - start)
@@ -205,18 +221,34 @@ def run_groups(s: dict, out: str, step: pipeline.Step, finish, *, overwrite: boo
 def main_function(groups, run):
   """The absl main of an experiment: ``run(settings, out, overwrite=...)`` with the flags of
   ``groups``; a bad setting, file or directory ends it with a short message naming it
-  (``cli.fail``, exit status 1)."""
+  (``cli.fail``, exit status 1). It first starts the job's processes from the distributed
+  flags (``distributed.initialize``); a process that fails tells the others, which stop
+  too instead of waiting for it."""
 
   def main(argv):
     if len(argv) > 1:
       cli.fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    try:
+      procs = distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    except (ValueError, RuntimeError) as e:  # JAX's start-up errors are RuntimeErrors
+      cli.fail(f"starting the job's processes: {e}")
     compilation.enable()  # a rerun or a resumed run skips compiles
     try:
       refuse_others(groups)
       run(settings(groups), FLAGS.out, overwrite=FLAGS.overwrite)
     except ValueError as e:  # SpecError, CheckpointError, TaskDataError, RunDirError, ...
+      procs.report_failure(str(e))
+      cli.fail(str(e) if procs.count == 1 else f"process {procs.index}: {e}")
+    except distributed.ProcessFailed as e:
       cli.fail(str(e))
-    print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
+    except BaseException as e:
+      procs.report_failure(f"{type(e).__name__}: {e}")
+      raise
+    if procs.lead:
+      print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
+    else:
+      print(f"process {procs.index} of {procs.count}: its share is written; process 0 "
+            f"writes {os.path.join(FLAGS.out, 'report.md')}")
 
   return main
 

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 
 from experiments import files
 from experiments import flags as flags_lib
-from gradalign_jax import pipeline, rundir
+from gradalign_jax import distributed, pipeline, rundir
 from gradalign_jax.analysis import calibration, markdown, report
 from gradalign_jax.models.loaded import ModelCache
 
@@ -74,19 +74,25 @@ def seed_rows(settings: dict, seed: int, specs, task, examples, config, models) 
 
 def run(settings: dict, out: str, *, overwrite: bool = False,
         stop_after: int | None = None) -> dict | None:
-  """Runs (or resumes) every seed into ``out`` and writes the summary and the report."""
+  """Runs (or resumes) every seed into ``out`` and writes the summary and the report. In a
+  job of several processes each runs its share of the seeds and process 0 reports (the
+  others return None)."""
   config, specs, task, examples = flags_lib.prepare(settings)
   run_dir = rundir.RunDir(out, settings, inputs=flags_lib.inputs(settings, specs),
-                          overwrite=overwrite, stop_after=stop_after)
+                          overwrite=overwrite, stop_after=stop_after,
+                          processes=distributed.processes())
   models = ModelCache(settings["dtype"])
   with run_dir.open():
     todo = run_dir.todo("seeds", [[s] for s in range(settings["seeds"])], label="seeds")
     try:
-      for (seed,) in run_dir.progress(todo, label="null calibration", unit="seeds"):
+      for (seed,) in run_dir.progress(run_dir.deal(todo), label="null calibration",
+                                      unit="seeds"):
         run_dir.write_parts("seeds", {seed: {"seeds": seed_rows(settings, seed, specs, task,
                                                                  examples, config, models)}})
     except rundir.Interrupt:
       return None
+    if not run_dir.gather():
+      return None  # not process 0: its share is written
     return finish(settings, run_dir)
 
 

@@ -472,24 +472,44 @@ Step = Callable[..., dict]
 
 
 def resume(run_dir: rundir.RunDir, setups: Sequence[Setup], task: Task,
-           examples: Sequence[Example], config: DiagnoseConfig, step: Step) -> None:
+           examples: Sequence[Example], config: DiagnoseConfig, step: Step) -> bool:
   """For each student's Setup (``setup``; load them all first, so a bad checkpoint is found
   before the run directory is written), ``step(setup, task, examples, indices, summaries,
   config) → {index: {table: rows}}`` (``diagnose_group``, ``accuracy_group``) over every
   question group that lacks a finished part in ``run_dir`` (opened), each group's parts
   written as it ends. Summaries are generated (and cached in the run directory) only for a
   student with work left. Raises rundir.Interrupt once the run directory's ``stop_after`` is
-  reached."""
-  cache = contexts.SummaryCache(run_dir.file("summaries.json"))
+  reached.
+
+  In a job of several processes (``run_dir.processes``) the unfinished (student, group)
+  pairs are dealt to the processes (``RunDir.deal``); process 0 writes the summaries first
+  and the others wait for them. Returns ``run_dir.gather()``: True on the process that
+  merges (process 0), once every process has written its share."""
   groups = groups_of(len(examples), config.question_batch)
-  for run in setups:
-    todo = run_dir.todo(rundir.tag(run.name), groups, label=run.name)
-    if not todo:
-      continue
-    summaries = write_summaries(run, task, examples, cache, config)
-    for group in run_dir.progress(todo, label=run.name):
-      run_dir.write_parts(rundir.tag(run.name), step(run, task, examples, group, summaries,
-                                                     config))
+  todo = [(run, group) for run in setups
+          for group in run_dir.todo(rundir.tag(run.name), groups, label=run.name)]
+  pending = [run for run in setups if any(r is run for r, _ in todo)]
+  procs = run_dir.processes
+  if procs.lead:
+    cache = contexts.SummaryCache(run_dir.file("summaries.json"))
+    for run in pending:
+      write_summaries(run, task, examples, cache, config)
+  if any(spec.summarizer is not None for run in pending for spec in run.specs):
+    procs.barrier("summaries")  # the others read what process 0 wrote
+  cache = contexts.SummaryCache(run_dir.file("summaries.json"))
+  summaries = {run.name: write_summaries(run, task, examples, cache, config)
+               for run in pending}
+  mine = run_dir.deal(todo)
+  if procs.count > 1:
+    _log.info("process %d of %d: %d of the %d question groups left", procs.index, procs.count,
+              len(mine), len(todo))
+  # One progress bar per student, over this process's share of its groups.
+  for run in pending:
+    share = [group for r, group in mine if r is run]
+    for group in run_dir.progress(share, label=run.name):
+      run_dir.write_parts(rundir.tag(run.name), step(run, task, examples, group,
+                                                     summaries[run.name], config))
+  return run_dir.gather()
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,6 +17,14 @@ place, ``manifest.json`` (each finished part's file checksums) and ``lock`` (the
 and pid). A killed run leaves either a whole part or none; a rerun with the same settings and
 inputs skips the parts whose checksums match and gives identical tables.
 
+A job of several processes (``processes``: ``distributed.Processes``) shares one directory:
+process 0 takes the lock, checks and writes config.json and the manifest, then lets the
+others in (a barrier); each process writes only the parts of the groups dealt to it, and
+records them in its own ``manifest.p<index>.json``; ``gather`` waits for all and folds their
+manifests into ``manifest.json`` for process 0's ``merge``. A restarted job (of any number of
+processes) folds in what the manifests of a killed one recorded, so only unfinished groups
+are redone.
+
 What it refuses, before anything is written (``RunDirError``, naming the path and the fix):
 ``--out`` that is a file or not writable, a directory that is not this tool's run (with or
 without ``overwrite``: only a run directory is ever deleted), a run with other settings or
@@ -38,6 +46,8 @@ import time
 from typing import Iterator, Sequence
 
 import pandas as pd
+
+from gradalign_jax.distributed import Processes
 
 _log = logging.getLogger(__name__)
 
@@ -98,28 +108,35 @@ class RunDir:
   the results. inputs: JSON-able fingerprints of the files behind them ({name: fingerprint};
   a resumed run must find the same). overwrite: start over (allowed only for a directory that
   holds this tool's run; done in ``open``). stop_after: raise Interrupt after that many groups
-  (None: never). The constructor only checks (``check``); ``open`` writes.
+  (None: never). processes: this process's place in a job of several (default: alone);
+  only process 0 checks in the constructor, the others once it has opened the directory.
+  The constructor only checks (``check``); ``open`` writes.
   """
 
   def __init__(self, path: str, settings: dict, *, inputs: dict | None = None,
-               overwrite: bool = False, stop_after: int | None = None):
+               overwrite: bool = False, stop_after: int | None = None,
+               processes: Processes = Processes()):
     self.path = path
     self.settings = json.loads(json.dumps(settings))
     self.inputs = json.loads(json.dumps(inputs or {}))
     self.overwrite = overwrite
     self.stop_after = stop_after
+    self.processes = processes
     self.groups_done = 0
     self.manifest: dict[str, dict[str, str]] = {}
-    self._locked = False
-    self.check()
+    self._mine: dict[str, dict[str, str]] = {}  # a worker's parts, for its own manifest
+    self._locked = self._open = False
+    if processes.lead:  # the others would race process 0's overwrite and lock
+      self.check()
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
   # --- checks (read only)
 
-  def check(self) -> None:
-    """Refuses, writing nothing, a path this run cannot use (see the module docstring)."""
+  def check(self, lock: bool = True) -> None:
+    """Refuses, writing nothing, a path this run cannot use (see the module docstring);
+    ``lock=False``: not the lock (another process of this job holds it)."""
     path = self.path
     if os.path.exists(path) and not os.path.isdir(path):
       raise RunDirError(f"--out={path} is a file, not a directory; pass a directory path")
@@ -143,7 +160,8 @@ class RunDir:
           f"--out={path} is not empty and is not a run directory of this tool (it holds "
           f"{what}); nothing was changed there. Pass a new or empty --out"
           + ("" if theirs is None else ", or move those files out first"))
-    self._check_lock()
+    if lock:
+      self._check_lock()
     if self.overwrite:
       return
     diff = {k: (theirs.get(k), v) for k, v in self.settings.items() if theirs.get(k) != v}
@@ -204,7 +222,21 @@ class RunDir:
   def open(self) -> Iterator["RunDir"]:
     """Takes the lock, starts over (``overwrite``) or checks the parts against the manifest
     (a corrupt or unlisted part is logged and deleted: its group is recomputed), writes
-    config.json; releases the lock on exit."""
+    config.json; releases the lock on exit. In a job of several processes process 0 does
+    all that, then the others (waiting at a barrier until then) check the settings against
+    its config.json and read its manifest."""
+    if not self.processes.lead:
+      self.processes.barrier("rundir-open")
+      self.overwrite = False  # process 0 has started over: compare with its config.json
+      self.check(lock=False)
+      with open(self.file(MANIFEST)) as f:
+        self.manifest = json.load(f)["parts"]
+      self._open = True
+      try:
+        yield self
+      finally:
+        self._open = False
+      return
     self.check()  # again: the directory may have changed while the models loaded
     os.makedirs(self.path, exist_ok=True)
     self._lock()
@@ -216,8 +248,11 @@ class RunDir:
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
       _write_json(self.file(CONFIG), dict(self.settings, inputs=self.inputs))
       self._verify_parts()
+      self._open = True
+      self.processes.barrier("rundir-open")
       yield self
     finally:
+      self._open = False
       self._unlock()
 
   def _lock(self) -> None:
@@ -277,6 +312,7 @@ class RunDir:
       except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunDirError(f"{path} cannot be read ({type(e).__name__}); delete it to "
                           "recompute every part, or --overwrite to start over") from None
+    adopted = self._adopt_process_manifests()
     for key, d in on_disk.items():
       want = self.manifest.get(key)
       if want is not None and self._checksums(d) == want:
@@ -289,6 +325,43 @@ class RunDir:
       self.manifest.pop(key, None)
     self.manifest = {k: v for k, v in self.manifest.items() if k in on_disk}
     _write_json(path, {"parts": self.manifest})
+    for p in adopted:  # only now: until manifest.json holds their entries, they do
+      os.remove(p)
+
+  def _process_manifest(self, index: int) -> str:
+    return self.file(f"manifest.p{index}.json")
+
+  def _adopt_process_manifests(self) -> list[str]:
+    """Adds the parts that other processes (of this job or of a killed one) recorded in their
+    own manifests to ``self.manifest``; returns those files (deleted by the caller once
+    manifest.json holds their entries)."""
+    found = sorted(n for n in os.listdir(self.path)
+                   if n.startswith("manifest.p") and n.endswith(".json"))
+    for name in found:
+      try:
+        with open(self.file(name)) as f:
+          self.manifest.update(json.load(f)["parts"])
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        _log.warning("%s cannot be read (%s); the parts it recorded are recomputed",
+                     self.file(name), type(e).__name__)
+    return [self.file(n) for n in found]
+
+  def gather(self) -> bool:
+    """Waits until every process has written its share (a barrier), then process 0 folds
+    their manifests into manifest.json. Returns True on process 0 (it merges and reports),
+    False on the others. Alone: returns True at once."""
+    self.processes.barrier("rundir-gather")
+    if not self.processes.lead:
+      return False
+    adopted = self._adopt_process_manifests()
+    _write_json(self.file(MANIFEST), {"parts": self.manifest})
+    for p in adopted:
+      os.remove(p)
+    return True
+
+  def deal(self, todo: Sequence) -> list:
+    """This process's share of ``todo`` (``distributed.deal``); alone: all of it."""
+    return self.processes.deal(todo)
 
   @staticmethod
   def _readable(directory: str) -> bool:
@@ -330,7 +403,7 @@ class RunDir:
   def write_parts(self, tag: str, parts: dict[int, dict[str, list[dict]]]) -> None:
     """Writes each question's tables ({index: {table: rows}}) as one directory, renamed into
     place at the end, then records its checksums; a question already done is left as it is."""
-    if not self._locked:
+    if not self._open:
       raise RuntimeError("RunDir.write_parts outside `with run_dir.open():`")
     for index, tables in parts.items():
       if self.done(tag, index):
@@ -345,7 +418,11 @@ class RunDir:
       sums = self._checksums(tmp)
       os.rename(tmp, final)
       self.manifest[self._key(tag, index)] = sums
-    _write_json(self.file(MANIFEST), {"parts": self.manifest})
+      self._mine[self._key(tag, index)] = sums
+    if self.processes.lead:
+      _write_json(self.file(MANIFEST), {"parts": self.manifest})
+    else:  # manifest.json is process 0's alone
+      _write_json(self._process_manifest(self.processes.index), {"parts": self._mine})
 
   def merge(self, tags: Sequence[str], num_questions: int,
             tables: Sequence[str]) -> dict[str, pd.DataFrame]:
