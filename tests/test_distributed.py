@@ -1,0 +1,305 @@
+"""Start-up and processes (gradalign_jax/distributed.py), a run directory shared by a job's
+processes, and real jax.distributed jobs over loopback (launch/local_multiprocess.sh).
+
+The reference for a job of N processes is the same experiment run as one process: its
+tables must come back exactly (pandas, check_exact). A job with a process SIGKILLed after its
+first part (a sitecustomize hook in the subprocess, so the library has no test switch) and
+then restarted must keep every part written before and redo only the groups left.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from gradalign_jax import distributed, rundir
+from gradalign_jax.models import loaded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+needs_toy = pytest.mark.skipif(not os.path.isdir(os.path.join(loaded.TOY_DIR, "student_small")),
+                               reason="bundled toy models not trained yet (train_toy.py)")
+
+
+# ---------------------------------------------------------------------------------------
+# Dealing and start-up, in this process
+
+
+@pytest.mark.parametrize("n_items,count", [(0, 1), (5, 1), (4, 2), (7, 3), (2, 4)])
+def test_deal_covers_every_item_once_round_robin(n_items, count):
+  items = [f"g{i}" for i in range(n_items)]
+  shares = [distributed.deal(items, k, count) for k in range(count)]
+  assert sorted(x for s in shares for x in s) == sorted(items)
+  for k, share in enumerate(shares):  # by hand: item i goes to process i mod count
+    assert share == [f"g{i}" for i in range(n_items) if i % count == k]
+  assert distributed.Processes(count - 1, count).deal(items) == shares[-1]
+
+
+@pytest.mark.parametrize("index,count", [(2, 2), (-1, 2), (0, 0)])
+def test_process_index_out_of_range_is_refused(index, count):
+  with pytest.raises(ValueError, match="process"):
+    distributed.Processes(index, count)
+
+
+def test_initialize_alone_starts_nothing(monkeypatch):
+  for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+               distributed.ENV_PROCESS_ID, "SLURM_JOB_ID"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() == distributed.Processes(0, 1)
+  assert distributed.initialize(num_processes=1) == distributed.Processes(0, 1)
+  monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "1")
+  assert distributed.initialize() == distributed.Processes(0, 1)
+  assert distributed._client() is None  # jax.distributed was never started
+
+
+@pytest.mark.parametrize("kwargs,env,match", [
+    (dict(num_processes=2), {}, "needs --coordinator, --process_id"),
+    (dict(num_processes=2, process_id=2, coordinator="127.0.0.1:1"), {}, "not in"),
+    (dict(num_processes=1, process_id=1), {}, "process_id=0"),
+    ({}, {distributed.ENV_NUM_PROCESSES: "two"}, "not an integer"),
+])
+def test_initialize_refuses_incomplete_or_bad_arguments(monkeypatch, kwargs, env, match):
+  for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+               distributed.ENV_PROCESS_ID, "SLURM_JOB_ID"):
+    monkeypatch.delenv(name, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ValueError, match=match):
+    distributed.initialize(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# One run directory, two processes' roles played in turn (barriers are no-ops here)
+
+
+class _Role(distributed.Processes):
+  def barrier(self, name, timeout_s=None):
+    pass
+
+
+def _rows(i):
+  return {"t": [{"q": i, "x": float(i) / 3}]}
+
+
+def test_processes_share_a_run_directory(tmp_path):
+  out = str(tmp_path / "run")
+  settings = {"students": ["s"], "seed": 0}
+  lead = rundir.RunDir(out, settings, processes=_Role(0, 2))
+  worker = rundir.RunDir(out, settings, processes=_Role(1, 2))
+  groups = [[0], [1], [2], [3]]
+  with lead.open(), worker.open():  # the lead holds the lock; the worker does not trip it
+    assert lead.deal(groups) == [[0], [2]] and worker.deal(groups) == [[1], [3]]
+    lead.write_parts("s", {0: _rows(0)})
+    worker.write_parts("s", {1: _rows(1)})
+    with open(os.path.join(out, "manifest.json")) as f:
+      assert set(json.load(f)["parts"]) == {"s/q000000"}  # manifest.json is the lead's alone
+    with open(os.path.join(out, "manifest.p1.json")) as f:
+      assert set(json.load(f)["parts"]) == {"s/q000001"}
+    assert not worker.gather()
+    assert lead.gather()
+    assert not os.path.exists(os.path.join(out, "manifest.p1.json"))
+    merged = lead.merge(["s"], 2, ["t"])["t"]
+  assert merged["q"].tolist() == [0, 1]
+  # A restarted job of one process keeps both parts (a worker's manifest folded in at open).
+  again = rundir.RunDir(out, settings)
+  with again.open():
+    assert again.todo("s", groups) == [[2], [3]]
+
+
+def test_a_killed_workers_parts_are_adopted_on_restart(tmp_path):
+  out = str(tmp_path / "run")
+  settings = {"students": ["s"], "seed": 0}
+  lead = rundir.RunDir(out, settings, processes=_Role(0, 2))
+  worker = rundir.RunDir(out, settings, processes=_Role(1, 2))
+  with lead.open(), worker.open():
+    worker.write_parts("s", {1: _rows(1), 3: _rows(3)})
+    os.makedirs(worker.part_dir("s", 2) + ".tmp")  # a part being written when it was killed
+  # (no gather: the job died) A new job of three processes starts.
+  restarted = rundir.RunDir(out, settings, processes=_Role(0, 3))
+  with restarted.open():
+    assert restarted.todo("s", [[0], [1], [2], [3]]) == [[0], [2]]
+  assert not os.path.exists(worker.part_dir("s", 2) + ".tmp")
+
+
+def test_a_worker_with_other_settings_is_refused(tmp_path):
+  out = str(tmp_path / "run")
+  lead = rundir.RunDir(out, {"students": ["s"], "seed": 0}, processes=_Role(0, 2))
+  worker = rundir.RunDir(out, {"students": ["s"], "seed": 1}, processes=_Role(1, 2))
+  with lead.open():
+    with pytest.raises(rundir.RunDirError, match="seed: 0 there, 1 now"):
+      with worker.open():
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# The launcher, with a stand-in interpreter
+
+FAKE = """#!/usr/bin/env bash
+if [[ "$1" == -c ]]; then exec python3 "$@"; fi
+echo "process $GRADALIGN_JAX_PROCESS_ID of $GRADALIGN_JAX_NUM_PROCESSES at $GRADALIGN_JAX_COORDINATOR: $*"
+echo "JAX_PLATFORMS=$JAX_PLATFORMS"
+if [[ "$GRADALIGN_JAX_PROCESS_ID" == "${FAIL_ID:-none}" ]]; then exit 7; fi
+exec sleep "${SLEEP:-0}"
+"""
+
+
+def _launch(*args, python, **env):
+  full = dict(os.environ, PYTHON=python, **env)
+  full.pop("JAX_PLATFORMS", None)
+  return subprocess.run([os.path.join(LAUNCH, "local_multiprocess.sh"), *args],
+                        capture_output=True, text=True, env=full, timeout=120)
+
+
+@pytest.fixture
+def fake(tmp_path):
+  path = tmp_path / "fake_python"
+  path.write_text(FAKE)
+  path.chmod(0o755)
+  return str(path)
+
+
+def test_launcher_starts_n_processes_of_one_job(fake, tmp_path):
+  logs = tmp_path / "logs"
+  r = _launch("3", "alignment_sweep", "--out=x", "--seed=1", python=fake, LOG_DIR=str(logs),
+              PORT="12345")
+  assert r.returncode == 0, r.stderr
+  for k in range(3):
+    lines = (logs / f"process-{k}.log").read_text().splitlines()
+    assert lines == [f"process {k} of 3 at 127.0.0.1:12345: -m experiments.alignment_sweep "
+                     "--out=x --seed=1", "JAX_PLATFORMS=cpu"]
+    assert (logs / f"process-{k}.pid").read_text().strip().isdigit()
+
+
+def test_launcher_stops_the_others_when_one_fails(fake, tmp_path):
+  logs = tmp_path / "logs"
+  r = _launch("3", "alignment_sweep", python=fake, LOG_DIR=str(logs), FAIL_ID="1",
+              SLEEP="60")
+  assert r.returncode == 7
+  assert "process 1 (pid" in r.stderr and "failed with status 7" in r.stderr
+  for k in (0, 2):  # the sleepers were stopped, not waited for
+    pid = int((logs / f"process-{k}.pid").read_text())
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+@pytest.mark.parametrize("args,rc,err", [
+    ((), 2, ""), (("-h",), 0, ""), (("0", "alignment_sweep"), 2, "not a positive number"),
+    (("2", "nope"), 2, "unknown experiment 'nope'"),
+])
+def test_launcher_usage(fake, args, rc, err):
+  r = _launch(*args, python=fake)
+  assert r.returncode == rc
+  assert err in r.stderr
+  if not err:
+    assert "usage: launch/local_multiprocess.sh N <experiment>" in r.stdout
+
+
+def test_launcher_dry_run_prints_the_commands(fake):
+  r = _launch("2", "in_context_accuracy", "--out=y", python=fake, DRY_RUN="1", PORT="999",
+              LOG_DIR="/tmp/l")
+  assert r.returncode == 0
+  assert r.stdout.splitlines() == [
+      f"GRADALIGN_JAX_COORDINATOR=127.0.0.1:999 GRADALIGN_JAX_NUM_PROCESSES=2 "
+      f"GRADALIGN_JAX_PROCESS_ID={k} {fake} -m experiments.in_context_accuracy --out=y "
+      f">/tmp/l/process-{k}.log 2>&1" for k in range(2)]
+
+
+# ---------------------------------------------------------------------------------------
+# Real jobs over loopback: the tiny sweep as 1 process, 2 processes, 2 with one killed
+
+SWEEP = ["--students=student_small", "--teachers=teacher", "--num_questions=4",
+         "--num_rollouts=4", "--max_new_tokens=24", "--budget=4", "--question_batch=1",
+         "--permutations=20"]
+KEYS = {"nodes": ["student", "spec", "question_id", "node_id"],
+        "rollouts": ["student", "spec", "question_id", "rollout"],
+        "questions": ["student", "spec", "question_id"]}
+# Loaded in the subprocess before anything else: SIGKILLs process $KILL_PROCESS right after it
+# recorded its first part, as a crash would.
+KILL_HOOK = """import os, signal
+if os.environ.get("GRADALIGN_JAX_PROCESS_ID") == os.environ.get("KILL_PROCESS"):
+  from gradalign_jax import rundir
+  _write = rundir.RunDir.write_parts
+  def write_parts(self, tag, parts):
+    _write(self, tag, parts)
+    os.kill(os.getpid(), signal.SIGKILL)
+  rundir.RunDir.write_parts = write_parts
+"""
+
+
+def _job(launcher, *args, **env):
+  full = dict(os.environ, PYTHON=sys.executable, **env)
+  return subprocess.run([os.path.join(LAUNCH, launcher), *args], capture_output=True,
+                        text=True, env=full, timeout=600)
+
+
+def _tables(out):
+  out_ = {}
+  for t, keys in KEYS.items():
+    df = pd.read_parquet(os.path.join(out, f"{t}.parquet"))
+    out_[t] = df.sort_values(keys).reset_index(drop=True)
+  return out_
+
+
+def _assert_same_tables(a, b):
+  ta, tb = _tables(a), _tables(b)
+  for t in KEYS:
+    assert len(ta[t]) > 0
+    pd.testing.assert_frame_equal(ta[t], tb[t], check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("one") / "run")
+  r = _job("local_cpu.sh", "alignment_sweep", *SWEEP, f"--out={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return out
+
+
+@needs_toy
+@pytest.mark.slow
+def test_two_processes_write_the_tables_of_one(one_process, tmp_path):
+  out = str(tmp_path / "run")
+  r = _job("local_multiprocess.sh", "2", "alignment_sweep", *SWEEP, f"--out={out}",
+           LOG_DIR=str(tmp_path / "logs"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.strip() == f"report: {out}/report.md"
+  log1 = (tmp_path / "logs" / "process-1.log").read_text()
+  assert "process 1 of 2: 2 of the 4 question groups left" in log1
+  assert sorted(os.listdir(os.path.join(out, "parts", "student_small"))) == [
+      f"q{i:06d}" for i in range(4)]
+  assert not [n for n in os.listdir(out) if n.startswith("manifest.p")]  # folded in
+  _assert_same_tables(one_process, out)
+
+
+@needs_toy
+@pytest.mark.slow
+def test_a_killed_process_then_a_restart_loses_nothing(one_process, tmp_path):
+  out = str(tmp_path / "run")
+  hook = tmp_path / "hook"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(KILL_HOOK)
+  env = dict(PYTHONPATH=f"{hook}:{os.environ.get('PYTHONPATH', '')}", KILL_PROCESS="1")
+  r = _job("local_multiprocess.sh", "2", "alignment_sweep", *SWEEP, f"--out={out}",
+           LOG_DIR=str(tmp_path / "logs1"), **env)
+  assert r.returncode == 137, r.stderr[-3000:]  # SIGKILL; the launcher stopped process 0
+  assert "process 1 (pid" in r.stderr
+  parts = os.path.join(out, "parts", "student_small")
+  before = {q: os.stat(os.path.join(parts, q)).st_mtime_ns for q in os.listdir(parts)
+            if not q.endswith(".tmp")}
+  assert "q000001" in before  # process 1's first group (dealt 1 and 3) was written
+  assert "q000003" not in before  # ... and its second never was
+  assert not os.path.exists(os.path.join(out, "summary.json"))
+
+  r = _job("local_multiprocess.sh", "2", "alignment_sweep", *SWEEP, f"--out={out}",
+           LOG_DIR=str(tmp_path / "logs2"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  log0 = (tmp_path / "logs2" / "process-0.log").read_text()
+  assert f"{len(before)} of 4 question groups already done" in log0
+  left = 4 - len(before)
+  assert f"process 0 of 2: {(left + 1) // 2} of the {left} question groups left" in log0
+  after = {q: os.stat(os.path.join(parts, q)).st_mtime_ns for q in os.listdir(parts)}
+  assert sorted(after) == [f"q{i:06d}" for i in range(4)]
+  assert {q: after[q] for q in before} == before  # nothing written before was redone
+  _assert_same_tables(one_process, out)
