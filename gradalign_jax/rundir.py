@@ -227,6 +227,11 @@ class RunDir:
     its config.json and read its manifest."""
     if not self.processes.lead:
       self.processes.barrier("rundir-open")
+      if not os.path.exists(self.file(MANIFEST)):
+        raise RunDirError(
+            f"--out={self.path}: process 0 has opened the run there, but process "
+            f"{self.processes.index} on {socket.gethostname()} does not see its files; put "
+            "--out on a filesystem every host mounts at the same path (NFS, Filestore, Lustre)")
       self.overwrite = False  # process 0 has started over: compare with its config.json
       self.check(lock=False)
       with open(self.file(MANIFEST)) as f:

@@ -1,5 +1,6 @@
 """Start-up and processes (gradalign_jax/distributed.py), a run directory shared by a job's
-processes, and real jax.distributed jobs over loopback (launch/local_multiprocess.sh).
+processes, and real jax.distributed jobs over loopback (launch/local_multiprocess.sh;
+its argument handling is in test_launch.py).
 
 The reference for a job of N processes is the same experiment run as one process: its
 tables must come back exactly (pandas, check_exact). A job with a process SIGKILLed after its
@@ -124,6 +125,16 @@ def test_a_killed_workers_parts_are_adopted_on_restart(tmp_path):
   assert not os.path.exists(worker.part_dir("s", 2) + ".tmp")
 
 
+def test_a_worker_that_does_not_see_the_directory_is_told_why(tmp_path):
+  settings = {"students": ["s"], "seed": 0}
+  lead = rundir.RunDir(str(tmp_path / "host0"), settings, processes=_Role(0, 2))
+  worker = rundir.RunDir(str(tmp_path / "host1"), settings, processes=_Role(1, 2))
+  with lead.open():
+    with pytest.raises(rundir.RunDirError, match="filesystem every host mounts"):
+      with worker.open():
+        pass
+
+
 def test_a_worker_with_other_settings_is_refused(tmp_path):
   out = str(tmp_path / "run")
   lead = rundir.RunDir(out, {"students": ["s"], "seed": 0}, processes=_Role(0, 2))
@@ -132,78 +143,6 @@ def test_a_worker_with_other_settings_is_refused(tmp_path):
     with pytest.raises(rundir.RunDirError, match="seed: 0 there, 1 now"):
       with worker.open():
         pass
-
-
-# ---------------------------------------------------------------------------------------
-# The launcher, with a stand-in interpreter
-
-FAKE = """#!/usr/bin/env bash
-if [[ "$1" == -c ]]; then exec python3 "$@"; fi
-echo "process $GRADALIGN_JAX_PROCESS_ID of $GRADALIGN_JAX_NUM_PROCESSES at $GRADALIGN_JAX_COORDINATOR: $*"
-echo "JAX_PLATFORMS=$JAX_PLATFORMS"
-if [[ "$GRADALIGN_JAX_PROCESS_ID" == "${FAIL_ID:-none}" ]]; then exit 7; fi
-exec sleep "${SLEEP:-0}"
-"""
-
-
-def _launch(*args, python, **env):
-  full = dict(os.environ, PYTHON=python, **env)
-  full.pop("JAX_PLATFORMS", None)
-  return subprocess.run([os.path.join(LAUNCH, "local_multiprocess.sh"), *args],
-                        capture_output=True, text=True, env=full, timeout=120)
-
-
-@pytest.fixture
-def fake(tmp_path):
-  path = tmp_path / "fake_python"
-  path.write_text(FAKE)
-  path.chmod(0o755)
-  return str(path)
-
-
-def test_launcher_starts_n_processes_of_one_job(fake, tmp_path):
-  logs = tmp_path / "logs"
-  r = _launch("3", "alignment_sweep", "--out=x", "--seed=1", python=fake, LOG_DIR=str(logs),
-              PORT="12345")
-  assert r.returncode == 0, r.stderr
-  for k in range(3):
-    lines = (logs / f"process-{k}.log").read_text().splitlines()
-    assert lines == [f"process {k} of 3 at 127.0.0.1:12345: -m experiments.alignment_sweep "
-                     "--out=x --seed=1", "JAX_PLATFORMS=cpu"]
-    assert (logs / f"process-{k}.pid").read_text().strip().isdigit()
-
-
-def test_launcher_stops_the_others_when_one_fails(fake, tmp_path):
-  logs = tmp_path / "logs"
-  r = _launch("3", "alignment_sweep", python=fake, LOG_DIR=str(logs), FAIL_ID="1",
-              SLEEP="60")
-  assert r.returncode == 7
-  assert "process 1 (pid" in r.stderr and "failed with status 7" in r.stderr
-  for k in (0, 2):  # the sleepers were stopped, not waited for
-    pid = int((logs / f"process-{k}.pid").read_text())
-    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
-
-
-@pytest.mark.parametrize("args,rc,err", [
-    ((), 2, ""), (("-h",), 0, ""), (("0", "alignment_sweep"), 2, "not a positive number"),
-    (("2", "nope"), 2, "unknown experiment 'nope'"),
-])
-def test_launcher_usage(fake, args, rc, err):
-  r = _launch(*args, python=fake)
-  assert r.returncode == rc
-  assert err in r.stderr
-  if not err:
-    assert "usage: launch/local_multiprocess.sh N <experiment>" in r.stdout
-
-
-def test_launcher_dry_run_prints_the_commands(fake):
-  r = _launch("2", "in_context_accuracy", "--out=y", python=fake, DRY_RUN="1", PORT="999",
-              LOG_DIR="/tmp/l")
-  assert r.returncode == 0
-  assert r.stdout.splitlines() == [
-      f"GRADALIGN_JAX_COORDINATOR=127.0.0.1:999 GRADALIGN_JAX_NUM_PROCESSES=2 "
-      f"GRADALIGN_JAX_PROCESS_ID={k} {fake} -m experiments.in_context_accuracy --out=y "
-      f">/tmp/l/process-{k}.log 2>&1" for k in range(2)]
 
 
 # ---------------------------------------------------------------------------------------
