@@ -11,6 +11,13 @@ a targeted budget of T rollouts branched at mid depth (L/2 new tokens each); sco
 C nodes. A stage's time is at least max(FLOPs / peak FLOP/s, bytes / memory bandwidth); the
 larger term names what bounds it. The TPU v5e-8 figures assume the 8 chips split every
 matmul and the KV evenly (tensor parallel over the 8 KV heads), communication ignored.
+
+The second table lays one node out for many questions (``LAYOUTS``): a mesh of ``data`` ×
+``model`` devices, each question group on ``model`` devices that split both models' weights
+and every stage's working memory evenly, ``data`` groups at once; both models stay resident
+(the pipeline keeps them loaded). Per device: weights + the largest stage's working memory,
+against its HBM; per question: the stage sum on ``model`` devices; per node and hour:
+``data`` × 3600 / that.
 """
 
 from __future__ import annotations
@@ -29,6 +36,15 @@ HARDWARE = {  # name → (bf16 dense FLOP/s, HBM bytes/s, HBM bytes)
     "H100 SXM": (989e12, 3.35e12, 80e9),
     "TPU v5e-8": (8 * 197e12, 8 * 819e9, 8 * 16e9),
 }
+CHIPS = {  # one device: (bf16 dense FLOP/s, HBM bytes/s, HBM bytes)
+    "H100 SXM": (989e12, 3.35e12, 80e9),
+    "TPU v5e": (197e12, 819e9, 16e9),
+}
+LAYOUTS = (  # (node, device, data axis, model axis)
+    ("TPU v5e-8", "TPU v5e", 1, 8),
+    ("TPU v5e-8", "TPU v5e", 2, 4),
+    ("8×H100", "H100 SXM", 8, 1),
+)
 FINAL_PASS_SWEEPS = 24  # f32 passes over [C, V] in the final pass (softmaxes, directions, top-k)
 
 
@@ -60,7 +76,7 @@ def stages(g, length, p_s, p_t, budget, m, chunk):
   out.append(dict(stage="sample (student, G rows × L steps)",
                   flops=weight_flops(s, p_s + u) + attn_flops(s, 1, ctx),
                   bytes=length * w_s + kv_bytes(s) * read,
-                  resident=w_s + g * (p_s + length) * kv_bytes(s)))
+                  resident=w_s + g * (p_s + length) * kv_bytes(s), weights=w_s))
   # 2. tree scoring, both models: U nodes in chunks of C, each attending P + L + C slots (the
   # stack of ancestors); per chunk the weights and the stack are read once.
   chunks = u / chunk
@@ -69,12 +85,13 @@ def stages(g, length, p_s, p_t, budget, m, chunk):
                     flops=weight_flops(cfg, p + u) + attn_flops(cfg, u, p + length + chunk),
                     bytes=chunks * (w + (p + length + chunk) * kv_bytes(cfg))
                     + u * cfg.vocab_size * 4,
-                    resident=w + (p + length + chunk) * kv_bytes(cfg) + chunk * cfg.vocab_size * 4))
+                    resident=w + (p + length + chunk) * kv_bytes(cfg) + chunk * cfg.vocab_size * 4,
+                    weights=w))
   # 3. final pass: elementwise over [U, V] f32 in chunks (memory-bound by construction).
   out.append(dict(stage="final pass (every direction, covariates)",
                   flops=FINAL_PASS_SWEEPS * 4.0 * u * s.vocab_size,
                   bytes=FINAL_PASS_SWEEPS * 4.0 * u * s.vocab_size,
-                  resident=FINAL_PASS_SWEEPS * 4.0 * chunk * s.vocab_size))
+                  resident=FINAL_PASS_SWEEPS * 4.0 * chunk * s.vocab_size, weights=0))
   # 4. targeted: T rows (T/M requests of M rows) decode L/2 tokens each after a prefix of
   # P_s + L/2 gathered once per request (read once per step by its M rows).
   half, requests = length / 2, budget / m
@@ -83,8 +100,20 @@ def stages(g, length, p_s, p_t, budget, m, chunk):
   out.append(dict(stage=f"targeted ({budget} rollouts × L/2, M = {m})",
                   flops=weight_flops(s, budget * half) + attn_flops(s, 1, ctx_t),
                   bytes=half * w_s + kv_bytes(s) * read_t,
-                  resident=w_s + (requests * (p_s + length) + budget * half) * kv_bytes(s)))
+                  resident=w_s + (requests * (p_s + length) + budget * half) * kv_bytes(s),
+                  weights=w_s))
   return out
+
+
+def layout(rows, chip: str, data: int, model: int) -> dict:
+  """One node's layout for many questions: GB per device, whether it fits, seconds per
+  question on ``model`` devices (lower bound) and questions per node-hour."""
+  flops, bw, hbm = CHIPS[chip]
+  weights = 2 * (STUDENT.num_params() + TEACHER.num_params()) / model
+  working = max(r["resident"] - r["weights"] for r in rows) / model
+  seconds = sum(max(r["flops"] / (model * flops), r["bytes"] / (model * bw)) for r in rows)
+  return dict(weights=weights, working=working, fits=weights + working <= hbm, hbm=hbm,
+              seconds=seconds, per_hour=data * 3600 / seconds)
 
 
 def main():
@@ -118,6 +147,21 @@ def main():
     print(f"| {r['stage']} | {r['flops'] / 1e12:,.1f} | {r['bytes'] / 1e9:,.0f} | "
           f"{r['resident'] / 1e9:.1f} | " + " | ".join(cells) + " |")
   print("| total (lower bound) | | | | " + " | ".join(f"{totals[h]:.1f}" for h in hw) + " |")
+  print()
+  print("| node | mesh (data × model) | a question on | GB per device: weights + working "
+        "(HBM) | s per question (lower bound) | questions per node-hour |")
+  print("|---|---|---|---|---:|---:|")
+  for node, chip, data, model in LAYOUTS:
+    r = layout(rows, chip, data, model)
+    print(f"| {node} | data={data} × model={model} | {model} {chip} | "
+          f"{r['weights'] / 1e9:.1f} + {r['working'] / 1e9:.1f} = "
+          f"{(r['weights'] + r['working']) / 1e9:.1f} ({r['hbm'] / 1e9:.0f}"
+          f"{'' if r['fits'] else ', does not fit'}) | {r['seconds']:.1f} | "
+          f"{r['per_hour']:,.0f} |")
+  for chip, (_, _, hbm) in CHIPS.items():
+    if 2 * TEACHER.num_params() > hbm:
+      print(f"\nThe teacher's bf16 weights ({2 * TEACHER.num_params() / 1e9:.1f} GB) exceed one "
+            f"{chip}'s {hbm / 1e9:.0f} GB: a mesh with model ≥ 2 is needed there.")
 
 
 if __name__ == "__main__":

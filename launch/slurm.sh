@@ -3,14 +3,16 @@
 #   sbatch launch/slurm.sh alignment_sweep --out=/shared/runs/x          (from the repository)
 #   sbatch --nodes=4 launch/slurm.sh alignment_sweep --out=/shared/runs/x
 # srun starts the tasks; JAX reads the job's layout from SLURM's variables (coordinator on
-# the first node, process id = task id, each task its own GPU by SLURM_LOCALID). Process 0
+# the first node, process id = task id, each task its own GPU by SLURM_LOCALID). Every task
+# must see all of its node's GPUs (--gpus-per-node, not --gpus-per-task=1, which hides all but
+# one and leaves JAX asking for GPU SLURM_LOCALID: jax-ml/jax#28194). Process 0
 # merges and writes the report; a resubmission resumes (only unfinished groups are redone).
 # --out must be on a filesystem every node sees. The #SBATCH lines are defaults: override
 # them on the sbatch command line. DRY_RUN=1 bash launch/slurm.sh ... prints the srun command.
 #SBATCH --job-name=gradalign_jax
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
-#SBATCH --gpus-per-task=1
+#SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
 #SBATCH --output=gradalign_jax-%j.out

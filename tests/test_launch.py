@@ -140,6 +140,18 @@ def test_launcher_starts_n_processes_of_one_job(fake_job, tmp_path):
     assert (logs / f"process-{k}.pid").read_text().strip().isdigit()
 
 
+def test_launcher_gives_each_process_its_gpu_on_request(fake_job, tmp_path):
+  logs = tmp_path / "logs"
+  r = _launch("2", "alignment_sweep", python=fake_job, LOG_DIR=str(logs), ONE_GPU_EACH="1",
+              DRY_RUN="1", PORT="7")
+  assert [line.split(" -m ")[0] for line in r.stdout.splitlines()] == [
+      f"GRADALIGN_JAX_COORDINATOR=127.0.0.1:7 GRADALIGN_JAX_NUM_PROCESSES=2 "
+      f"GRADALIGN_JAX_PROCESS_ID={k} CUDA_VISIBLE_DEVICES={k} {fake_job}" for k in range(2)]
+  r = _launch("2", "alignment_sweep", python=fake_job, LOG_DIR=str(logs), ONE_GPU_EACH="1")
+  assert r.returncode == 0, r.stderr
+  assert (logs / "process-1.log").read_text().splitlines()[1] == "JAX_PLATFORMS=cuda"
+
+
 def test_launcher_stops_the_others_when_one_fails(fake_job, tmp_path):
   logs = tmp_path / "logs"
   r = _launch("3", "alignment_sweep", python=fake_job, LOG_DIR=str(logs), FAIL_ID="1",
