@@ -72,6 +72,54 @@ def test_initialize_refuses_incomplete_or_bad_arguments(monkeypatch, kwargs, env
     distributed.initialize(**kwargs)
 
 
+# Two real processes (jax.distributed over loopback, started from the environment variables):
+# a barrier, a reported failure seen by the other at its next barrier, initialize idempotent.
+BARRIER_SCRIPT = """
+import time
+from gradalign_jax import distributed
+procs = distributed.initialize()
+assert distributed.initialize() == procs  # idempotent
+procs.barrier("start")
+print(f"process {procs.index} of {procs.count} passed the barrier", flush=True)
+if procs.index == 1:
+  procs.report_failure("ValueError: a bad checkpoint")
+else:
+  start = time.monotonic()
+  try:
+    procs.barrier("never", timeout_s=120)
+  except distributed.ProcessFailed as e:
+    print(f"stopped after {time.monotonic() - start:.0f} s: {e}", flush=True)
+"""
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_meet_at_barriers_and_hear_of_a_failure():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             **{distributed.ENV_COORDINATOR: f"127.0.0.1:{_free_port()}",
+                distributed.ENV_NUM_PROCESSES: "2"})
+  procs = [subprocess.Popen([sys.executable, "-c", BARRIER_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(env, **{distributed.ENV_PROCESS_ID: str(k)}))
+           for k in range(2)]
+  outs = [p.communicate(timeout=240) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+  out0, out1 = outs[0][0].splitlines(), outs[1][0].splitlines()
+  assert out0[0] == "process 0 of 2 passed the barrier"
+  assert out1 == ["process 1 of 2 passed the barrier"]
+  # Seen at once (polled every 0.25 s), not after the 120 s timeout or JAX's heartbeats.
+  assert out0[1].startswith("stopped after ")
+  assert int(out0[1].split()[2]) < 30
+  assert out0[1].endswith("process 1 failed: ValueError: a bad checkpoint (process 0 stopped "
+                          "at barrier 'never')")
+
+
 # ---------------------------------------------------------------------------------------
 # One run directory, two processes' roles played in turn (barriers are no-ops here)
 
@@ -148,9 +196,10 @@ def test_a_worker_with_other_settings_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Real jobs over loopback: the tiny sweep as 1 process, 2 processes, 2 with one killed
 
-SWEEP = ["--students=student_small", "--teachers=teacher", "--num_questions=4",
+# A summary spec: process 0 writes the summaries, the others wait for them and read them.
+SWEEP = ["--students=student_small", "--teachers=teacher,self:summary", "--num_questions=4",
          "--num_rollouts=4", "--max_new_tokens=24", "--budget=4", "--question_batch=1",
-         "--permutations=20"]
+         "--permutations=20", "--summary_tokens=16"]
 KEYS = {"nodes": ["student", "spec", "question_id", "node_id"],
         "rollouts": ["student", "spec", "question_id", "rollout"],
         "questions": ["student", "spec", "question_id"]}
