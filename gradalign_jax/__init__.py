@@ -14,6 +14,7 @@ Public modules (import them as submodules: ``from gradalign_jax import models, t
   analysis   tables (schemas, aggregates), statistics, report, plots, token view
   rundir     a run directory: settings check, atomic per-question parts, resume, merge
   compilation  JAX's persistent compilation cache (``compilation.enable()``)
+  distributed  jax.distributed start-up, this process's share of a job, barriers
   exact      exact V and g* by enumeration (tiny vocabulary and horizon)
 See ../shared/design/ARCHITECTURE.md and MATH.md.
 
