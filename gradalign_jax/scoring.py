@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradalign_jax import models
+from gradalign_jax import distributed, models
 from gradalign_jax.shapes import bucket
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
@@ -221,7 +221,8 @@ def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
   depth_slots = bucket(int(plan.depth.max()) + 1, shapes.min_capacity)
   largest = max(c for _, c in plan.chunks)
   stack_at, scratch = padded, padded + depth_slots
-  cache = models.init_cache(model.cfg, 1, scratch + largest)
+  # params on a mesh: the cache's kv heads split over its "model" axis (distributed.py)
+  cache = models.init_cache(model.cfg, 1, scratch + largest, distributed.mesh_of(model.params))
   if base:
     toks = np.zeros((1, padded), np.int32)
     toks[0, :base] = prompt[:-1]
