@@ -47,8 +47,9 @@ DATA, MODEL = "data", "model"
 #   K = 8 on a model axis of 16) k_proj / v_proj and the KV cache are replicated, as in
 #   Megatron: each device computes every kv head (a small projection) next to its share of
 #   the query heads. Splitting K·H over head_dim instead would put a gather inside q/k
-#   RMSNorm and RoPE (both read the whole head) at every layer. Every dense Qwen3 (0.6B-32B)
-#   has K = 8, N ≥ 16, F and V divisible by 8, so meshes with model ≤ 8 shard everything.
+#   RMSNorm and RoPE (both read the whole head) at every layer. Qwen3-0.6B, 1.7B and 8B
+#   (shapes in benchmarks/) have K = 8, N ≥ 16, F and V divisible by 8: with model ≤ 8
+#   everything is split.
 #
 # KV caches ([L, B or J, S, K, H] keys and values, bool[B or J, S] validity, int32[B] or
 # [J, P] positions): K over "model" when it divides (the attention of a head group then runs

@@ -27,6 +27,9 @@ ancestors):
      (the tree mask within the chunk). Nothing of nodes × vocab is kept beyond one chunk:
      consumers get f32[C, V] per chunk (``node_logit_chunks``, ``padded_chunks``).
 
+Params on a mesh (``distributed.param_sharding``): the cache is laid out on the params' mesh
+(kv heads over "model"); the chunk programs are unchanged and XLA partitions them.
+
 Cost and memory: each chunk attends over P + S' + C slots (S' = the deepest node's depth + 1,
 to a power of two), so a tree of U scored nodes costs U × (P + S' + C) attention entries, the
 same as one causal forward of every rollout (Σ_r L_r × (P + L_r)) up to the chunk, and the

@@ -6,6 +6,10 @@ before jax is imported; the rest of the suite runs with one device). Standalone:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_DEFAULT_MATMUL_PRECISION=highest \
       python tests/sharded_checks.py
 
+``--diagnose`` adds ``pipeline.diagnose`` on the bundled toy models (sampling, targeted
+rollouts, scoring, tables) with ``ModelCache(mesh=)`` over data × model = 4 × 2 against the same
+on one device (a few minutes on 2 CPU cores; not part of the test suite).
+
 The reference is the same checkpoint loaded with no sharding (one device); every check prints
 what differed and the script exits nonzero on the first failure. Tolerances: fp32, rtol 1e-5
 and atol 1e-5 (the sharded programs sum in another order: all-reduces over the model axis).
@@ -123,6 +127,36 @@ def pipeline(cfg, params):
   return ro, br, (ids, s_logits, t_logits), columns
 
 
+def same_tables(a, b, what: str) -> None:
+  """Two pipeline.Tables: the same columns and rows; floats (also inside list cells) close."""
+  for name in ("nodes", "rollouts", "questions"):
+    x, y = getattr(a, name), getattr(b, name)
+    check(list(x.columns) == list(y.columns) and len(x) == len(y),
+          f"{what} {name}: columns or row counts differ")
+    for column in x.columns:
+      for i, (u, v) in enumerate(zip(x[column], y[column])):
+        if isinstance(u, str) or u is None:
+          check(u == v, f"{what} {name}.{column} row {i}: {v!r} vs {u!r}")
+        else:
+          close(np.asarray(v), np.asarray(u), f"{what} {name}.{column} row {i}")
+
+
+def check_diagnose() -> None:
+  from gradalign_jax import pipeline, targeted, tasks
+  task = tasks.get_task("synthetic")
+  examples = task.load("synthetic:seed=1,n=256", limit=2)
+  config = pipeline.DiagnoseConfig(
+      num_rollouts=8, sampling=sampling.SamplingConfig(max_new_tokens=40),
+      targeted=targeted.TargetedConfig(budget=8))
+  specs = ["teacher", "self:correct_demo"]
+  plain = pipeline.diagnose("student_small", specs, examples, task, config)
+  mesh = distributed.make_mesh(4, 2)
+  sharded = pipeline.diagnose("student_small", specs, examples, task, config,
+                              models=loaded.ModelCache(mesh=mesh))
+  same_tables(sharded, plain, "diagnose (4, 2)")
+  print(f"pipeline.diagnose over (4, 2) equals one device ({len(plain.nodes)} nodes)", flush=True)
+
+
 def main() -> None:
   start = time.time()
   check(jax.device_count() == 8, f"needs 8 devices, found {jax.device_count()} (set XLA_FLAGS="
@@ -190,6 +224,8 @@ def main() -> None:
   check(distributed.mesh_of(sharded.params) == mesh and distributed.mesh_of(plain.params) is None,
         "LoadedModel(mesh=) did not place the params on the mesh")
   check_layout(sharded.params, plain.params, mesh, (4, 2))
+  if "--diagnose" in sys.argv[1:]:
+    check_diagnose()
   print(f"all sharding checks passed in {time.time() - start:.0f} s", flush=True)
 
 

@@ -71,6 +71,7 @@ def test_one_device_params_have_no_mesh():
   assert distributed.mesh_of(qwen3.init_params(cfg)) is None
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded_on_8_devices():
   """tests/sharded_checks.py in a subprocess (XLA_FLAGS must be set before jax is imported):
   forward over model = 2, 4, 8 and data × model = 2 × 4; sample, branch and score_tree over

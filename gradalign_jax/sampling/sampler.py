@@ -42,6 +42,11 @@ any depth. top-p sorts the vocabulary every step; temperature and top-k do not.
 Shapes are bucketed (questions and branch requests to a power of two, prompt length to a
 power of two ≥ 8), so a sweep compiles a handful of programs per (model, SamplingConfig, G).
 
+Params laid out on a mesh (``distributed.param_sharding``) are all it takes to run sharded:
+``sample`` and ``branch`` read the mesh off the params and lay every KV cache and the decode
+state out on it (``distributed.cache_sharding``: kv heads over "model", rows over "data");
+XLA partitions the rest. One device (no mesh): the programs are unchanged.
+
 Shape letters: see gradalign_jax/__init__.py (a sample call's J prefix groups are its Q
 questions with R = G rows each; a branch call's are its requests, with R = M).
 """
