@@ -100,7 +100,7 @@ def make_mesh(data: int | None = None, model: int = 1,
 
 
 def _axis_size(mesh: Mesh, name: str) -> int:
-  return dict(zip(mesh.axis_names, mesh.devices.shape)).get(name, 1)
+  return dict(mesh.shape).get(name, 1)  # a Mesh or an AbstractMesh
 
 
 def _warn_once(key, message: str) -> None:

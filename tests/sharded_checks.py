@@ -102,6 +102,36 @@ def check_layout(params, reference, mesh, dm) -> None:
       close(s.data, ref[s.index], f"{dm} {name} shard on {s.device}")
 
 
+def check_reads_slices(path, mesh, dm) -> None:
+  """A sharded load reads each device's slice, never a whole split tensor, and never takes
+  the one-device path (jax.device_put of a whole tensor)."""
+  reads = []
+  real = jax.make_array_from_callback
+
+  def recording(shape, sharding, callback, dtype=None):
+    def wrapped(index):
+      out = callback(index)
+      reads.append((shape, sharding.spec, out.shape))
+      return out
+    return real(shape, sharding, wrapped, dtype)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("jax.device_put called during a sharded load")
+
+  jax.make_array_from_callback, device_put = recording, jax.device_put
+  jax.device_put = refuse
+  try:
+    models.load_pretrained(path, sharding=distributed.param_sharding(mesh))
+  finally:
+    jax.make_array_from_callback, jax.device_put = real, device_put
+  check(len(reads) > 0, f"{dm}: the sharded load read nothing through make_array_from_callback")
+  for shape, spec, got in reads:
+    want = tuple(n // dm[1] if a == "model" else n
+                 for n, a in zip(shape, tuple(spec) + (None,) * len(shape)))
+    check(got == want, f"{dm}: a tensor {shape} split {spec} was read as a {got} slice, "
+          f"expected {want}")
+
+
 def tree_of(ro, br) -> tree.PrefixTree:
   t = tree.PrefixTree()
   for i in range(len(ro)):
@@ -178,6 +208,8 @@ def main() -> None:
     check(dict(mesh.shape) == {"data": dm[0], "model": dm[1]}, f"mesh {mesh.shape}")
     _, sp = models.load_pretrained(student_dir, sharding=distributed.param_sharding(mesh))
     check_layout(sp, params, mesh, dm)
+    if dm == (2, 4):
+      check_reads_slices(student_dir, mesh, dm)
     close(models.forward(cfg, sp, tokens), ref_logits, f"{dm} forward")
     if dm == (2, 4):  # one mesh: the tied head shares the embedding's rule
       _, tp = models.load_pretrained(tied_dir, sharding=distributed.param_sharding(mesh))

@@ -57,6 +57,29 @@ def test_every_parameter_has_a_rule():
   assert names - set(distributed._SPLIT_AXIS) == {"weight", "o_bias"}
 
 
+# (data, model), array shape -> expected spec: KV [L, B, S, K, H], validity/positions [B, S],
+# per-row [B], the write index []
+CACHE_RULES = {
+    "kv: rows over data, kv heads over model": ((2, 4), (28, 16, 64, 8, 128),
+                                                P(None, "data", None, "model", None)),
+    "kv: 8 kv heads over 16 → replicated heads": ((1, 16), (28, 16, 64, 8, 128),
+                                                   P(None, None, None, None, None)),
+    "kv: one row over data 2 → replicated rows": ((2, 4), (28, 1, 64, 8, 128),
+                                                  P(None, None, None, "model", None)),
+    "validity: rows over data": ((2, 4), (16, 64), P("data", None)),
+    "per-row positions over data": ((2, 4), (16,), P("data")),
+    "odd rows → replicated": ((2, 4), (3,), P(None)),
+    "write index replicated": ((2, 4), (), P()),
+}
+
+
+@pytest.mark.parametrize("case", CACHE_RULES)
+def test_cache_spec(case):
+  axes, shape, expected = CACHE_RULES[case]
+  mesh = jax.sharding.AbstractMesh(axes, ("data", "model"))
+  assert distributed.cache_spec(mesh, shape) == expected
+
+
 def test_make_mesh_refuses_a_mismatch():
   with pytest.raises(ValueError, match="needs 4 devices"):
     distributed.make_mesh(2, 2, devices=jax.devices()[:1])
