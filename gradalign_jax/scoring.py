@@ -27,6 +27,9 @@ ancestors):
      (the tree mask within the chunk). Nothing of nodes × vocab is kept beyond one chunk:
      consumers get f32[C, V] per chunk (``node_logit_chunks``, ``padded_chunks``).
 
+Params on a mesh (``distributed.param_sharding``): the cache is laid out on the params' mesh
+(kv heads over "model"); the chunk programs are unchanged and XLA partitions them.
+
 Cost and memory: each chunk attends over P + S' + C slots (S' = the deepest node's depth + 1,
 to a power of two), so a tree of U scored nodes costs U × (P + S' + C) attention entries, the
 same as one causal forward of every rollout (Σ_r L_r × (P + L_r)) up to the chunk, and the
@@ -60,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradalign_jax import models
+from gradalign_jax import distributed, models
 from gradalign_jax.shapes import bucket
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
@@ -221,7 +224,8 @@ def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
   depth_slots = bucket(int(plan.depth.max()) + 1, shapes.min_capacity)
   largest = max(c for _, c in plan.chunks)
   stack_at, scratch = padded, padded + depth_slots
-  cache = models.init_cache(model.cfg, 1, scratch + largest)
+  # params on a mesh: the cache's kv heads split over its "model" axis (distributed.py)
+  cache = models.init_cache(model.cfg, 1, scratch + largest, distributed.mesh_of(model.params))
   if base:
     toks = np.zeros((1, padded), np.int32)
     toks[0, :base] = prompt[:-1]

@@ -70,11 +70,27 @@ class SharedPrefix:
   valid: jax.Array
 
 
-def init_cache(cfg: Qwen3Config, batch: int, capacity: int) -> KVCache:
-  """An empty cache for ``batch`` rows and ``capacity`` slots."""
+def init_cache(cfg: Qwen3Config, batch: int, capacity: int, mesh=None) -> KVCache:
+  """An empty cache for ``batch`` rows and ``capacity`` slots.
+
+  mesh: a ``jax.sharding.Mesh`` (e.g. ``distributed.mesh_of(params)``): the cache is laid out
+  on it by ``distributed.cache_sharding`` (kv heads over "model", rows over "data"), inside
+  jit or outside. None: as before, no sharding.
+  """
   shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
-                 valid=jnp.zeros((batch, capacity), bool), length=jnp.zeros((), jnp.int32))
+  cache = KVCache(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
+                  valid=jnp.zeros((batch, capacity), bool), length=jnp.zeros((), jnp.int32))
+  return constrain(mesh, cache)
+
+
+def constrain(mesh, tree):
+  """A KV pytree (KVCache, SharedPrefix, RolloutState) laid out on ``mesh`` by
+  ``distributed.cache_sharding``; unchanged when ``mesh`` is None."""
+  if mesh is None:
+    return tree
+  from gradalign_jax import distributed  # imported here: models is the lower layer
+  # a constraint inside jit, a placement outside
+  return jax.lax.with_sharding_constraint(tree, distributed.cache_sharding(mesh, tree))
 
 
 @jax.tree_util.register_dataclass

@@ -241,7 +241,9 @@ def hf_shape(parts: tuple, shape: tuple) -> tuple:
   return tuple(shape)
 
 
-def _key_parts(path) -> tuple:
+def param_path(path) -> tuple:
+  """The parameter path of a pytree key path, e.g. ('layers', 3, 'self_attn', 'q_proj'): what
+  ``hf_name`` and a ``load_pretrained(sharding=f)`` callable receive."""
   out = []
   for k in path:
     key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
@@ -273,7 +275,10 @@ def load_pretrained(path_or_hub_id: str, dtype: str = "float32", *,
     path_or_hub_id: local HF checkpoint directory, or a hub id (needs huggingface_hub, online).
     dtype: weight dtype, "float32" | "bfloat16" | "float16"; logits are fp32 regardless.
     matmul_precision: "default" | "high" | "highest" (use "highest" for fp32 parity on GPU/TPU).
-    sharding: optional ``f(param_path, shape) -> Sharding`` placing each tensor as it is read.
+    sharding: optional ``f(param_path, shape) -> Sharding`` (e.g.
+      ``distributed.param_sharding(mesh)``): each device reads its slice of each tensor from
+      the memory-mapped file (no whole copy on one device first); the orbax cache, when used,
+      restores into the same shardings. None (the default): each tensor on the default device.
     cache_dir: optional directory for an orbax cache of the converted params; the second load
       of the same checkpoint and dtype restores from it.
   Returns:
@@ -283,21 +288,25 @@ def load_pretrained(path_or_hub_id: str, dtype: str = "float32", *,
   cfg = load_config(ckpt_dir, dtype=dtype, matmul_precision=matmul_precision)
   tensors = safetensors_index(ckpt_dir)
   abstract = qwen3.abstract_params(cfg)
-  place = (lambda parts, x: jax.device_put(x, sharding(parts, x.shape))) if sharding else (
-      lambda parts, x: jax.device_put(x))
 
   cache_path = None
   if cache_dir is not None:
     cache_path = os.path.abspath(os.path.join(cache_dir, _cache_key(ckpt_dir, cfg, tensors)))
     if os.path.isdir(cache_path):
       import orbax.checkpoint as ocp
+      target = abstract
+      if sharding is not None:  # orbax reads each device's slice into its shard
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                              sharding=sharding(param_path(p), x.shape)),
+            abstract)
       with ocp.StandardCheckpointer() as ckptr:
-        return cfg, ckptr.restore(cache_path, abstract)
+        return cfg, ckptr.restore(cache_path, target)
 
   used = set()
 
   def load_one(path, leaf):
-    parts = _key_parts(path)
+    parts = param_path(path)
     name = hf_name(parts)
     if name not in tensors:
       raise CheckpointError(f"checkpoint at {ckpt_dir} has no tensor {name} "
@@ -309,14 +318,32 @@ def load_pretrained(path_or_hub_id: str, dtype: str = "float32", *,
       raise CheckpointError(
           f"checkpoint at {ckpt_dir}: {name} has shape {list(array.shape)} but config.json "
           f"implies {list(expected)}; is config.json the one these weights were saved with?")
-    array = np.asarray(array).reshape(leaf.shape).astype(leaf.dtype, copy=False)
-    if not np.isfinite(array).all():
-      bad = int(array.size - np.isfinite(array).sum())
-      raise CheckpointError(
-          f"checkpoint at {ckpt_dir}: tensor {name} ({tensors[name][0]}) has {bad} NaN/Inf "
-          f"value(s) of {array.size}; the weights are corrupt (or overflowed when saved in a "
-          f"narrower dtype): {_REWRITE}")
-    return place(parts, array)
+    view = np.asarray(array).reshape(leaf.shape)  # still memory-mapped: nothing read yet
+
+    def read(index=()):
+      part = view[index].astype(leaf.dtype, copy=False)  # reads this slice's bytes only
+      if not np.isfinite(part).all():
+        bad = int(part.size - np.isfinite(part).sum())
+        raise CheckpointError(
+            f"checkpoint at {ckpt_dir}: tensor {name} ({tensors[name][0]}) has {bad} NaN/Inf "
+            f"value(s) of {part.size} read; the weights are corrupt (or overflowed when saved "
+            f"in a narrower dtype): {_REWRITE}")
+      return part
+
+    target = sharding(parts, leaf.shape) if sharding is not None else None
+    if target is None:
+      return jax.device_put(read())
+    # Each device gets its own slice straight from the memory map (no whole copy on any one
+    # device); a slice several devices hold (replication) is read once.
+    slices = {}
+
+    def shard(index):
+      key = tuple((s.start, s.stop, s.step) for s in index)
+      if key not in slices:
+        slices[key] = read(index)
+      return slices[key]
+
+    return jax.make_array_from_callback(leaf.shape, target, shard)
 
   params = jax.tree_util.tree_map_with_path(load_one, abstract)
   unused = sorted(set(tensors) - used)
@@ -352,7 +379,7 @@ def save_pretrained(cfg: qwen3.Qwen3Config, params: nnx.State, path: str,
 
   tensors = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    parts = _key_parts(key_path)
+    parts = param_path(key_path)
     tensors[hf_name(parts)] = np.ascontiguousarray(
         np.asarray(leaf).reshape(hf_shape(parts, leaf.shape)))
   raw = {

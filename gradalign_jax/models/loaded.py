@@ -4,6 +4,7 @@
     student = loaded.LoadedModel("student_small")        # a toy name, a directory or a hub id
     ids = student.encode("text"); student.decode(ids)
     models = loaded.ModelCache("float32"); models.get("self", student="student_small")
+    teacher = loaded.LoadedModel("Qwen/Qwen3-8B", "bfloat16", mesh=distributed.make_mesh(model=8))
 
 The toy registry: ``TOY_MODELS`` are checkpoints shipped in ``assets/toy`` (Hugging Face
 layout, trained by experiments/train_toy.py); ``resolve_model`` turns a name, ``self`` or a
@@ -39,11 +40,20 @@ def resolve_model(ref: str, student: str) -> str:
 class LoadedModel:
   """A loaded checkpoint: ``ref`` (what was loaded), ``cfg``, ``params``, ``tok`` (tokenizer),
   ``mask`` (bool[V] real vocabulary rows), ``eos_ids`` (ids that end a rollout: the
-  tokenizer's EOS and Qwen3's ``<|im_end|>``/``<|endoftext|>``) and ``pad_id``."""
+  tokenizer's EOS and Qwen3's ``<|im_end|>``/``<|endoftext|>``) and ``pad_id``.
 
-  def __init__(self, ref: str, dtype: str = "float32"):
+  mesh: optional ``jax.sharding.Mesh`` (``distributed.make_mesh``): the params are read
+  straight into their shards by ``distributed.param_sharding`` (tensor parallel over its
+  "model" axis), and the sampler and scorer then shard their KV caches alike. None: one
+  device, as before."""
+
+  def __init__(self, ref: str, dtype: str = "float32", mesh=None):
     self.ref = resolve_model(ref, ref)
-    self.cfg, self.params = load_pretrained(self.ref, dtype=dtype)
+    sharding = None
+    if mesh is not None:
+      from gradalign_jax import distributed  # models is the lower layer
+      sharding = distributed.param_sharding(mesh)
+    self.cfg, self.params = load_pretrained(self.ref, dtype=dtype, sharding=sharding)
     self.tok = load_tokenizer(self.ref)
     self.mask = vocab_mask(self.tok, self.cfg.vocab_size)
     ends = {self.tok.eos_token_id} | {self.tok.convert_tokens_to_ids(t)
@@ -77,17 +87,19 @@ class LoadedModel:
 
 
 class ModelCache:
-  """Loads each checkpoint once; ``self`` resolves to the student of the moment."""
+  """Loads each checkpoint once; ``self`` resolves to the student of the moment. mesh: every
+  model loaded sharded over it (see ``LoadedModel``)."""
 
-  def __init__(self, dtype: str = "float32"):
+  def __init__(self, dtype: str = "float32", mesh=None):
     self.dtype = dtype
+    self.mesh = mesh
     self._loaded: dict[str, LoadedModel] = {}
 
   def get(self, ref: str, student: str) -> LoadedModel:
     path = resolve_model(ref, student)
     if path not in self._loaded:
       _log.info("loading %s", path)
-      self._loaded[path] = LoadedModel(path, self.dtype)
+      self._loaded[path] = LoadedModel(path, self.dtype, mesh=self.mesh)
     return self._loaded[path]
 
 

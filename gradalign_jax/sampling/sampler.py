@@ -42,6 +42,11 @@ any depth. top-p sorts the vocabulary every step; temperature and top-k do not.
 Shapes are bucketed (questions and branch requests to a power of two, prompt length to a
 power of two ≥ 8), so a sweep compiles a handful of programs per (model, SamplingConfig, G).
 
+Params laid out on a mesh (``distributed.param_sharding``) are all it takes to run sharded:
+``sample`` and ``branch`` read the mesh off the params and lay every KV cache and the decode
+state out on it (``distributed.cache_sharding``: kv heads over "model", rows over "data");
+XLA partitions the rest. One device (no mesh): the programs are unchanged.
+
 Shape letters: see gradalign_jax/__init__.py (a sample call's J prefix groups are its Q
 questions with R = G rows each; a branch call's are its requests, with R = M).
 """
@@ -56,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradalign_jax import distributed
 from gradalign_jax.gradients import MASKED_LOGIT
 from gradalign_jax.models import cache as cache_lib
 from gradalign_jax.models import qwen3
@@ -253,17 +259,19 @@ class _Decoding:
   gen: cache_lib.KVCache
 
 
-def _start(cfg, sampling, first_tok, first_lp, limit, active, n_slots, width) -> _Decoding:
+def _start(cfg, sampling, first_tok, first_lp, limit, active, n_slots, width,
+           mesh) -> _Decoding:
   """Slot 0 holds first_tok / first_lp ([B]); limit int32[B] most tokens a row may hold;
-  active bool[B] (False = padding row)."""
+  active bool[B] (False = padding row). mesh: the params' (rows over "data", kv heads over
+  "model"), or None."""
   b = first_tok.shape[0]
-  return _Decoding(
+  return cache_lib.constrain(mesh, _Decoding(
       step=jnp.zeros((), jnp.int32),
       tokens=jnp.full((b, n_slots), sampling.pad_id, jnp.int32).at[:, 0].set(first_tok),
       logprobs=jnp.full((b, n_slots), jnp.nan, jnp.float32).at[:, 0].set(first_lp),
       count=active.astype(jnp.int32),
       finished=~active | _is_eos(first_tok, sampling) | (limit <= 1),
-      gen=cache_lib.init_cache(cfg, b, width))
+      gen=cache_lib.init_cache(cfg, b, width)))
 
 
 def _decode(model, sampling, vocab_mask, prefix, base_pos, limit, keys, depth0,
@@ -299,24 +307,25 @@ def _decode(model, sampling, vocab_mask, prefix, base_pos, limit, keys, depth0,
   return jax.lax.while_loop(cond, body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "width"))
-def _grow_program(cfg, sampling, width, params, prefix, base_pos, limit, keys, depth0, carry,
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "width", "mesh"))
+def _grow_program(cfg, sampling, width, mesh, params, prefix, base_pos, limit, keys, depth0, carry,
                   vocab_mask):
   """The next stage: the generated KV padded to ``width`` slots, then decode on."""
   pad = lambda x: jnp.pad(x, [(0, 0)] * 2 + [(0, width - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
   gen = carry.gen
-  gen = cache_lib.KVCache(k=pad(gen.k), v=pad(gen.v), length=gen.length,
-                          valid=jnp.pad(gen.valid, ((0, 0), (0, width - gen.capacity))))
+  gen = cache_lib.constrain(mesh, cache_lib.KVCache(
+      k=pad(gen.k), v=pad(gen.v), length=gen.length,
+      valid=jnp.pad(gen.valid, ((0, 0), (0, width - gen.capacity)))))
   return _decode(qwen3.bind(cfg, params), sampling, vocab_mask, prefix, base_pos, limit, keys,
                  depth0, dataclasses.replace(carry, gen=gen))
 
 
-def _stages(cfg, sampling, params, prefix, base_pos, limit, keys, depth0, carry, vocab_mask,
-            n_slots) -> _Decoding:
+def _stages(cfg, sampling, mesh, params, prefix, base_pos, limit, keys, depth0, carry,
+            vocab_mask, n_slots) -> _Decoding:
   """Runs the later stages while some row is live (one host sync per stage)."""
   while carry.gen.capacity < n_slots and not bool(jnp.all(carry.finished)):
     width = min(n_slots, carry.gen.capacity * GROWTH)
-    carry = _grow_program(cfg, sampling, width, params, prefix, base_pos, limit, keys, depth0,
+    carry = _grow_program(cfg, sampling, width, mesh, params, prefix, base_pos, limit, keys, depth0,
                           carry, vocab_mask)
   return carry
 
@@ -325,13 +334,14 @@ def _first_width(n_slots: int) -> int:
   return min(n_slots, FIRST_WIDTH)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "group_size", "width"))
-def _sample_program(cfg, sampling, group_size, width, params, prompt_tok, prompt_pos,
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "group_size", "width", "mesh"))
+def _sample_program(cfg, sampling, group_size, width, mesh, params, prompt_tok, prompt_pos,
                     prompt_valid, keys, active, vocab_mask):
   """Prefill Q left-padded prompts once, then sample group_size rows from each (first stage)."""
   model = qwen3.bind(cfg, params)
   nq, p = prompt_tok.shape
-  logits, pcache = model(prompt_tok, prompt_pos, prompt_valid, cache_lib.init_cache(cfg, nq, p))
+  logits, pcache = model(prompt_tok, prompt_pos, prompt_valid,
+                         cache_lib.init_cache(cfg, nq, p, mesh))
   prefix = cache_lib.SharedPrefix(k=pcache.k, v=pcache.v, valid=pcache.valid)
   logp = jnp.repeat(policy_logprobs(logits[:, -1], sampling, vocab_mask), group_size, axis=0)
   b = nq * group_size
@@ -339,26 +349,27 @@ def _sample_program(cfg, sampling, group_size, width, params, prompt_tok, prompt
   prompt_len = jnp.repeat(jnp.sum(prompt_valid, axis=1, dtype=jnp.int32), group_size)
   n = sampling.max_new_tokens
   limit = jnp.full((b,), n, jnp.int32)
-  carry = _start(cfg, sampling, first_tok, first_lp, limit, active, n, width)
+  carry = _start(cfg, sampling, first_tok, first_lp, limit, active, n, width, mesh)
   carry = _decode(model, sampling, vocab_mask, prefix, prompt_len, limit, keys,
                   jnp.zeros((b,), jnp.int32), carry)
   return carry, prefix, prompt_len, limit
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "group_size", "n_slots", "width"))
-def _branch_program(cfg, sampling, group_size, n_slots, width, params, state, rows, depths,
+@functools.partial(jax.jit,
+                   static_argnames=("cfg", "sampling", "group_size", "n_slots", "width", "mesh"))
+def _branch_program(cfg, sampling, group_size, n_slots, width, mesh, params, state, rows, depths,
                     forced, keys, active, vocab_mask):
   """M = group_size rows per (source row, depth, forced token), from the source's KV (first
   stage)."""
   model = qwen3.bind(cfg, params)
-  prefix, prefix_pos = cache_lib.branch_prefix(state, rows, depths)
+  prefix, prefix_pos = cache_lib.constrain(mesh, cache_lib.branch_prefix(state, rows, depths))
   rep = lambda x: jnp.repeat(x, group_size)
   prompt_len = rep(jnp.take(state.prompt_len, rows))
   depth0 = rep(depths)
   limit = jnp.minimum(n_slots, sampling.max_new_tokens - depth0)
   b = rows.shape[0] * group_size
   carry = _start(cfg, sampling, rep(forced), jnp.full((b,), jnp.nan, jnp.float32), limit,
-                 active, n_slots, width)
+                 active, n_slots, width, mesh)
   carry = _decode(model, sampling, vocab_mask, prefix, prompt_len + depth0, limit, keys, depth0,
                   carry)
   return carry, prefix, prefix_pos, prompt_len, depth0, limit
@@ -430,10 +441,12 @@ def sample(cfg: qwen3.Qwen3Config, params, prompts: Sequence[Sequence[int]],
   active = np.arange(qb * g) < nq * g
   mask = _mask_arg(vocab_mask, cfg)
   n = sampling.max_new_tokens
+  mesh = distributed.mesh_of(params)
   carry, prefix, prompt_len, limit = _sample_program(
-      cfg, sampling, g, _first_width(n), params, tok, pos, valid, keys, active, mask)
+      cfg, sampling, g, _first_width(n), mesh, params, tok, pos, valid, keys, active, mask)
   depth0 = jnp.zeros_like(prompt_len)
-  carry = _stages(cfg, sampling, params, prefix, prompt_len, limit, keys, depth0, carry, mask, n)
+  carry = _stages(cfg, sampling, mesh, params, prefix, prompt_len, limit, keys, depth0, carry,
+                  mask, n)
   state = cache_lib.RolloutState(prefix=prefix, prefix_pos=jnp.asarray(pos), gen=carry.gen,
                                  base_pos=prompt_len, prompt_len=prompt_len)
   b = nq * g
@@ -491,12 +504,13 @@ def branch(cfg: qwen3.Qwen3Config, params, source: Rollouts, rows: Sequence[int]
                       np.repeat(forced_b, m), np.tile(np.arange(m, dtype=np.int32), nb))
   active = np.arange(nb * m) < n * m
   mask = _mask_arg(vocab_mask, cfg)
+  mesh = distributed.mesh_of(params)
   carry, prefix, prefix_pos, prompt_len, depth0, limit = _branch_program(
-      cfg, sampling, m, n_slots, _first_width(n_slots), params, source.state, rows_b, depths_b,
-      forced_b, keys, active, mask)
+      cfg, sampling, m, n_slots, _first_width(n_slots), mesh, params, source.state, rows_b,
+      depths_b, forced_b, keys, active, mask)
   base_pos = prompt_len + depth0
-  carry = _stages(cfg, sampling, params, prefix, base_pos, limit, keys, depth0, carry, mask,
-                  n_slots)
+  carry = _stages(cfg, sampling, mesh, params, prefix, base_pos, limit, keys, depth0, carry,
+                  mask, n_slots)
   state = cache_lib.RolloutState(prefix=prefix, prefix_pos=prefix_pos, gen=carry.gen,
                                  base_pos=base_pos, prompt_len=prompt_len)
   b = n * m
