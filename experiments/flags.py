@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 from absl import app, flags
 
 from experiments import cli
@@ -92,6 +93,11 @@ flags.DEFINE_integer("num_processes", None, "distributed: processes in the job (
 flags.DEFINE_integer("process_id", None, "distributed: this process's index, 0 … "
                      "num_processes − 1; process 0 checks --out, merges and writes the report "
                      "(default: $GRADALIGN_JAX_PROCESS_ID, else detected, else 0)", lower_bound=0)
+flags.DEFINE_integer("model_parallel", 1, "devices: split each model over this many of a "
+                     "process's devices (tensor parallel, distributed.py's 'model' axis, e.g. 8 "
+                     "for a Qwen3-8B teacher on a TPU v5e-8 worker); the process's other devices "
+                     "split the sampler's rows ('data'). A process with one device ignores it",
+                     lower_bound=1)
 FLAGS = flags.FLAGS
 # From here on, key flags this module declares (``use``) belong to the experiment calling it.
 flags.disclaim_key_flags()
@@ -114,7 +120,8 @@ ORDER = ("students", "teachers", "task", "data", "num_questions", "num_rollouts"
          "question_batch", "jsd_beta", "topk", "chunk_nodes", "permutations", "dtype", "seed",
          "seeds", "success_rate", "planted_delta", "alpha")
 OUTPUT = ("out", "overwrite")
-DISTRIBUTED = ("coordinator", "num_processes", "process_id")
+# Where the work runs, not what it computes: not settings (config.json does not record them).
+DISTRIBUTED = ("coordinator", "num_processes", "process_id", "model_parallel")
 
 
 def _names(groups) -> list[str]:
@@ -193,6 +200,15 @@ def inputs(s: dict, specs) -> dict:
   return out
 
 
+def model_cache(dtype: str) -> ModelCache:
+  """The run's models, laid out over this process's devices when it has more than one
+  (``distributed.make_mesh(model=--model_parallel)``, the rest of its devices on "data");
+  one device: the unsharded path, exactly as before."""
+  if len(jax.local_devices()) == 1:
+    return ModelCache(dtype)
+  return ModelCache(dtype, mesh=distributed.make_mesh(model=FLAGS.model_parallel))
+
+
 def run_groups(s: dict, out: str, step: pipeline.Step, finish, *, overwrite: bool = False,
                stop_after: int | None = None):
   """Runs (or resumes) ``step`` (``pipeline.resume``) over every student and question group
@@ -205,7 +221,7 @@ def run_groups(s: dict, out: str, step: pipeline.Step, finish, *, overwrite: boo
   config, specs, task, examples = prepare(s)
   run_dir = rundir.RunDir(out, s, inputs=inputs(s, specs), overwrite=overwrite,
                           stop_after=stop_after, processes=distributed.processes())
-  models = ModelCache(s["dtype"])
+  models = model_cache(s["dtype"])
   setups = [pipeline.setup(name, specs, task, examples, config, models)
             for name in s["students"]]
   with run_dir.open():

@@ -31,7 +31,6 @@ from experiments import files
 from experiments import flags as flags_lib
 from gradalign_jax import distributed, pipeline, rundir
 from gradalign_jax.analysis import calibration, markdown, report
-from gradalign_jax.models.loaded import ModelCache
 
 GROUPS = ("targeted", "scoring", "calibration")
 flags_lib.use(GROUPS)
@@ -81,7 +80,7 @@ def run(settings: dict, out: str, *, overwrite: bool = False,
   run_dir = rundir.RunDir(out, settings, inputs=flags_lib.inputs(settings, specs),
                           overwrite=overwrite, stop_after=stop_after,
                           processes=distributed.processes())
-  models = ModelCache(settings["dtype"])
+  models = flags_lib.model_cache(settings["dtype"])
   with run_dir.open():
     todo = run_dir.todo("seeds", [[s] for s in range(settings["seeds"])], label="seeds")
     try:
