@@ -31,7 +31,7 @@ flags.DEFINE_integer("seed", 0, "data and init seed")
 flags.DEFINE_integer("incontext_steps", 400, "students: most steps of the second phase, "
                      "on prompts with contexts")
 flags.DEFINE_integer("teacher_incontext_steps", 400, "teacher: most steps of its second "
-                     "phase, mostly on prompts with contexts")
+                     "phase, on prompts with contexts")
 flags.DEFINE_bool("continue_saved", False, "start from the checkpoints already in --out (skip "
                   "phase 1 where one exists)")
 flags.DEFINE_integer("eval_every", 20, "steps between evaluations (learning is abrupt: a "
@@ -174,7 +174,7 @@ def _trainer(cfg, opt):
 def train_one(name, task, tok, out_dir):
   """Phase 1: the full mixture until the reference probability reaches the model's cap.
   Phase 2 (``--incontext_steps`` for the students, ``--teacher_incontext_steps`` for the
-  teacher): mostly prompts with contexts (demonstrations, summaries; ``CONTEXT_PHASE``) at a
+  teacher): prompts with contexts only (demonstrations, summaries; ``CONTEXT_PHASE``) at a
   fifth of the learning rate, so the model learns to use them; the params kept are those that
   read a demonstration best while the plain reference probability stays in the model's
   band."""
