@@ -19,7 +19,7 @@ import os
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments import cli
 from gradalign_jax import (alignment, compilation, contexts, distributed, gradients, pipeline,
@@ -206,7 +206,10 @@ def model_cache(dtype: str) -> ModelCache:
   one device: the unsharded path, exactly as before."""
   if len(jax.local_devices()) == 1:
     return ModelCache(dtype)
-  return ModelCache(dtype, mesh=distributed.make_mesh(model=FLAGS.model_parallel))
+  mesh = distributed.make_mesh(model=FLAGS.model_parallel)
+  logging.info("models laid out over %d devices: data=%d × model=%d", mesh.size,
+               mesh.shape[distributed.DATA], mesh.shape[distributed.MODEL])
+  return ModelCache(dtype, mesh=mesh)
 
 
 def run_groups(s: dict, out: str, step: pipeline.Step, finish, *, overwrite: bool = False,

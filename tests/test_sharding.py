@@ -107,3 +107,35 @@ def test_sharded_equals_unsharded_on_8_devices():
                        capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, f"sharded checks failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
   assert "all sharding checks passed" in run.stdout
+
+
+@pytest.mark.slow
+def test_sweep_with_model_parallel_equals_one_device(tmp_path):
+  """The main job on 8 forced devices with --model_parallel=2 (each model split over 2, the
+  sampler's rows over 4) writes the one-device run's tables: same tokens, rewards and nodes,
+  floats within 1e-4 (reductions are split across devices)."""
+  import numpy as np
+  import pandas as pd
+  flags = ["--students=student_small", "--teachers=teacher,self:correct_demo",
+           "--num_questions=4", "--num_rollouts=8", "--demo_samples=8", "--budget=8",
+           "--permutations=50", "--question_batch=2"]
+  base = dict(os.environ, JAX_PLATFORMS="cpu",
+              PYTHONPATH=os.pathsep.join([os.path.dirname(HERE),
+                                          os.environ.get("PYTHONPATH", "")]))
+  runs = {"one": ([], base),
+          "eight": (["--model_parallel=2"],
+                    dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=8"))}
+  for name, (extra, env) in runs.items():
+    run = subprocess.run([sys.executable, "-m", "experiments.alignment_sweep", *flags, *extra,
+                          f"--out={tmp_path / name}"], env=env, capture_output=True, text=True,
+                         timeout=900, cwd=os.path.dirname(HERE))
+    assert run.returncode == 0, f"{name}: {run.stderr[-4000:]}"
+    assert ("data=4 × model=2" in run.stderr) == (name == "eight"), run.stderr[-2000:]
+  for table in ("nodes", "rollouts", "questions"):
+    a = pd.read_parquet(tmp_path / "one" / f"{table}.parquet")
+    b = pd.read_parquet(tmp_path / "eight" / f"{table}.parquet")
+    floats = [c for c in a.columns if a[c].dtype.kind == "f"]
+    exact = [c for c in a.columns if a[c].dtype.kind in "iub"]
+    pd.testing.assert_frame_equal(a[exact], b[exact], check_exact=True)
+    np.testing.assert_allclose(b[floats].to_numpy(), a[floats].to_numpy(), rtol=1e-4,
+                               atol=1e-4, err_msg=table)
