@@ -14,9 +14,10 @@ inside a ``lax.while_loop`` per decode stage (see the cost notes) that stops as 
 has hit EOS or its token limit.
 
 ``branch`` starts M rows from each (source rollout, depth t, forced token k): the source's
-prompt KV and its generated KV are gathered into a new shared prefix and masked to depth
-< t (cost independent of t; no prefill), k is fed as the token at depth t, and the rest is
-sampled on-policy with the source's SamplingConfig. The returned rollouts are whole: their
+prompt KV and its generated KV are copied once per distinct source row into a shared
+prefix that all the requests on that row attend, each masked to its depth < t (cost
+independent of t; no prefill), k is fed as the token at depth t, and the rest is sampled
+on-policy with the source's SamplingConfig. The returned rollouts are whole: their
 tokens start at depth 0 (the source's first t tokens, then k, then the sampled tail).
 
 Policy: π = softmax(z / T) restricted to ``vocab_mask``, then top-k, then top-p (nucleus: the
@@ -36,11 +37,14 @@ Cost notes: decode runs in stages whose generated KV is FIRST_WIDTH (64) slots, 
 current length), a later stage runs only while some row is live (one host sync per stage, a
 compiled program per width reached), so rollouts that stop at t tokens pay for under
 max(64, 4t) slots whatever max_new_tokens is. A branch's prefix is the source's prompt plus all
-its generated slots, gathered once per request (not per row), so branching costs the same at
-any depth. top-p sorts the vocabulary every step; temperature and top-k do not.
+its generated slots, copied once per distinct source row (not per request or row: the rows
+of every request on it attend it through ``PrefixSlots``), so branching costs the same at any
+depth and its memory grows with the new tokens and the distinct sources. top-p sorts the
+vocabulary every step; temperature and top-k do not.
 
-Shapes are bucketed (questions and branch requests to a power of two, prompt length to a
-power of two ≥ 8), so a sweep compiles a handful of programs per (model, SamplingConfig, G).
+Shapes are bucketed (questions, branch requests, a branch's distinct sources and the most
+requests on one source to a power of two, prompt length to a power of two ≥ 8), so a sweep
+compiles a handful of programs per (model, SamplingConfig, G).
 
 Shape letters: see gradalign_jax/__init__.py (a sample call's J prefix groups are its Q
 questions with R = G rows each; a branch call's are its requests, with R = M).
