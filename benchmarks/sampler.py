@@ -200,6 +200,7 @@ def branch_memory(cfg, params, requests=(8, 16, 32, 64), m=4, horizon=512):
   returns (one row per distinct source: flat in N) and the new tokens' KV (rows × the first
   stage's slots: grows with N by design); and what a prefix copied per request (the design
   before) would hold."""
+  from gradalign_jax.models import cache as cache_lib
   from gradalign_jax.sampling import sampler as sampler_lib
   prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, PROMPT_LEN).tolist()
   sc = sampling.SamplingConfig(max_new_tokens=horizon)
@@ -213,7 +214,7 @@ def branch_memory(cfg, params, requests=(8, 16, 32, 64), m=4, horizon=512):
     keys = jax.random.split(jax.random.key(0), n * m)
     lowered = sampler_lib._branch_program.lower(
         cfg, sc, m, horizon, width, params, src.state, z, depths, z, keys,
-        np.ones(n * m, bool), None, sampler_lib._slot_layout(z, depths, m, n * m))
+        np.ones(n * m, bool), None, cache_lib.slot_layout(z, depths, m, n * m))
     mem = lowered.compile().memory_analysis()
     prefix = lowered.out_info[1]
     rows.append(dict(requests=n, rows=n * m, temp_bytes=int(mem.temp_size_in_bytes),

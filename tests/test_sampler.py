@@ -177,12 +177,21 @@ def test_branch_bookkeeping_and_logprobs(common):
 @jax.jit
 def _step_from_branch_prefix(params, state, rows, depths, forced, layout):
   """Each request's M rows fed its forced token over the prefix ``branch`` builds."""
-  prefix, _ = cache_lib.branch_prefix(state, *layout)
+  prefix, _ = cache_lib.branch_prefix(state, layout)
   m = layout.row_slot.shape[0] // rows.shape[0]
   pos = np.repeat(state.prompt_len[rows] + depths, m)[:, None]
   n = pos.shape[0]
   return qwen3.bind(CFG, params)(np.repeat(forced, m)[:, None], pos, np.ones((n, 1), bool),
                                  cache_lib.init_cache(CFG, n, 1), prefix=prefix)[0]
+
+
+def test_slot_layout_hand_worked():
+  """Requests (5, d1), (2, d0), (5, d3), M = 2, in a batch of 8 rows (one padding request)."""
+  lay = cache_lib.slot_layout(np.array([5, 2, 5]), np.array([1, 0, 3]), 2, 8)
+  np.testing.assert_array_equal(lay.sources, [2, 5])
+  np.testing.assert_array_equal(lay.slot_rows, [[2, 3, 0, 0], [0, 1, 4, 5]])
+  np.testing.assert_array_equal(lay.slot_depth, [[0, 0, -1, -1], [1, 1, 3, 3]])
+  np.testing.assert_array_equal(lay.row_slot, [4, 5, 0, 1, 6, 7, 0, 0])
 
 
 BRANCH_REQUESTS = {  # rows, depths (clipped to the row's length - 1), forced tokens, M
@@ -199,7 +208,7 @@ def test_branch_prefix_gives_the_full_forward_logits(case, common):
   ro = common
   rows, depths, forced, m = (np.asarray(x) for x in BRANCH_REQUESTS[case])
   depths = np.minimum(depths, ro.lengths[rows] - 1)
-  layout = sampler_lib._slot_layout(rows, depths, int(m), len(rows) * int(m))
+  layout = cache_lib.slot_layout(rows, depths, int(m), len(rows) * int(m))
   distinct = sorted(set(rows.tolist()))
   assert len(layout.sources) == bucket(len(distinct)) and set(layout.sources) == set(distinct)
   logits = _step_from_branch_prefix(PARAMS, ro.state, rows, depths, forced.astype(np.int32),

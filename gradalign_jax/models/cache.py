@@ -31,10 +31,13 @@ amount of KV (once per distinct source row, not per request) and recomputes noth
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from gradalign_jax.shapes import bucket
 
 if TYPE_CHECKING:  # qwen3 imports this module
   from gradalign_jax.models.qwen3 import Qwen3Config
@@ -113,7 +116,9 @@ def init_cache(cfg: Qwen3Config, batch: int, capacity: int) -> KVCache:
 class RolloutState:
   """Device-side KV of a batch of rollouts (padding rows included; real rows come first).
 
-  prefix:     SharedPrefix, k/v [L, J, P, K, H], valid bool[J, P].
+  prefix:     SharedPrefix, k/v [L, J, P, K, H], valid bool[J, P]: R = B // J consecutive
+              rows each after ``sample``; one per distinct source row, with ``PrefixSlots``
+              naming its rows, after ``branch``.
   prefix_pos: int32[J, P] RoPE position of each prefix slot.
   gen:        KVCache, k/v [L, B, W, K, H], valid bool[B, W] (slot written with a real token).
   base_pos:   int32[B] position of generated slot 0 (= prompt_len + depth0).
@@ -127,6 +132,7 @@ class RolloutState:
 
   @property
   def group_size(self) -> int:
+    """R, the rows per prefix (a prefix without ``PrefixSlots``)."""
     return self.gen.valid.shape[0] // self.prefix.valid.shape[0]
 
 
@@ -155,18 +161,52 @@ def row_prefix(state: RolloutState, rows: jax.Array) -> tuple[jax.Array, jax.Arr
   return j, seen
 
 
-def branch_prefix(state: RolloutState, sources: jax.Array, slot_rows: jax.Array,
-                  slot_depth: jax.Array, row_slot: jax.Array):
+class SlotLayout(NamedTuple):
+  """Where each branch row sits among the rows on its source (``branch_prefix``'s plan,
+  host numpy, from ``slot_layout``).
+
+  sources:    int32[J'] the distinct source rows (J' bucketed; padding repeats the first).
+  slot_rows:  int32[J', R] the new batch's row in each slot (R = M × the most requests on
+              one source, bucketed).
+  slot_depth: int32[J', R] that row's branch depth (-1: empty slot).
+  row_slot:   int32[B'] each new row's flat slot j·R + r (padding rows: slot 0).
+  """
+  sources: np.ndarray
+  slot_rows: np.ndarray
+  slot_depth: np.ndarray
+  row_slot: np.ndarray
+
+
+def slot_layout(rows: np.ndarray, depths: np.ndarray, m: int, n_rows: int) -> SlotLayout:
+  """The layout of N branch requests (source ``rows``, ``depths``: int[N]) of M rows each,
+  request i's rows i·M … i·M + M − 1 of a batch of ``n_rows``."""
+  sources, which = np.unique(rows, return_inverse=True)
+  rank = np.zeros(len(rows), np.int64)  # the request's index among those on its source
+  taken = np.zeros(len(sources), np.int64)
+  for i, j in enumerate(which):
+    rank[i], taken[j] = taken[j], taken[j] + 1
+  width = bucket(int(taken.max())) * m
+  slot_rows = np.zeros((bucket(len(sources)), width), np.int32)
+  slot_depth = np.full(slot_rows.shape, -1, np.int32)
+  row_slot = np.zeros(n_rows, np.int32)
+  for i, (j, r) in enumerate(zip(which, rank)):
+    cols = r * m + np.arange(m)
+    slot_rows[j, cols] = i * m + np.arange(m)
+    slot_depth[j, cols] = depths[i]
+    row_slot[i * m:(i + 1) * m] = j * width + cols
+  padded = np.concatenate([sources, np.full(len(slot_rows) - len(sources), sources[0])])
+  return SlotLayout(padded.astype(np.int32), slot_rows, slot_depth, row_slot)
+
+
+def branch_prefix(state: RolloutState, layout: SlotLayout):
   """One shared prefix per distinct source row, attended by every branch row on it.
 
-  sources: int32[J'] source rows (distinct; padding may repeat one). slot_rows, slot_depth:
-  int32[J', R] the new batch's row in each slot of source j and its branch depth (-1: empty
-  slot); row_slot: int32[B'] each new row's flat slot (``PrefixSlots``). Returns
-  (SharedPrefix [L, J', P + W, K, H] with its ``PrefixSlots``, prefix_pos int32[J', P + W]):
-  each source's view of its own prefix followed by its generated slots; a slot's row sees
-  the ones at positions < prompt_len + its depth. The size depends on the distinct sources,
-  not on the requests or their depths.
+  layout: ``slot_layout`` of the requests. Returns (SharedPrefix [L, J', P + W, K, H] with
+  its ``PrefixSlots``, prefix_pos int32[J', P + W]): each source's view of its own prefix
+  followed by its generated slots; a slot's row sees the ones at positions < prompt_len +
+  its depth. The size depends on the distinct sources, not on the requests or their depths.
   """
+  sources, slot_rows, slot_depth, row_slot = layout
   j, seen = row_prefix(state, sources)
   pre = state.prefix
   gen_pos = jnp.take(gen_positions(state), sources, axis=0)

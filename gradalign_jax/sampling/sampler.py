@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -353,9 +353,10 @@ def _sample_program(cfg, sampling, group_size, width, params, prompt_tok, prompt
 def _branch_program(cfg, sampling, group_size, n_slots, width, params, state, rows, depths,
                     forced, keys, active, vocab_mask, layout):
   """M = group_size rows per (source row, depth, forced token), from the source's KV (first
-  stage). layout: ``_SlotLayout`` of the requests' distinct sources (one prefix each)."""
+  stage). layout: ``cache_lib.SlotLayout`` of the requests' distinct sources (one prefix
+  each)."""
   model = qwen3.bind(cfg, params)
-  prefix, prefix_pos = cache_lib.branch_prefix(state, *layout)
+  prefix, prefix_pos = cache_lib.branch_prefix(state, layout)
   rep = lambda x: jnp.repeat(x, group_size)
   prompt_len = rep(jnp.take(state.prompt_len, rows))
   depth0 = rep(depths)
@@ -366,38 +367,6 @@ def _branch_program(cfg, sampling, group_size, n_slots, width, params, state, ro
   carry = _decode(model, sampling, vocab_mask, prefix, prompt_len + depth0, limit, keys, depth0,
                   carry)
   return carry, prefix, prefix_pos, prompt_len, depth0, limit
-
-
-class _SlotLayout(NamedTuple):
-  """Where each branch row sits among its source's rows (``cache_lib.branch_prefix``'s
-  arguments, host numpy): sources int32[J'] the distinct source rows (J' bucketed, padding
-  repeats the first), slot_rows / slot_depth int32[J', R] (R = M × the most requests on
-  one source, bucketed; depth -1 = empty slot), row_slot int32[B'] (padding rows: slot 0)."""
-  sources: np.ndarray
-  slot_rows: np.ndarray
-  slot_depth: np.ndarray
-  row_slot: np.ndarray
-
-
-def _slot_layout(rows: np.ndarray, depths: np.ndarray, m: int, n_rows: int) -> _SlotLayout:
-  """The layout of requests (source ``rows``, ``depths``: [N]) with M rows each, request i's
-  rows i·M … i·M + M − 1 of a batch of ``n_rows``."""
-  sources, which = np.unique(rows, return_inverse=True)
-  rank = np.zeros(len(rows), np.int64)  # the request's index among those on its source
-  taken = np.zeros(len(sources), np.int64)
-  for i, j in enumerate(which):
-    rank[i], taken[j] = taken[j], taken[j] + 1
-  width = bucket(int(taken.max())) * m
-  slot_rows = np.zeros((bucket(len(sources)), width), np.int32)
-  slot_depth = np.full(slot_rows.shape, -1, np.int32)
-  row_slot = np.zeros(n_rows, np.int32)
-  for i, (j, r) in enumerate(zip(which, rank)):
-    cols = r * m + np.arange(m)
-    slot_rows[j, cols] = i * m + np.arange(m)
-    slot_depth[j, cols] = depths[i]
-    row_slot[i * m:(i + 1) * m] = j * width + cols
-  padded = np.concatenate([sources, np.full(len(slot_rows) - len(sources), sources[0])])
-  return _SlotLayout(padded.astype(np.int32), slot_rows, slot_depth, row_slot)
 
 
 @jax.jit
@@ -529,7 +498,7 @@ def branch(cfg: qwen3.Qwen3Config, params, source: Rollouts, rows: Sequence[int]
   mask = _mask_arg(vocab_mask, cfg)
   carry, prefix, prefix_pos, prompt_len, depth0, limit = _branch_program(
       cfg, sampling, m, n_slots, _first_width(n_slots), params, source.state, rows_b, depths_b,
-      forced_b, keys, active, mask, _slot_layout(rows, depths, m, nb * m))
+      forced_b, keys, active, mask, cache_lib.slot_layout(rows, depths, m, nb * m))
   base_pos = prompt_len + depth0
   carry = _stages(cfg, sampling, params, prefix, base_pos, limit, keys, depth0, carry, mask,
                   n_slots)
