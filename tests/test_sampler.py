@@ -270,6 +270,34 @@ def test_shared_prefix_rows_match_full_forward():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_prefix_slots_rows_match_full_forward():
+  """Rows naming their prefix through PrefixSlots (uneven: 1 row on prompt 0, 3 on prompt 1,
+  one of which sees only its first 2 tokens), a chunk of 3 tokens each."""
+  prompts = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
+  conts = np.array([[9, 10, 11], [12, 13, 14], [15, 16, 17], [18, 19, 20]], np.int32)
+  slots = cache_lib.PrefixSlots(rows=np.array([[1, 0, 0], [0, 2, 3]], np.int32),
+                                cut=np.array([[4, 0, 0], [4, 4, 2]], np.int32),
+                                slot=np.array([3, 0, 4, 5], np.int32))
+  start = np.array([4, 4, 4, 2])
+
+  @jax.jit
+  def run(params, slots):
+    model = qwen3.bind(CFG, params)
+    _, pc = model(prompts, np.tile(np.arange(4), (2, 1)), np.ones((2, 4), bool),
+                  cache_lib.init_cache(CFG, 2, 4))
+    prefix = cache_lib.SharedPrefix(k=pc.k, v=pc.v, valid=pc.valid, slots=slots)
+    return model(conts, start[:, None] + np.arange(3), np.ones((4, 3), bool),
+                 cache_lib.init_cache(CFG, 4, 3), prefix=prefix)[0]
+
+  logits = run(PARAMS, slots)
+  for b, (q, n) in enumerate(zip([1, 0, 1, 1], start)):
+    np.testing.assert_allclose(np.asarray(logits[b]),
+                               _full_logits(list(prompts[q][:n]) + list(conts[b]))[n:],
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="PrefixSlots place 3 rows but the chunk has 4"):
+    run(PARAMS, cache_lib.PrefixSlots(rows=slots.rows, cut=slots.cut, slot=slots.slot[:3]))
+
+
 def test_buckets_share_compiled_programs():
   cfg_s = sampling.SamplingConfig(max_new_tokens=2, top_k=5)  # used nowhere else
   before = sampler_lib._sample_program._cache_size()

@@ -323,8 +323,8 @@ class Qwen3(nnx.Module):
     written at slots [cache.length, cache.length + T) and also sees every valid earlier
     slot, or only those where ``attend_mask`` bool[B, T, S] (S = cache capacity) is True
     (a tree appended to the cache chunk by chunk: each node sees only its ancestors).
-    ``prefix`` (needs a cache) is a segment seen by every token of its row group, before
-    the cache's slots. Returns (logits f32[B, T, V], updated cache or None).
+    ``prefix`` (needs a cache) is a segment seen by every token of its row group (or of the
+    rows its ``PrefixSlots`` name), before the cache's slots. Returns (logits f32[B, T, V], updated cache or None).
     """
     b, t = tokens.shape
     if positions is None:
@@ -349,6 +349,9 @@ class Qwen3(nnx.Module):
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.length, axis=1)
     if prefix is not None and prefix.slots is None and b % prefix.valid.shape[0]:
       raise ValueError(f"{b} rows cannot be split evenly among {prefix.valid.shape[0]} prefixes")
+    if prefix is not None and prefix.slots is not None and prefix.slots.slot.shape[0] != b:
+      raise ValueError(f"the prefix's PrefixSlots place {prefix.slots.slot.shape[0]} rows but "
+                       f"the chunk has {b}: build the slots for this batch (cache.slot_layout)")
     h, (k, v) = self.hidden(tokens, positions, mask, cache, prefix)
     cache = KVCache(k=k, v=v, valid=valid, length=cache.length + t)
     return self.logits(h), cache
