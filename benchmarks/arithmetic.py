@@ -64,7 +64,7 @@ def weight_flops(cfg, tokens: float) -> float:
       0 if cfg.tie_word_embeddings else 1)) * tokens
 
 
-def stages(g, length, p_s, p_t, budget, m, chunk):
+def stages(g, length, p_s, p_t, budget, m, chunk, sources=None):
   s, t = STUDENT, TEACHER
   w_s, w_t = 2 * s.num_params(), 2 * t.num_params()  # bf16 weight bytes
   u = g * length  # tree nodes (no sharing)
@@ -93,14 +93,16 @@ def stages(g, length, p_s, p_t, budget, m, chunk):
                   bytes=FINAL_PASS_SWEEPS * 4.0 * u * s.vocab_size,
                   resident=FINAL_PASS_SWEEPS * 4.0 * chunk * s.vocab_size, weights=0))
   # 4. targeted: T rows (T/M requests of M rows) decode L/2 tokens each after a prefix of
-  # P_s + L/2 gathered once per request (read once per step by its M rows).
+  # P_s + L/2, copied once per distinct source row (``sources``, default one per request:
+  # the worst case) and read once per step by all the rows on it.
   half, requests = length / 2, budget / m
+  sources = requests if sources is None else min(sources, requests)
   ctx_t = budget * ((p_s + half) * half + half * half / 2)
-  read_t = requests * (p_s + half) * half + budget * half * half / 2
+  read_t = sources * (p_s + half) * half + budget * half * half / 2
   out.append(dict(stage=f"targeted ({budget} rollouts × L/2, M = {m})",
                   flops=weight_flops(s, budget * half) + attn_flops(s, 1, ctx_t),
                   bytes=half * w_s + kv_bytes(s) * read_t,
-                  resident=w_s + (requests * (p_s + length) + budget * half) * kv_bytes(s),
+                  resident=w_s + (sources * (p_s + length) + budget * half) * kv_bytes(s),
                   weights=w_s))
   return out
 
@@ -125,9 +127,12 @@ def main():
   ap.add_argument("--budget", type=int, default=64)
   ap.add_argument("--continuations", type=int, default=4, help="M rows per targeted request")
   ap.add_argument("--chunk", type=int, default=256)
+  ap.add_argument("--sources", type=int, default=None,
+                  help="distinct source rollouts of the targeted requests (default: one per "
+                       "request, the worst case; requests on one source share its KV)")
   a = ap.parse_args()
   rows = stages(a.g, a.length, a.student_prompt, a.teacher_prompt, a.budget, a.continuations,
-                a.chunk)
+                a.chunk, a.sources)
   hw = list(HARDWARE)
   print(f"student {STUDENT.num_params() / 1e9:.2f}B params, "
         f"teacher {TEACHER.num_params() / 1e9:.2f}B;"

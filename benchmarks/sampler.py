@@ -196,25 +196,33 @@ def bench_horizon(cfg, params, batch, long_horizon, repeats, one_stage=True):
 
 def branch_memory(cfg, params, requests=(8, 16, 32, 64), m=4, horizon=512):
   """Bytes the compiled branch program allocates (XLA's ``memory_analysis()``: temporaries and
-  outputs) for N requests on one source row, against N: a prefix gathered per request grows
-  with N, one shared by the requests of a source would not."""
+  outputs) for N requests on one source row at N different depths, against N; the prefix it
+  returns (one row per distinct source: flat in N) and the new tokens' KV (rows × the first
+  stage's slots: grows with N by design); and what a prefix copied per request (the design
+  before) would hold."""
+  from gradalign_jax.models import cache as cache_lib
   from gradalign_jax.sampling import sampler as sampler_lib
   prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, PROMPT_LEN).tolist()
   sc = sampling.SamplingConfig(max_new_tokens=horizon)
   src = sampling.sample(cfg, params, [prompt], sc, num_samples=1, seed=0)
+  kv_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # f32 k and v, one slot
+  width = sampler_lib._first_width(horizon)
   rows = []
   for n in requests:
     z = np.zeros(n, np.int32)
+    depths = np.arange(n, dtype=np.int32)
     keys = jax.random.split(jax.random.key(0), n * m)
     lowered = sampler_lib._branch_program.lower(
-        cfg, sc, m, horizon, sampler_lib._first_width(horizon), params, src.state, z,
-        np.arange(n, dtype=np.int32), z, keys, np.ones(n * m, bool), None)
+        cfg, sc, m, horizon, width, params, src.state, z, depths, z, keys,
+        np.ones(n * m, bool), None, cache_lib.slot_layout(z, depths, m, n * m))
     mem = lowered.compile().memory_analysis()
-    kv_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # f32 k and v, one slot
+    prefix = lowered.out_info[1]
     rows.append(dict(requests=n, rows=n * m, temp_bytes=int(mem.temp_size_in_bytes),
                      output_bytes=int(mem.output_size_in_bytes),
-                     prefix_bytes=n * (src.state.prefix.valid.shape[1]
-                                       + src.state.gen.capacity) * kv_slot))
+                     prefix_bytes=int(prefix.k.size + prefix.v.size) * 4,
+                     new_token_kv_bytes=n * m * width * kv_slot,
+                     per_request_copy_bytes=n * (src.state.prefix.valid.shape[1]
+                                                 + src.state.gen.capacity) * kv_slot))
   return rows
 
 
@@ -273,8 +281,10 @@ def main():
         for r in result["branch_memory"]:
           print(f"branch program, {r['requests']:3d} requests on one source ({r['rows']} rows): "
                 f"temporaries {r['temp_bytes'] / 2**20:8.1f} MiB, outputs "
-                f"{r['output_bytes'] / 2**20:8.1f} MiB; gathered prefixes "
-                f"{r['prefix_bytes'] / 2**20:8.1f} MiB", flush=True)
+                f"{r['output_bytes'] / 2**20:8.1f} MiB; prefix {r['prefix_bytes'] / 2**20:6.1f} "
+                f"MiB; new tokens' KV {r['new_token_kv_bytes'] / 2**20:6.1f} MiB; a prefix "
+                f"per request would be {r['per_request_copy_bytes'] / 2**20:6.1f} MiB",
+                flush=True)
   # The peak is measured before and after (other jobs on a shared machine slow a run down):
   # the larger of the two makes the fraction conservative.
   peaks.append(matmul_peak())

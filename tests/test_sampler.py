@@ -10,6 +10,7 @@ from gradalign_jax import sampling
 from gradalign_jax.models import cache as cache_lib
 from gradalign_jax.models import qwen3
 from gradalign_jax.sampling import sampler as sampler_lib
+from gradalign_jax.shapes import bucket
 
 CFG = qwen3.Qwen3Config(vocab_size=24, hidden_size=32, intermediate_size=48, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
@@ -174,25 +175,78 @@ def test_branch_bookkeeping_and_logprobs(common):
 
 
 @jax.jit
-def _step_from_branch_prefix(params, state, rows, depths, forced):
-  prefix, _ = cache_lib.branch_prefix(state, rows, depths)
-  pos = (state.prompt_len[rows] + depths)[:, None]
-  n = rows.shape[0]
-  return qwen3.bind(CFG, params)(forced[:, None], pos, np.ones((n, 1), bool),
+def _step_from_branch_prefix(params, state, rows, depths, forced, layout):
+  """Each request's M rows fed its forced token over the prefix ``branch`` builds."""
+  prefix, _ = cache_lib.branch_prefix(state, layout)
+  m = layout.row_slot.shape[0] // rows.shape[0]
+  pos = np.repeat(state.prompt_len[rows] + depths, m)[:, None]
+  n = pos.shape[0]
+  return qwen3.bind(CFG, params)(np.repeat(forced, m)[:, None], pos, np.ones((n, 1), bool),
                                  cache_lib.init_cache(CFG, n, 1), prefix=prefix)[0]
 
 
-def test_branch_prefix_gives_the_full_forward_logits(common):
-  """The KV a branch starts from, fed the forced token, gives a fresh forward's logits."""
+def test_slot_layout_hand_worked():
+  """Requests (5, d1), (2, d0), (5, d3), M = 2, in a batch of 8 rows (one padding request)."""
+  lay = cache_lib.slot_layout(np.array([5, 2, 5]), np.array([1, 0, 3]), 2, 8)
+  np.testing.assert_array_equal(lay.sources, [2, 5])
+  np.testing.assert_array_equal(lay.slot_rows, [[2, 3, 0, 0], [0, 1, 4, 5]])
+  np.testing.assert_array_equal(lay.slot_depth, [[0, 0, -1, -1], [1, 1, 3, 3]])
+  np.testing.assert_array_equal(lay.row_slot, [4, 5, 0, 1, 6, 7, 0, 0])
+
+
+BRANCH_REQUESTS = {  # rows, depths (clipped to the row's length - 1), forced tokens, M
+    "three_sources": ([1, 4, 7, 7, 4], [0, 1, 5, 0, 7], [13, 17, 2, 5, 0], 1),
+    "one_source_many_depths": ([4] * 6, [0, 1, 2, 3, 4, 5], [3, 3, 3, 9, 9, 9], 2),
+    "uneven_sources_m3": ([2, 8, 2, 5, 2], [1, 0, 3, 2, 0], [6, 6, 6, 1, 11], 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BRANCH_REQUESTS))
+def test_branch_prefix_gives_the_full_forward_logits(case, common):
+  """The KV a branch starts from, fed the forced token, gives a fresh forward's logits; the
+  requests on one source share one prefix row of the source's KV."""
   ro = common
-  rows = np.array([1, 4, 7, 7, 4])  # three questions, different prompt lengths
-  depths = np.minimum(np.array([0, 1, 5, 0, 7]), ro.lengths[rows] - 1)
-  forced = np.array([13, 17, 2, 5, 0], np.int32)
-  logits = _step_from_branch_prefix(PARAMS, ro.state, rows, depths, forced)
+  rows, depths, forced, m = (np.asarray(x) for x in BRANCH_REQUESTS[case])
+  depths = np.minimum(depths, ro.lengths[rows] - 1)
+  layout = cache_lib.slot_layout(rows, depths, int(m), len(rows) * int(m))
+  distinct = sorted(set(rows.tolist()))
+  assert len(layout.sources) == bucket(len(distinct)) and set(layout.sources) == set(distinct)
+  logits = _step_from_branch_prefix(PARAMS, ro.state, rows, depths, forced.astype(np.int32),
+                                    layout)
   for i, (r, depth) in enumerate(zip(rows, depths)):
     seq = RAGGED[ro.question[r]] + ro.sequence(r)[:depth] + [int(forced[i])]
-    np.testing.assert_allclose(np.asarray(logits[i, 0]), _full_logits(seq)[-1],
-                               rtol=1e-5, atol=1e-5)
+    for b in range(i * m, (i + 1) * m):
+      np.testing.assert_allclose(np.asarray(logits[b, 0]), _full_logits(seq)[-1],
+                                 rtol=1e-5, atol=1e-5)
+
+
+def test_requests_share_their_source_prefix(common):
+  """Requests on one source row reference one copy of its KV (the prefix grows with the
+  distinct sources, not the requests), and sampling is unchanged: the rows equal those of
+  one call per request, each with its own copy of the source's prefix (the earlier design),
+  also for a branch of a branch."""
+  ro = common
+  r1, r2 = np.argsort(-ro.lengths, kind="stable")[:2]
+  rows = [r1] * 5 + [r2, r2]
+  depths = [0, 1, 2, 3, 1, 0, ro.lengths[r2] - 1]
+  forced = [4, 4, 4, 4, 7, 9, 2]
+  br = sampling.branch(CFG, PARAMS, ro, rows, depths, forced, num_samples=2, seed=4)
+  assert br.state.prefix.k.shape[1] == 2  # two distinct sources, seven requests
+  # Rows 6 and 9 were branched at depth 3 and 1: depth 1 is before one, at the other.
+  rows2, forced2 = [0, 3, 3, 6, 9], [5, 5, 6, 5, 5]
+  depths2 = np.minimum([0, 1, 2, 1, 1], br.lengths[rows2] - 1)
+  deeper = sampling.branch(CFG, PARAMS, br, rows2, depths2, forced2, num_samples=2, seed=5)
+  assert deeper.state.prefix.k.shape[1] == 4  # four distinct sources
+  for whole, src, call_rows, call_depths, call_forced, seed in (
+      (br, ro, rows, depths, forced, 4), (deeper, br, rows2, depths2, forced2, 5)):
+    for i, req in enumerate(zip(call_rows, call_depths, call_forced)):
+      alone = sampling.branch(CFG, PARAMS, src, *([x] for x in req), num_samples=2, seed=seed)
+      # A request's keys fold only its own (row, depth, token, m): alone it draws the same.
+      sl = slice(2 * i, 2 * i + 2)
+      np.testing.assert_array_equal(whole.tokens[sl], alone.tokens)
+      np.testing.assert_array_equal(whole.lengths[sl], alone.lengths)
+      np.testing.assert_allclose(whole.logprobs[sl], alone.logprobs, rtol=1e-5, atol=1e-6)
+  _check_logprobs(br, RAGGED)
 
 
 def test_shared_prefix_rows_match_full_forward():
@@ -214,6 +268,34 @@ def test_shared_prefix_rows_match_full_forward():
     np.testing.assert_allclose(np.asarray(logits[b]),
                                _full_logits(list(prompts[b // 2]) + list(conts[b]))[4:],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_slots_rows_match_full_forward():
+  """Rows naming their prefix through PrefixSlots (uneven: 1 row on prompt 0, 3 on prompt 1,
+  one of which sees only its first 2 tokens), a chunk of 3 tokens each."""
+  prompts = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
+  conts = np.array([[9, 10, 11], [12, 13, 14], [15, 16, 17], [18, 19, 20]], np.int32)
+  slots = cache_lib.PrefixSlots(rows=np.array([[1, 0, 0], [0, 2, 3]], np.int32),
+                                cut=np.array([[4, 0, 0], [4, 4, 2]], np.int32),
+                                slot=np.array([3, 0, 4, 5], np.int32))
+  start = np.array([4, 4, 4, 2])
+
+  @jax.jit
+  def run(params, slots):
+    model = qwen3.bind(CFG, params)
+    _, pc = model(prompts, np.tile(np.arange(4), (2, 1)), np.ones((2, 4), bool),
+                  cache_lib.init_cache(CFG, 2, 4))
+    prefix = cache_lib.SharedPrefix(k=pc.k, v=pc.v, valid=pc.valid, slots=slots)
+    return model(conts, start[:, None] + np.arange(3), np.ones((4, 3), bool),
+                 cache_lib.init_cache(CFG, 4, 3), prefix=prefix)[0]
+
+  logits = run(PARAMS, slots)
+  for b, (q, n) in enumerate(zip([1, 0, 1, 1], start)):
+    np.testing.assert_allclose(np.asarray(logits[b]),
+                               _full_logits(list(prompts[q][:n]) + list(conts[b]))[n:],
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="PrefixSlots place 3 rows but the chunk has 4"):
+    run(PARAMS, cache_lib.PrefixSlots(rows=slots.rows, cut=slots.cut, slot=slots.slot[:3]))
 
 
 def test_buckets_share_compiled_programs():

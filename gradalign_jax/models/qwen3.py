@@ -174,8 +174,9 @@ class Attention(nnx.Module):
 
     Without a cache S == T. With ``kv = (k_cache, v_cache, layer)`` ([L, B, S, K, H] each)
     the new keys/values are written in place at (``layer``, slot ``write_at``) and attention
-    runs over this layer's S slots. ``prefix = (k, v, valid)`` ([J, P, K, H] each,
-    bool[J, P]) adds P slots that rows [j·R, (j+1)·R) all see, R = B // J, uncopied.
+    runs over this layer's S slots. ``prefix = (k, v, shared)`` (this layer's [J, P, K, H]
+    keys/values of a ``SharedPrefix``) adds P slots that rows [j·R, (j+1)·R) all see,
+    R = B // J, or the rows ``shared.slots`` names, uncopied.
     Returns (out [B, T, D], (k_cache, v_cache) or None).
     """
     cfg, prec = self.cfg, self.cfg.precision
@@ -224,16 +225,28 @@ class Attention(nnx.Module):
     else:
       scores = dot("BTKAH,BSKH->BKATS", q, k) * (h ** -0.5)
       scores = jnp.where(mask[:, None, None], scores, neg)
-      pk, pv, pvalid = prefix
-      j, p = pvalid.shape
-      q_groups = q.reshape(j, b // j, t, cfg.num_kv_heads, a, h)
+      pk, pv, pre = prefix
+      j, p = pre.valid.shape
+      # The rows of prefix j laid out as [J, R] (queries gathered when slots name them: the
+      # prefix KV is read in place, never copied per row), scores gathered back per row.
+      slots = pre.slots
+      q_groups = (q.reshape(j, b // j, *q.shape[1:]) if slots is None
+                  else jnp.take(q, slots.rows, axis=0))
       pscores = dot("JRTKAH,JPKH->JRKATP", q_groups, pk) * (h ** -0.5)
-      pscores = jnp.where(pvalid[:, None, None, None, None], pscores, neg)
-      both = jnp.concatenate([pscores.reshape(b, *pscores.shape[2:]), scores], axis=-1)
+      pscores = jnp.where(pre.visible()[:, :, None, None, None], pscores, neg)
+      pscores = pscores.reshape(-1, *pscores.shape[2:])
+      if slots is not None:
+        pscores = jnp.take(pscores, slots.slot, axis=0)
+      both = jnp.concatenate([pscores, scores], axis=-1)
       probs = jax.nn.softmax(both, axis=-1).astype(v.dtype)
-      pprobs = probs[..., :p].reshape(j, b // j, *probs.shape[1:-1], p)
-      out = (dot("JRKATP,JPKH->JRTKAH", pprobs, pv).reshape(b, t, cfg.num_kv_heads, a, h)
-             + dot("BKATS,BSKH->BTKAH", probs[..., p:], v)).astype(v.dtype)
+      pprobs = probs[..., :p]
+      if slots is not None:
+        pprobs = jnp.take(pprobs, slots.rows.reshape(-1), axis=0)
+      pprobs = pprobs.reshape(j, -1, *pprobs.shape[1:])
+      pout = dot("JRKATP,JPKH->JRTKAH", pprobs, pv).reshape(-1, t, cfg.num_kv_heads, a, h)
+      if slots is not None:
+        pout = jnp.take(pout, slots.slot, axis=0)
+      out = (pout + dot("BKATS,BSKH->BTKAH", probs[..., p:], v)).astype(v.dtype)
     out = jnp.einsum("BTX,DX->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
                      precision=prec)
     if cfg.attention_bias:
@@ -289,7 +302,7 @@ class Qwen3(nnx.Module):
     x = jnp.take(self.embed_tokens[...], tokens, axis=0)
     kv = None if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(self.layers):
-      layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.valid)
+      layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], prefix)
       x, kv = layer(x, positions, mask, None if kv is None else (*kv, i),
                     None if cache is None else cache.length, layer_prefix)
     return self.norm(x), kv
@@ -310,8 +323,8 @@ class Qwen3(nnx.Module):
     written at slots [cache.length, cache.length + T) and also sees every valid earlier
     slot, or only those where ``attend_mask`` bool[B, T, S] (S = cache capacity) is True
     (a tree appended to the cache chunk by chunk: each node sees only its ancestors).
-    ``prefix`` (needs a cache) is a segment seen by every token of its row group, before
-    the cache's slots. Returns (logits f32[B, T, V], updated cache or None).
+    ``prefix`` (needs a cache) is a segment seen by every token of its row group (or of the
+    rows its ``PrefixSlots`` name), before the cache's slots. Returns (logits f32[B, T, V], updated cache or None).
     """
     b, t = tokens.shape
     if positions is None:
@@ -334,8 +347,11 @@ class Qwen3(nnx.Module):
       earlier = earlier & attend_mask
     mask = jax.lax.dynamic_update_slice(earlier, chunk_mask, (0, 0, cache.length))
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.length, axis=1)
-    if prefix is not None and b % prefix.valid.shape[0]:
+    if prefix is not None and prefix.slots is None and b % prefix.valid.shape[0]:
       raise ValueError(f"{b} rows cannot be split evenly among {prefix.valid.shape[0]} prefixes")
+    if prefix is not None and prefix.slots is not None and prefix.slots.slot.shape[0] != b:
+      raise ValueError(f"the prefix's PrefixSlots place {prefix.slots.slot.shape[0]} rows but "
+                       f"the chunk has {b}: build the slots for this batch (cache.slot_layout)")
     h, (k, v) = self.hidden(tokens, positions, mask, cache, prefix)
     cache = KVCache(k=k, v=v, valid=valid, length=cache.length + t)
     return self.logits(h), cache

@@ -14,9 +14,10 @@ inside a ``lax.while_loop`` per decode stage (see the cost notes) that stops as 
 has hit EOS or its token limit.
 
 ``branch`` starts M rows from each (source rollout, depth t, forced token k): the source's
-prompt KV and its generated KV are gathered into a new shared prefix and masked to depth
-< t (cost independent of t; no prefill), k is fed as the token at depth t, and the rest is
-sampled on-policy with the source's SamplingConfig. The returned rollouts are whole: their
+prompt KV and its generated KV are copied once per distinct source row into a shared
+prefix that all the requests on that row attend, each masked to its depth < t (cost
+independent of t; no prefill), k is fed as the token at depth t, and the rest is sampled
+on-policy with the source's SamplingConfig. The returned rollouts are whole: their
 tokens start at depth 0 (the source's first t tokens, then k, then the sampled tail).
 
 Policy: π = softmax(z / T) restricted to ``vocab_mask``, then top-k, then top-p (nucleus: the
@@ -36,11 +37,14 @@ Cost notes: decode runs in stages whose generated KV is FIRST_WIDTH (64) slots, 
 current length), a later stage runs only while some row is live (one host sync per stage, a
 compiled program per width reached), so rollouts that stop at t tokens pay for under
 max(64, 4t) slots whatever max_new_tokens is. A branch's prefix is the source's prompt plus all
-its generated slots, gathered once per request (not per row), so branching costs the same at
-any depth. top-p sorts the vocabulary every step; temperature and top-k do not.
+its generated slots, copied once per distinct source row (not per request or row: the rows
+of every request on it attend it through ``PrefixSlots``), so branching costs the same at any
+depth and its memory grows with the new tokens and the distinct sources. top-p sorts the
+vocabulary every step; temperature and top-k do not.
 
-Shapes are bucketed (questions and branch requests to a power of two, prompt length to a
-power of two ≥ 8), so a sweep compiles a handful of programs per (model, SamplingConfig, G).
+Shapes are bucketed (questions, branch requests, a branch's distinct sources and the most
+requests on one source to a power of two, prompt length to a power of two ≥ 8), so a sweep
+compiles a handful of programs per (model, SamplingConfig, G).
 
 Params laid out on a mesh (``distributed.param_sharding``) are all it takes to run sharded:
 ``sample`` and ``branch`` read the mesh off the params and lay every KV cache and the decode
@@ -358,11 +362,12 @@ def _sample_program(cfg, sampling, group_size, width, mesh, params, prompt_tok, 
 @functools.partial(jax.jit,
                    static_argnames=("cfg", "sampling", "group_size", "n_slots", "width", "mesh"))
 def _branch_program(cfg, sampling, group_size, n_slots, width, mesh, params, state, rows, depths,
-                    forced, keys, active, vocab_mask):
+                    forced, keys, active, vocab_mask, layout):
   """M = group_size rows per (source row, depth, forced token), from the source's KV (first
-  stage)."""
+  stage). layout: ``cache_lib.SlotLayout`` of the requests' distinct sources (one prefix
+  each)."""
   model = qwen3.bind(cfg, params)
-  prefix, prefix_pos = cache_lib.constrain(mesh, cache_lib.branch_prefix(state, rows, depths))
+  prefix, prefix_pos = cache_lib.constrain(mesh, cache_lib.branch_prefix(state, layout))
   rep = lambda x: jnp.repeat(x, group_size)
   prompt_len = rep(jnp.take(state.prompt_len, rows))
   depth0 = rep(depths)
@@ -507,7 +512,7 @@ def branch(cfg: qwen3.Qwen3Config, params, source: Rollouts, rows: Sequence[int]
   mesh = distributed.mesh_of(params)
   carry, prefix, prefix_pos, prompt_len, depth0, limit = _branch_program(
       cfg, sampling, m, n_slots, _first_width(n_slots), mesh, params, source.state, rows_b,
-      depths_b, forced_b, keys, active, mask)
+      depths_b, forced_b, keys, active, mask, cache_lib.slot_layout(rows, depths, m, nb * m))
   base_pos = prompt_len + depth0
   carry = _stages(cfg, sampling, mesh, params, prefix, base_pos, limit, keys, depth0, carry,
                   mask, n_slots)
