@@ -131,8 +131,10 @@ def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
       mode=mode.astype(jnp.int32))
   edge.update(z=at(zs), p=at(p), ell=at(logp) - at(logq), logq=at(logq),
               support=sampling.in_support(at(zs)).astype(jnp.float32))
-  edge.update({f"proxy_{name}": x for name, x in
-               _edge_proxies(zs, zt, rows, toks, vocab_mask).items()})
+  # Position-level proxies are node covariates; token-level ones read log p(t), log q(t).
+  at_row = lambda x: x[jnp.minimum(rows, c - 1)]
+  edge.update({f"proxy_{name}": x for name, x in proxies.from_terms(
+      {k: at_row(node[k]) for k in gradients.COVARIATES}, at(logp), at(logq)).items()})
   k = min(TOP_TOKENS, v)
   for name, probs in (("p", p), ("q", gradients.masked_softmax(zt, vocab_mask))):
     node[f"top_{name}"], ids = jax.lax.top_k(probs, k)
@@ -141,15 +143,6 @@ def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
   finite = jnp.stack([jnp.all(jnp.isfinite(student_logits), -1), jnp.all(jnp.isfinite(zt), -1),
                       jnp.all(jnp.isfinite(norms), 0)])
   return node, edge, finite
-
-
-def _edge_proxies(zs, zt, rows, toks, vocab_mask):
-  """``proxies.proxy_scores`` at every child edge, from its node's π logits ``zs`` and q logits
-  ``zt`` (f32[C, V], as the directions see them) and the child's token: {name: f32[E]}.
-  Mapped C edges at a time, so no E × V array is made (E ≥ 2C)."""
-  c = zs.shape[0]
-  one = lambda e: proxies.proxy_scores(zs[e[0]], zt[e[0]], e[1], vocab_mask)
-  return jax.lax.map(one, (jnp.minimum(rows, c - 1), toks), batch_size=c)
 
 
 def rollout_paths(tree: PrefixTree, arrays: TreeArrays) -> list[np.ndarray]:

@@ -26,34 +26,43 @@ from gradalign_jax.gradients import masked_log_softmax, node_covariates
 
 @dataclasses.dataclass(frozen=True)
 class Proxy:
-  """One token filter.
+  """One token filter: either a property of the position (one of ``gradients.COVARIATES``,
+  the same for every token sampled there) or a function of the sampled token's log-probabilities
+  only, so that scoring every child of a tree node costs no pass over the vocabulary beyond
+  the node's own.
 
   name: its column / arm name (``proxy_<name>`` in tables, an arm of gated_distillation).
   doc: one line for ``--help`` and the report, saying which end is kept.
-  at_token: ``(logp f32[..., V], logq f32[..., V], token int32[...]) → f32[...]``, higher =
-    keep; ``logp``, ``logq`` the student's and teacher's log-probabilities (masked rows at a
-    large negative value), ``token`` the sampled id.
+  covariate: the ``gradients.node_covariates`` entry it is (position-level), or None;
+  at_token: otherwise ``(logp_t f32[...], logq_t f32[...]) → f32[...]``, from log p(t) and
+    log q(t) of the sampled token t. Higher = keep.
   """
   name: str
   doc: str
-  at_token: Callable
-
-
-def _at(logx: jax.Array, token: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(logx, token[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  covariate: str | None = None
+  at_token: Callable | None = None
 
 
 PROXIES = {p.name: p for p in (
     Proxy("student_entropy", "H(p): the student's entropy at the position (high kept)",
-          lambda logp, logq, t: node_covariates(logp, logq)["entropy_p"]),
+          covariate="entropy_p"),
     Proxy("kl_pq", "KL(p‖q) at the position, the reverse-KL loss itself (high kept)",
-          lambda logp, logq, t: node_covariates(logp, logq)["kl_pq"]),
+          covariate="kl_pq"),
     Proxy("abs_p_minus_q", "|p(t) − q(t)| at the sampled token t (high kept)",
-          lambda logp, logq, t: jnp.abs(jnp.exp(_at(logp, t)) - jnp.exp(_at(logq, t)))),
+          at_token=lambda logp_t, logq_t: jnp.abs(jnp.exp(logp_t) - jnp.exp(logq_t))),
     Proxy("teacher_logprob", "log q(t), the teacher's log-probability of the sampled token "
           "(high kept: tokens the teacher endorses)",
-          lambda logp, logq, t: _at(logq, t)),
+          at_token=lambda logp_t, logq_t: logq_t),
 )}
+
+
+def from_terms(covariates: dict[str, jax.Array], logp_t: jax.Array,
+               logq_t: jax.Array) -> dict[str, jax.Array]:
+  """Every proxy from the position's ``gradients.node_covariates`` (each f32[...]) and the
+  sampled token's log p(t), log q(t) (f32[...]): ``{name: f32[...]}``. The final pass
+  (alignment.py) calls it with its node covariates gathered to the child edges."""
+  return {name: covariates[p.covariate] if p.covariate else p.at_token(logp_t, logq_t)
+          for name, p in PROXIES.items()}
 
 
 def proxy_scores(student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array,
@@ -65,8 +74,10 @@ def proxy_scores(student_logits: jax.Array, teacher_logits: jax.Array, tokens: j
   """
   logp = masked_log_softmax(student_logits, vocab_mask)
   logq = masked_log_softmax(teacher_logits, vocab_mask)
-  tokens = jnp.asarray(tokens)
-  return {name: p.at_token(logp, logq, tokens) for name, p in PROXIES.items()}
+  t = jnp.asarray(tokens)[..., None].astype(jnp.int32)
+  at = lambda x: jnp.take_along_axis(x, t, axis=-1)[..., 0]
+  return from_terms(node_covariates(student_logits, teacher_logits, vocab_mask), at(logp),
+                    at(logq))
 
 
 def node_proxies(edge_scores: dict[str, np.ndarray], visits: np.ndarray, groups: np.ndarray,
