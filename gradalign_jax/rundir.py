@@ -47,7 +47,6 @@ from typing import Iterator, Sequence
 
 import pandas as pd
 
-from gradalign_jax.distributed import Processes
 
 _log = logging.getLogger(__name__)
 
@@ -115,7 +114,12 @@ class RunDir:
 
   def __init__(self, path: str, settings: dict, *, inputs: dict | None = None,
                overwrite: bool = False, stop_after: int | None = None,
-               processes: Processes = Processes()):
+               processes: "distributed.Processes | None" = None):
+    if processes is None:
+      # Imported here: distributed.py needs jax, and a task's data (tasks.base) reads this
+      # module's checksums without jax.
+      from gradalign_jax.distributed import Processes
+      processes = Processes()
     self.path = path
     self.settings = json.loads(json.dumps(settings))
     self.inputs = json.loads(json.dumps(inputs or {}))
