@@ -17,6 +17,7 @@ summed over the kept tokens and divided by the batch's valid tokens. The arms
   proxy_<name>       one arm per cheap proxy of gradalign_jax/proxies.py (student_entropy,
                      kl_pq, abs_p_minus_q, teacher_logprob): the top tokens of the batch by
                      that score, as many as alignment_gated kept at that step of that seed
+  random_fraction    as many tokens, chosen uniformly at random (sparsity without selection)
   reinforce          no distillation: policy gradient of the verifier's reward with a
                      per-question mean baseline, on the same rollouts
 
@@ -104,7 +105,7 @@ def run(s: dict, out: str, *, overwrite: bool = False) -> dict:
     for arm in tcfg.ordered_arms():
       for (seed,) in run_dir.todo(arm, [[i] for i in range(tcfg.seeds)], label=arm):
         fractions = None
-        if arm in distill.PROXY_ARMS:
+        if arm in distill.FRACTION_ARMS:
           gated = pd.read_parquet(os.path.join(run_dir.part_dir("alignment_gated", seed),
                                                "curves.parquet"))
           fractions = gated.sort_values("step")["kept_fraction"].to_numpy()[1:]

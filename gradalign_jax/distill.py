@@ -36,7 +36,10 @@ from gradalign_jax.gradients import masked_log_softmax
 
 DISTILL_ARMS = ("all_tokens", "incorrect_only", "alignment_gated")
 PROXY_ARMS = tuple(f"proxy_{name}" for name in proxies.PROXIES)
-ARMS = DISTILL_ARMS + PROXY_ARMS + ("reinforce",)
+# Arms that keep alignment_gated's fraction of tokens at each step: the proxies and a random
+# choice of that many (the control: sparsity alone, no selection).
+FRACTION_ARMS = PROXY_ARMS + ("random_fraction",)
+ARMS = DISTILL_ARMS + FRACTION_ARMS + ("reinforce",)
 ARM_DOCS = {
     "all_tokens": "reverse KL at every generated token (GKD's default)",
     "incorrect_only": "reverse KL at the tokens of rollouts the verifier marks wrong",
@@ -46,6 +49,8 @@ ARM_DOCS = {
     **{f"proxy_{n}": f"reverse KL at the top tokens by {p.doc}, the same fraction of the "
                      "batch's tokens as alignment_gated kept at that step"
        for n, p in proxies.PROXIES.items()},
+    "random_fraction": "reverse KL at uniformly random tokens of the batch, the same fraction "
+                       "as alignment_gated kept at that step (sparsity without selection)",
     "reinforce": "no distillation: policy gradient of the verifier's reward, per-question "
                  "mean baseline",
 }
@@ -109,15 +114,16 @@ def question_advantages(rewards, question) -> np.ndarray:
 
 
 def gate_mask(arm: str, valid, correct, align_keep, scores: dict | None = None,
-              fraction=0.0) -> jax.Array:
+              fraction=0.0, noise=None) -> jax.Array:
   """bool[...]: the positions whose distillation loss ``arm`` keeps.
 
   valid: bool[B, W] generated positions (EOS included); correct: bool[B] the verifier's
   verdict per rollout; align_keep: bool[B, W] positions whose prefix node has estimated
   alignment > 0 (``alignment_keep``); scores: {proxy name: f32[B, W]}
   (``proxies.proxy_scores``), needed by the proxy arms; fraction: the share of valid
-  positions a proxy arm keeps (``proxies.top_fraction``, over the whole batch). ``reinforce``
-  keeps no distillation loss (all False).
+  positions a proxy arm keeps (``proxies.top_fraction``, over the whole batch); noise:
+  f32[B, W] i.i.d. uniform draws, ``random_fraction``'s scores. ``reinforce`` keeps no
+  distillation loss (all False).
   """
   valid = jnp.asarray(valid, bool)
   if arm == "all_tokens":
@@ -130,6 +136,10 @@ def gate_mask(arm: str, valid, correct, align_keep, scores: dict | None = None,
     if scores is None:
       raise ValueError(f"arm {arm!r} needs the proxy scores: pass scores=proxy_scores(...)")
     return proxies.top_fraction(scores[arm[len("proxy_"):]], valid, fraction)
+  if arm == "random_fraction":
+    if noise is None:
+      raise ValueError("arm 'random_fraction' needs noise: uniform draws shaped like valid")
+    return proxies.top_fraction(noise, valid, fraction)
   if arm == "reinforce":
     return jnp.zeros_like(valid)
   raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
@@ -208,11 +218,12 @@ def training_batch(prompts: Sequence[Sequence[int]], question: np.ndarray, gener
 
 def make_train_step(cfg, teacher_cfg, optimizer, vocab_mask=None):
   """The jitted step ``(params, opt_state, teacher_params, tokens, positions, generated, valid,
-  correct, align_keep, advantages, arm, fraction) → (params, opt_state, stats)``.
+  correct, align_keep, advantages, arm, fraction, noise) → (params, opt_state, stats)``.
 
   tokens int32[B, T], positions/generated int32[B, W], valid/align_keep bool[B, W] (Batch and
   ``alignment_keep``), correct bool[B], advantages f32[B] (``question_advantages``), arm
-  int32 (an index into ARMS), fraction f32 (the proxy arms' share of valid tokens).
+  int32 (an index into ARMS), fraction f32 (FRACTION_ARMS' share of valid tokens), noise
+  f32[B, W] (random_fraction's uniform draws).
   stats: {"loss", "kept" (positions kept), "valid"}. Params are arguments and the arm is
   traced: one program for every arm and step.
   """
@@ -226,11 +237,11 @@ def make_train_step(cfg, teacher_cfg, optimizer, vocab_mask=None):
     return jnp.take_along_axis(logits, positions[..., None], axis=1)
 
   def loss_fn(params, teacher_logits, tokens, positions, generated, valid, correct, align_keep,
-              advantages, arm, fraction):
+              advantages, arm, fraction, noise):
     student = at_positions(qwen3.bind(cfg, params)(tokens)[0], positions)
     scores = proxies.proxy_scores(jax.lax.stop_gradient(student), teacher_logits, generated,
                                   mask)
-    gates = jnp.stack([gate_mask(a, valid, correct, align_keep, scores, fraction)
+    gates = jnp.stack([gate_mask(a, valid, correct, align_keep, scores, fraction, noise)
                        for a in ARMS])
     keep = gates[arm]
     num_valid = jnp.sum(valid)
@@ -241,17 +252,17 @@ def make_train_step(cfg, teacher_cfg, optimizer, vocab_mask=None):
 
   @jax.jit
   def step(params, opt_state, teacher_params, tokens, positions, generated, valid, correct,
-           align_keep, advantages, arm, fraction):
+           align_keep, advantages, arm, fraction, noise):
     teacher_logits = at_positions(qwen3.bind(teacher_cfg, teacher_params)(tokens)[0], positions)
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, jax.lax.stop_gradient(teacher_logits), tokens, positions, generated, valid,
-        correct, align_keep, advantages, arm, fraction)
+        correct, align_keep, advantages, arm, fraction, noise)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, dict(stats, loss=loss)
 
   return step
 
 
-__all__ = ["ARMS", "ARM_DOCS", "Batch", "DISTILL_ARMS", "PROXY_ARMS", "alignment_keep",
-           "distill_loss", "gate_mask", "make_train_step", "question_advantages",
+__all__ = ["ARMS", "ARM_DOCS", "Batch", "DISTILL_ARMS", "FRACTION_ARMS", "PROXY_ARMS",
+           "alignment_keep", "distill_loss", "gate_mask", "make_train_step", "question_advantages",
            "reinforce_loss", "token_logprob", "token_reverse_kl", "training_batch"]

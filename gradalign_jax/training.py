@@ -72,9 +72,9 @@ class TrainConfig:
     if bad or not self.arms or len(set(self.arms)) < len(self.arms):
       raise ValueError(f"arms {list(self.arms)}: unknown or repeated {bad}; choose from "
                        f"{list(distill.ARMS)}")
-    if set(self.arms) & set(distill.PROXY_ARMS) and "alignment_gated" not in self.arms:
-      raise ValueError("a proxy arm keeps the fraction of tokens alignment_gated kept: add "
-                       "alignment_gated to --arms")
+    if set(self.arms) & set(distill.FRACTION_ARMS) and "alignment_gated" not in self.arms:
+      raise ValueError("the proxy and random_fraction arms keep the fraction of tokens "
+                       "alignment_gated kept: add alignment_gated to --arms")
     if min(self.seeds, self.steps, self.refresh_every, self.eval_every, self.eval_samples) < 1:
       raise ValueError("train_seeds, steps, refresh_every, eval_every and eval_samples must be "
                        f"≥ 1 (got {self.seeds}, {self.steps}, {self.refresh_every}, "
@@ -182,13 +182,13 @@ def train_arm(trainer: Trainer, arm: str, seed: int, fractions: Sequence[float] 
               steps: int | None = None) -> ArmRun:
   """Trains the student from its initial params in ``arm`` (``distill.ARMS``) for run
   ``seed``. fractions: per step (index = step − 1), the share of valid tokens a proxy arm
-  keeps (alignment_gated's ``kept_fraction`` curve of the same seed). steps: default
+  or random_fraction keeps (alignment_gated's ``kept_fraction`` curve of the same seed). steps: default
   ``config.steps``."""
   if arm not in distill.ARMS:
     raise ValueError(f"unknown arm {arm!r}; choose from {list(distill.ARMS)}")
   cfg, task = trainer.config, trainer.task
   steps = cfg.steps if steps is None else steps
-  if arm in distill.PROXY_ARMS and (fractions is None or len(fractions) < steps):
+  if arm in distill.FRACTION_ARMS and (fractions is None or len(fractions) < steps):
     raise ValueError(f"{arm} needs alignment_gated's kept fraction at each of its {steps} steps")
   params = trainer.student.params
   opt_state = trainer.optimizer.init(params)
@@ -223,12 +223,13 @@ def train_arm(trainer: Trainer, arm: str, seed: int, fractions: Sequence[float] 
         keep = keep | (valid & ~covered)
     batch = distill.training_batch(group.prompts, ro.question, ro.tokens, ro.lengths,
                                    trainer.student.pad_id, trainer.length)
-    fraction = fractions[s] if arm in distill.PROXY_ARMS else 0.0
+    fraction = fractions[s] if arm in distill.FRACTION_ARMS else 0.0
+    noise = np.random.default_rng([seed, s, 0x4E015E]).random(valid.shape, np.float32)
     params, opt_state, stats = trainer.step(
         params, opt_state, trainer.teacher.params, batch.tokens, batch.positions,
         batch.generated, batch.valid, rewards > 0.5, keep,
         distill.question_advantages(rewards, ro.question), np.int32(distill.ARMS.index(arm)),
-        np.float32(fraction))
+        np.float32(fraction), noise)
     compute["student_train_tokens"] += batch.sequence_tokens
     if arm != "reinforce":  # reinforce needs no teacher (the shared program runs it anyway)
       compute["teacher_train_tokens"] += batch.sequence_tokens

@@ -27,14 +27,14 @@ EXPECTED = {
     "incorrect_only": np.array([[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], bool),
     "alignment_gated": np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]], bool),
     "reinforce": np.zeros_like(VALID),
-    **{arm: TOP_HALF for arm in distill.PROXY_ARMS},
+    **{arm: TOP_HALF for arm in distill.FRACTION_ARMS},
 }
 
 
 @pytest.mark.parametrize("arm", distill.ARMS)
 def test_gate_masks_the_intended_tokens(arm):
   scores = {name: jnp.asarray(SCORES) for name in proxies.PROXIES}
-  got = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5)
+  got = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5, noise=jnp.asarray(SCORES))
   np.testing.assert_array_equal(np.asarray(got), EXPECTED[arm])
 
 
@@ -57,6 +57,8 @@ def test_unknown_arm_and_missing_scores_are_refused():
     distill.gate_mask("everything", VALID, CORRECT, ALIGN)
   with pytest.raises(ValueError, match="proxy scores"):
     distill.gate_mask("proxy_kl_pq", VALID, CORRECT, ALIGN)
+  with pytest.raises(ValueError, match="needs noise"):
+    distill.gate_mask("random_fraction", VALID, CORRECT, ALIGN)
 
 
 def test_alignment_keep_looks_up_each_prefix():
@@ -90,11 +92,12 @@ def _logits(seed, shape=(3, 4, 7)):
 MASK = np.array([1, 1, 0, 1, 1, 1, 0], bool)  # two padded vocabulary rows
 
 
-@pytest.mark.parametrize("arm", distill.DISTILL_ARMS + distill.PROXY_ARMS)
+@pytest.mark.parametrize("arm", distill.DISTILL_ARMS + distill.FRACTION_ARMS)
 def test_distillation_gradient_is_the_reverse_kl_direction_where_kept(arm):
   zs, zt = _logits(1)
   scores = proxies.proxy_scores(zs, zt, jnp.zeros((3, 4), jnp.int32), MASK)
-  keep = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5)
+  noise = jnp.asarray(np.random.default_rng(0).random((3, 4)), jnp.float32)
+  keep = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5, noise)
   n = int(VALID.sum())
   grad = jax.grad(lambda z: distill.distill_loss(z, zt, keep, n, MASK))(zs)
   want = -np.asarray(keep, np.float32)[..., None] / n * np.asarray(
@@ -177,7 +180,7 @@ def test_short_training_run_moves_the_params_reproducibly(trainer, arm):
   want = {"all_tokens": [1.0, 1.0], "reinforce": [0.0, 0.0]}.get(arm)
   if want is not None:
     assert kept == want
-  if arm in distill.PROXY_ARMS:
+  if arm in distill.FRACTION_ARMS:
     assert all(abs(k - 0.5) < 0.05 for k in kept)
   if arm == "alignment_gated":
     assert all(0 < k < 1 for k in kept)
@@ -218,6 +221,7 @@ def test_summary_intervals_and_paired_tests_by_hand():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(arms=("all_tokens", "proxy_kl_pq")), "add alignment_gated"),
+    (dict(arms=("random_fraction",)), "add alignment_gated"),
     (dict(arms=("all_tokens", "all_tokens")), "unknown or repeated"),
     (dict(arms=("everything",)), "unknown or repeated"),
     (dict(steps=0), "must be ≥ 1"),

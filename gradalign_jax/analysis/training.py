@@ -109,7 +109,7 @@ def summarize(curves: pd.DataFrame, compute: pd.DataFrame) -> dict:
     gated = wide["final_accuracy"]["alignment_gated"]
     out["vs_alignment_gated"] = {arm: paired_tests(wide["final_accuracy"][arm], gated)
                                  for arm in arm_order(seeds["arm"])
-                                 if arm in distill.PROXY_ARMS}
+                                 if arm in distill.FRACTION_ARMS}
   return out
 
 
