@@ -74,7 +74,8 @@ def token_reverse_kl(student_logits, teacher_logits, vocab_mask=None) -> jax.Arr
 
 
 def token_logprob(student_logits, tokens, vocab_mask=None) -> jax.Array:
-  """log π(y) of each position's token. student_logits f32[..., V], tokens int[...] → f32[...]."""
+  """log π(y) of each position's token: student_logits f32[..., V], tokens int[...] →
+  f32[...]."""
   logp = masked_log_softmax(student_logits, vocab_mask)
   return jnp.take_along_axis(logp, jnp.asarray(tokens, jnp.int32)[..., None], axis=-1)[..., 0]
 

@@ -182,8 +182,8 @@ def train_arm(trainer: Trainer, arm: str, seed: int, fractions: Sequence[float] 
               steps: int | None = None) -> ArmRun:
   """Trains the student from its initial params in ``arm`` (``distill.ARMS``) for run
   ``seed``. fractions: per step (index = step − 1), the share of valid tokens a proxy arm
-  or random_fraction keeps (alignment_gated's ``kept_fraction`` curve of the same seed). steps: default
-  ``config.steps``."""
+  or random_fraction keeps (alignment_gated's ``kept_fraction`` curve of the same seed).
+  steps: default ``config.steps``."""
   if arm not in distill.ARMS:
     raise ValueError(f"unknown arm {arm!r}; choose from {list(distill.ARMS)}")
   cfg, task = trainer.config, trainer.task
