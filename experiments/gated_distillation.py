@@ -2,7 +2,7 @@
 that differ only in which tokens' loss is kept, and compares held-out accuracy.
 
 Every arm: each step, --question_batch questions × --num_rollouts on-policy rollouts of the
-current student (T = --temperature), one optax adam step; the per-token loss is the full-
+current student (T = 1, untruncated), one optax adam step; the per-token loss is the full-
 vocabulary reverse KL(p_θ‖q) to the teacher (GKD's default, gradient through p_θ only),
 summed over the kept tokens and divided by the batch's valid tokens. The arms
 (gradalign_jax/distill.py):
@@ -74,6 +74,10 @@ def _check(s: dict):
     raise ValueError(f"gated distillation trains one student from one teacher; got "
                      f"--students={','.join(s['students'])} --teachers="
                      f"{','.join(s['teachers'])}")
+  if (s["temperature"], s["top_p"], s["top_k"]) != (1.0, 1.0, 0):
+    raise ValueError("gated distillation samples, distils and evaluates at T = 1 without "
+                     "truncation (the loss and the proxies read the raw logits): drop "
+                     "--temperature, --top_p and --top_k")
   spec = contexts.parse_spec(s["teachers"][0])
   if spec.context != "none":
     raise ValueError(f"--teachers={spec.text}: the training teacher reads the student's prompt "

@@ -236,3 +236,62 @@ def test_alignment_gated_runs_before_the_proxy_arms():
   cfg = training.TrainConfig(arms=("proxy_kl_pq", "reinforce", "alignment_gated", "all_tokens"))
   assert cfg.ordered_arms() == ["alignment_gated", "all_tokens", "proxy_kl_pq", "reinforce"]
   assert training.TrainConfig(steps=12, eval_every=5).eval_steps() == [0, 5, 10, 12]
+
+
+TINY_RUN = dict(arms=("all_tokens", "alignment_gated", "random_fraction"), train_seeds=2,
+                steps=1, eval_every=1, eval_samples=1, eval_data="synthetic:seed=2,n=2",
+                data="synthetic:seed=1,n=8", num_questions=8, question_batch=2,
+                num_rollouts=4, max_new_tokens=16, budget=4, num_continuations=2,
+                students=("student_small",), teachers=("teacher",), permutations=0,
+                directions=("reverse_kl",), chunk_nodes=64)
+
+
+def test_the_script_writes_its_outputs_and_resumes(tmp_path, monkeypatch):
+  import json
+
+  from experiments import gated_distillation as gd
+
+  s = gd.settings(**TINY_RUN)
+  out = str(tmp_path / "run")
+  summary = gd.run(s, out)
+  with open(tmp_path / "run" / "summary.json") as f:
+    saved = json.load(f)
+  assert set(saved["arms"]) == set(TINY_RUN["arms"])
+  for arm in TINY_RUN["arms"]:
+    row = saved["arms"][arm]
+    for key in ("final_accuracy", "ci_low", "ci_high", "p_vs_all_tokens", "num_seeds",
+                "kept_fraction", "rollouts", "forward_tokens"):
+      assert key in row, (arm, key)
+    assert row["num_seeds"] == 2
+  assert saved["arms"]["all_tokens"]["p_vs_all_tokens"] is None
+  # random_fraction copied alignment_gated's kept fraction, step by step.
+  curves = pd.read_parquet(tmp_path / "run" / "curves.parquet")
+  kept = curves[curves["step"] > 0].pivot(index=["seed", "step"], columns="arm",
+                                          values="kept_fraction")
+  np.testing.assert_allclose(kept["random_fraction"], kept["alignment_gated"], atol=0.05)
+  report_text = (tmp_path / "run" / "report.md").read_text()
+  assert "Does alignment gating beat all-token distillation?" in report_text
+  assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+  assert summary["arms"]["all_tokens"]["final_accuracy"] == saved["arms"]["all_tokens"][
+      "final_accuracy"]
+
+  def must_not_train(*args, **kwargs):
+    raise AssertionError("a finished (arm, seed) was trained again")
+
+  monkeypatch.setattr(gd.training, "train_arm", must_not_train)
+  again = gd.run(s, out)
+  assert again["arms"]["alignment_gated"]["final_accuracy"] == saved["arms"][
+      "alignment_gated"]["final_accuracy"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(teachers=("teacher", "self")), "one student from one teacher"),
+    (dict(teachers=("teacher:correct_demo",)), "without a context"),
+    (dict(temperature=0.7), "T = 1 without truncation"),
+])
+def test_the_script_refuses_what_it_cannot_train(tmp_path, overrides, message):
+  from experiments import gated_distillation as gd
+
+  with pytest.raises(ValueError, match=message):
+    gd.run(gd.settings(**dict(TINY_RUN, **overrides)), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
