@@ -10,7 +10,8 @@ teacher contexts give them.
 
 Training stops early once the mean probability a model gives the reference solution (a lower
 bound on its sampled accuracy) reaches its cap in ``MODELS``: low for the students, so they
-stay imperfect, high for the teacher.
+stay imperfect, high for the teacher. A second phase on prompts with contexts then teaches
+every model to read them (``CONTEXT_PHASE``).
 
   python -m experiments.train_toy --out=assets/toy
 """
@@ -28,7 +29,9 @@ flags.DEFINE_list("models", ["student_small", "student_large", "teacher"], "whic
 flags.DEFINE_integer("batch", 64, "sequences per step")
 flags.DEFINE_integer("seed", 0, "data and init seed")
 flags.DEFINE_integer("incontext_steps", 400, "students: most steps of the second phase, "
-                     "mostly on prompts with contexts")
+                     "on prompts with contexts")
+flags.DEFINE_integer("teacher_incontext_steps", 400, "teacher: most steps of its second "
+                     "phase, mostly on prompts with contexts")
 flags.DEFINE_bool("continue_saved", False, "start from the checkpoints already in --out (skip "
                   "phase 1 where one exists)")
 flags.DEFINE_integer("eval_every", 20, "steps between evaluations (learning is abrupt: a "
@@ -52,6 +55,17 @@ MODELS = {
                            num_kv_heads=2, head_dim=24), 1500, 3e-3, 0.55),
     "teacher": (dict(hidden_size=128, intermediate_size=320, num_layers=3, num_heads=8,
                      num_kv_heads=4, head_dim=16), 1000, 2e-3, 0.9),
+}
+# The second phase (see train_one), name: (share of each batch kind, plain p_reference band
+# within which the params that read a demonstration best are kept). Prompts with contexts
+# only: with plain prompts mixed in, the models improved at the task instead (the teacher with
+# a quarter plain batches: plain 0.68 → 0.87, with a demonstration 0.48 → 0.76 in 220 steps).
+# The students must stay imperfect; the teacher (whose phase 1 left it worse with a
+# demonstration than without, 0.68 → 0.48) must stay clearly better than the students.
+CONTEXT_PHASE = {
+    "student_small": ({"demo": 0.5, "demo2": 0.25, "summarize": 0.25}, (0.175, 0.5)),
+    "student_large": ({"demo": 0.5, "demo2": 0.25, "summarize": 0.25}, (0.275, 0.7)),
+    "teacher": ({"demo": 0.5, "demo2": 0.25, "summarize": 0.25}, (0.6, 0.85)),
 }
 VOCAB_SIZE = 64  # padded past the tokenizer's ids, as real Qwen3 pads its vocabulary
 
@@ -159,10 +173,11 @@ def _trainer(cfg, opt):
 
 def train_one(name, task, tok, out_dir):
   """Phase 1: the full mixture until the reference probability reaches the model's cap.
-  Phase 2 (students, ``--incontext_steps``): prompts with contexts only (demonstrations,
-  summaries) at a fifth of the learning rate, so the students learn to use them (with plain
-  prompts mixed in, they improved at the task instead); the params kept are those that read
-  a demonstration best while the plain reference probability stays in [cap / 2, cap + 0.15]."""
+  Phase 2 (``--incontext_steps`` for the students, ``--teacher_incontext_steps`` for the
+  teacher): mostly prompts with contexts (demonstrations, summaries; ``CONTEXT_PHASE``) at a
+  fifth of the learning rate, so the model learns to use them; the params kept are those that
+  read a demonstration best while the plain reference probability stays in the model's
+  band."""
   import jax
   import optax
 
@@ -206,23 +221,26 @@ def train_one(name, task, tok, out_dir):
       if i % FLAGS.eval_every == 0 or i == steps:
         if evaluate("mixture", i, loss)["p_reference"] >= cap:
           break
-  if cap < 0.9 and FLAGS.incontext_steps > 0:
+  shares, (low, high) = CONTEXT_PHASE[name]
+  context_steps = FLAGS.teacher_incontext_steps if name == "teacher" else FLAGS.incontext_steps
+  if context_steps > 0:
     # Keep the evaluated params that read demonstrations best while the plain reference
-    # probability stays within [cap / 2, cap + 0.15] (the students must stay imperfect).
+    # probability stays within the model's band.
     opt = optax.adamw(lr / 5, weight_decay=0.01)
     opt_state, step = opt.init(params), _trainer(cfg, opt)
-    shares = {"demo": 0.5, "demo2": 0.25, "summarize": 0.25}
+    # The phase's data stream restarts from the seed, so a run from scratch and a
+    # --continue_saved run from the same phase-1 checkpoint see the same batches.
+    rng = np.random.default_rng([FLAGS.seed, sum(map(ord, name))])
     best, best_demo = params, -1.0
-    for i in range(1, FLAGS.incontext_steps + 1):
+    for i in range(1, context_steps + 1):
       tokens, mask = make_batch(task, tok, rng, FLAGS.batch, shares)
       params, opt_state, loss = step(params, opt_state, tokens, mask)
-      if i % FLAGS.eval_every == 0 or i == FLAGS.incontext_steps:
+      if i % FLAGS.eval_every == 0 or i == context_steps:
         rec = evaluate("contexts", i, loss)
-        if cap / 2 <= rec["p_reference"] <= cap + 0.15 and \
-            rec["p_reference_with_demo"] > best_demo:
+        if low <= rec["p_reference"] <= high and rec["p_reference_with_demo"] > best_demo:
           best, best_demo = params, rec["p_reference_with_demo"]
           history[-1]["kept"] = True
-        if rec["p_reference"] > cap + 0.15 or rec["p_reference_with_demo"] >= 0.95:
+        if rec["p_reference"] > high or rec["p_reference_with_demo"] >= 0.95:
           break
     params = best
   checkpoint.save_pretrained(cfg, jax.device_get(params), path, extra_config={
