@@ -143,16 +143,25 @@ def _f(x, digits=3) -> str:
 
 
 def table_markdown(summary: dict) -> str:
-  """The per-arm table: final accuracy [95% CI], paired difference and p vs all_tokens,
-  kept fraction, compute per run."""
+  """The per-arm table: final accuracy [95% CI], paired difference and p vs all_tokens, the
+  mean accuracy over the evaluated steps after 0 (paired t p vs all_tokens), kept fraction,
+  compute per run."""
   lines = ["| arm | final accuracy [95% CI] | − all_tokens [95% CI] | p (t / Wilcoxon) | "
-           "kept fraction | rollouts / run (incl. targeted) | forward tokens / run | s / run |",
-           "|---|---|---|---|---|---|---|---|"]
+           "curve mean (p) | kept fraction | rollouts / run (incl. targeted) | "
+           "forward tokens / run | s / run |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for arm, r in summary["arms"].items():
+    if arm == BASELINE:
+      lines.append(f"| {arm} | {_f(r['final_accuracy'])} [{_f(r['ci_low'])}, "
+                   f"{_f(r['ci_high'])}] | (baseline) | | {_f(r['curve_accuracy'])} | "
+                   f"{_f(r['kept_fraction'])} | {r.get('rollouts', 0):,.0f} | "
+                   f"{r.get('forward_tokens', 0):,.0f} | {_f(r.get('seconds'), 0)} |")
+      continue
     lines.append(
         f"| {arm} | {_f(r['final_accuracy'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
         f"{_f(r.get('diff_vs_all_tokens'))} [{_f(r.get('diff_low'))}, {_f(r.get('diff_high'))}]"
         f" | {_f(r.get('p_vs_all_tokens'))} / {_f(r.get('p_wilcoxon_vs_all_tokens'))} | "
+        f"{_f(r['curve_accuracy'])} ({_f(r.get('p_curve_vs_all_tokens'))}) | "
         f"{_f(r['kept_fraction'])} | {r.get('rollouts', 0):,.0f}"
         f" | {r.get('forward_tokens', 0):,.0f} | {_f(r.get('seconds'), 0)} |")
   return "\n".join(lines)
