@@ -16,7 +16,8 @@ differ once their students do).
 ``alignment_gated`` additionally runs the diagnostic at the first step of each block
 (``pipeline.teacher_prompts``, ``spend_targeted_budget`` with the current student, then
 ``alignment.score_tree`` per question): a token is kept where the estimated
-cos(ĝ*, d_reverse_kl) at its prefix node is > 0. At the block's later steps the new
+cos(ĝ*, d_reverse_kl) at its prefix node is > 0 (the full tree's estimate, the rollout's own
+outcome among the counts: the gate is a property of the node, not a leave-one-out score). At the block's later steps the new
 rollouts' prefixes are looked up in the same question's tree (``distill.alignment_keep``).
 A token whose prefix node was never scored or is not informative (fewer than two observed
 children, or equal Q̂) has no estimate: ``uncovered_tokens`` = "drop" (default) does not
