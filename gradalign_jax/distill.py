@@ -228,9 +228,9 @@ def make_train_step(cfg, teacher_cfg, optimizer, vocab_mask=None):
   stats: {"loss", "kept" (positions kept), "valid"}. Params are arguments and the arm is
   traced: one program for every arm and step.
   """
-  from gradalign_jax.models import qwen3
-
   import optax
+
+  from gradalign_jax.models import qwen3
 
   mask = None if vocab_mask is None else jnp.asarray(vocab_mask, bool)
 
