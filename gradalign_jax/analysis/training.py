@@ -103,6 +103,7 @@ def summarize(curves: pd.DataFrame, compute: pd.DataFrame) -> dict:
       if col not in ("arm", "seed"):
         row[col] = float(c[col].mean())
     out["arms"][arm] = row
+  out["train_seconds"] = float(compute["seconds"].sum()) if "seconds" in compute else np.nan
   init = curves[curves["step"] == 0]["accuracy"]
   out["initial_accuracy"] = float(init.mean()) if len(init) else np.nan
   if "alignment_gated" in wide["final_accuracy"]:
@@ -205,8 +206,9 @@ def report_markdown(summary: dict, settings: dict, wall_seconds: float, load: st
            f"{settings['question_batch']} questions × {settings['num_rollouts']} rollouts per "
            f"step; held-out accuracy on the questions of `{settings['eval_data']}` × "
            f"{settings['eval_samples']} samples at T = 1. Initial accuracy "
-           f"{_f(summary['initial_accuracy'])}. Wall time {wall_seconds / 60:.1f} min "
-           f"(this invocation), load {load}.", "",
+           f"{_f(summary['initial_accuracy'])}. Training time {summary['train_seconds'] / 60:.1f}"
+           f" min summed over the (arm, seed) runs (a resumed run counts the earlier ones); "
+           f"this invocation {wall_seconds / 60:.1f} min, load average at its end {load}.", "",
            table_markdown(summary), "", *[f"- {v}" for v in verdicts(summary)], "",
            "Arms (gradalign_jax/distill.py):", "",
            *[f"- `{a}`: {distill.ARM_DOCS[a]}" for a in summary["arms"]], "",
