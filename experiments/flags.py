@@ -22,8 +22,8 @@ import jax
 from absl import app, flags, logging
 
 from experiments import cli
-from gradalign_jax import (alignment, compilation, contexts, distributed, gradients, pipeline,
-                           rundir, sampling, targeted, tasks)
+from gradalign_jax import (alignment, compilation, contexts, distill, distributed, gradients,
+                           pipeline, rundir, sampling, targeted, tasks, training)
 from gradalign_jax.models import checkpoint
 from gradalign_jax.models.loaded import ModelCache, resolve_model
 from gradalign_jax.tasks.base import fingerprint_source
@@ -82,6 +82,25 @@ flags.DEFINE_float("planted_delta", 0.3, "calibration: the difference (incorrect
 flags.DEFINE_float("alpha", 0.05, "calibration: the test's level")
 flags.DEFINE_integer("permutations", 500, "random relabellings of each question's rewards, "
                      "scores recomputed, behind the within-question permutation test (0: none)")
+flags.DEFINE_list("arms", list(distill.ARMS),
+                  "training: arms of gated_distillation (gradalign_jax/distill.py ARMS); the "
+                  "proxy arms need alignment_gated, whose kept fraction they copy")
+flags.DEFINE_integer("train_seeds", 5, "training: independent runs per arm (seed s: the order "
+                     "of the training questions and every sampler draw; arms of a seed share them)")
+flags.DEFINE_integer("steps", 30, "training: optimizer steps per run (each: --question_batch "
+                     "questions × --num_rollouts on-policy rollouts)")
+flags.DEFINE_float("learning_rate", 3e-4, "training: optax adam's learning rate")
+flags.DEFINE_integer("refresh_every", 1, "training: the alignment estimate is refreshed (the "
+                     "diagnostic with its targeted rollouts on the current student) every this "
+                     "many steps; the training questions change at the same pace, so a stale "
+                     "estimate is looked up in the same question's last tree")
+flags.DEFINE_enum("uncovered_tokens", "drop", ["drop", "keep"],
+                  "training: alignment_gated's rule for a token whose prefix node was not scored "
+                  "or is not informative (no estimate): drop (not kept) or keep")
+flags.DEFINE_integer("eval_every", 5, "training: steps between held-out evaluations")
+flags.DEFINE_string("eval_data", "synthetic:seed=2,n=128", "training: the fixed held-out "
+                    "questions (same forms as --data; questions also in --data are refused)")
+flags.DEFINE_integer("eval_samples", 4, "training: samples per held-out question at T = 1")
 flags.DEFINE_string("out", None, "output directory (reruns resume from its parts/)")
 flags.DEFINE_bool("overwrite", False, "start over instead of resuming: delete the run in --out "
                   "once every other flag is checked (a directory that is not a run is refused)")
@@ -111,6 +130,8 @@ GROUPS = {
     "scoring": ("directions", "teacher_temperature", "jsd_beta", "topk", "chunk_nodes",
                 "permutations"),
     "calibration": ("seeds", "success_rate", "planted_delta", "alpha"),
+    "training": ("arms", "train_seeds", "steps", "learning_rate", "refresh_every",
+                 "uncovered_tokens", "eval_every", "eval_data", "eval_samples"),
 }
 ALWAYS = ("models", "data", "sampling")  # every experiment reads these
 # The order settings are recorded in (config.json, the report's settings table).
@@ -118,7 +139,9 @@ ORDER = ("students", "teachers", "task", "data", "num_questions", "num_rollouts"
          "top_p", "top_k", "max_new_tokens", "thinking", "budget", "num_continuations", "priority",
          "rounds", "directions", "teacher_temperature", "demo_samples", "summary_tokens",
          "question_batch", "jsd_beta", "topk", "chunk_nodes", "permutations", "dtype", "seed",
-         "seeds", "success_rate", "planted_delta", "alpha")
+         "seeds", "success_rate", "planted_delta", "alpha", "arms", "train_seeds", "steps",
+         "learning_rate", "refresh_every", "uncovered_tokens", "eval_every", "eval_data",
+         "eval_samples")
 OUTPUT = ("out", "overwrite")
 # Where the work runs, not what it computes: not settings (config.json does not record them).
 DISTRIBUTED = ("coordinator", "num_processes", "process_id", "model_parallel")
@@ -172,6 +195,8 @@ def settings(groups, **overrides) -> dict:
                             and 0 < out["alpha"] < 1):
     raise ValueError("need seeds ≥ 1, success_rate and alpha in (0, 1) (got "
                      f"{out['seeds']}, {out['success_rate']}, {out['alpha']})")
+  if "arms" in out:
+    training_config(out)
   contexts.parse_specs(out["teachers"])
   diagnose_config(out)
   return out
@@ -304,6 +329,14 @@ def context_config(s: dict) -> contexts.ContextConfig:
   return contexts.ContextConfig(thinking=s.get("thinking", "task"),
                                 demo_samples=s.get("demo_samples", 16),
                                 summary_tokens=s.get("summary_tokens", 32))
+
+
+def training_config(s: dict) -> training.TrainConfig:
+  """The gated-distillation training run's config (validated by building it)."""
+  return training.TrainConfig(arms=s["arms"], seeds=s["train_seeds"], steps=s["steps"],
+                             learning_rate=s["learning_rate"], refresh_every=s["refresh_every"],
+                             uncovered_tokens=s["uncovered_tokens"], eval_every=s["eval_every"],
+                             eval_samples=s["eval_samples"])
 
 
 def diagnose_config(s: dict) -> pipeline.DiagnoseConfig:
