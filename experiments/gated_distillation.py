@@ -47,7 +47,7 @@ from absl import logging
 
 from experiments import files
 from experiments import flags as flags_lib
-from gradalign_jax import contexts, distill, rundir, training
+from gradalign_jax import contexts, distill, distributed, rundir, training
 from gradalign_jax.analysis import report
 from gradalign_jax.analysis import training as analysis
 from gradalign_jax.models.loaded import ModelCache
@@ -87,6 +87,11 @@ def _check(s: dict):
 
 def run(s: dict, out: str, *, overwrite: bool = False) -> dict:
   """Trains every (arm, seed) that lacks a part in ``out``, then writes the outputs."""
+  if distributed.processes().count > 1:
+    # The proxy arms read alignment_gated's kept fractions, so (arm, seed) runs are not
+    # independent units to deal out; one process (with --model_parallel) runs them all.
+    raise ValueError("gated_distillation runs as one process: launch it without "
+                     "--num_processes / a multi-process launcher")
   spec = _check(s)
   tcfg = flags_lib.training_config(s)
   config, specs, task, pool = flags_lib.prepare(s)

@@ -295,3 +295,13 @@ def test_the_script_refuses_what_it_cannot_train(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     gd.run(gd.settings(**dict(TINY_RUN, **overrides)), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_the_script_refuses_a_job_of_several_processes(tmp_path, monkeypatch):
+  from experiments import gated_distillation as gd
+  from gradalign_jax import distributed
+
+  monkeypatch.setattr(distributed, "processes", lambda: distributed.Processes(0, 2))
+  with pytest.raises(ValueError, match="runs as one process"):
+    gd.run(gd.settings(**TINY_RUN), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
