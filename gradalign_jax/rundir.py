@@ -120,6 +120,9 @@ class RunDir:
       # module's checksums without jax.
       from gradalign_jax.distributed import Processes
       processes = Processes()
+    if stop_after is not None and processes.count > 1:
+      raise RunDirError("stop_after stops one process of the job and leaves the others waiting "
+                        "at its end: use it in a one-process run")
     self.path = path
     self.settings = json.loads(json.dumps(settings))
     self.inputs = json.loads(json.dumps(inputs or {}))
@@ -369,7 +372,11 @@ class RunDir:
     return True
 
   def deal(self, todo: Sequence) -> list:
-    """This process's share of ``todo`` (``distributed.deal``); alone: all of it."""
+    """This process's share of ``todo`` (``distributed.deal``); alone: all of it. Every
+    process must deal the same list, so all of them meet here (a barrier) before any writes
+    a part: a part written before another process read the manifest would drop its group
+    from that process's ``todo`` only, and the two would deal different lists."""
+    self.processes.barrier("rundir-deal")
     return self.processes.deal(todo)
 
   @staticmethod
