@@ -83,8 +83,10 @@ flags.DEFINE_float("alpha", 0.05, "calibration: the test's level")
 flags.DEFINE_integer("permutations", 500, "random relabellings of each question's rewards, "
                      "scores recomputed, behind the within-question permutation test (0: none)")
 flags.DEFINE_list("arms", list(distill.ARMS),
-                  "training: arms of gated_distillation (gradalign_jax/distill.py ARMS); the "
-                  "proxy arms need alignment_gated, whose kept fraction they copy")
+                  "training: arms of gated_distillation (gradalign_jax/distill.py ARMS and "
+                  "ARM_DOCS); the proxy, random_fraction and covered_random arms need "
+                  "alignment_gated, whose kept fraction they copy; covered_random draws that "
+                  "many uniformly among the covered tokens (those with an alignment estimate)")
 flags.DEFINE_integer("train_seeds", 5, "training: independent runs per arm (seed s: the order "
                      "of the training questions and every sampler draw; arms of a seed share them)")
 flags.DEFINE_integer("steps", 30, "training: optimizer steps per run (each: --question_batch "

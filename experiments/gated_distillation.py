@@ -18,6 +18,11 @@ summed over the kept tokens and divided by the batch's valid tokens. The arms
                      kl_pq, abs_p_minus_q, teacher_logprob): the top tokens of the batch by
                      that score, as many as alignment_gated kept at that step of that seed
   random_fraction    as many tokens, chosen uniformly at random (sparsity without selection)
+  covered_random     as many tokens, chosen uniformly among the covered ones (prefix node
+                     scored and informative: the tokens alignment_gated chooses among, at a
+                     few early branching positions), all of them if fewer; runs its own
+                     diagnostic. alignment_gated − covered_random is what alignment's sign
+                     adds beyond position/coverage
   reinforce          no distillation: policy gradient of the verifier's reward with a
                      per-question mean baseline, on the same rollouts
 
@@ -79,6 +84,11 @@ def _check(s: dict):
                      "truncation (the loss and the proxies read the raw logits): drop "
                      "--temperature, --top_p and --top_k")
   spec = contexts.parse_spec(s["teachers"][0])
+  if spec.is_self:
+    # The loss would read the frozen initial student as teacher while the diagnostic scores
+    # the current student against itself (d_reverse_kl ≡ 0: alignment_gated keeps nothing).
+    raise ValueError(f"--teachers={spec.text}: self-distillation has no teacher to distil "
+                     "from here; pass a teacher model (e.g. --teachers=teacher)")
   if spec.context != "none":
     raise ValueError(f"--teachers={spec.text}: the training teacher reads the student's prompt "
                      "as it is; pass a model without a context (e.g. --teachers=teacher)")
@@ -107,7 +117,7 @@ def run(s: dict, out: str, *, overwrite: bool = False) -> dict:
   models = ModelCache(s["dtype"])
   name = s["students"][0]
   student = models.get(name, name)
-  teacher = student if spec.is_self else models.get(spec.model, name)
+  teacher = models.get(spec.model, name)
   trainer = training.Trainer(student, teacher, task, pool, evals, tcfg, config)
   with run_dir.open():
     start = time.time()

@@ -32,14 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradalign_jax import proxies
-from gradalign_jax.gradients import masked_log_softmax
+from gradalign_jax.gradients import at_tokens, kl_pq, masked_log_softmax
 
 DISTILL_ARMS = ("all_tokens", "incorrect_only", "alignment_gated")
 PROXY_ARMS = tuple(f"proxy_{name}" for name in proxies.PROXIES)
-# Arms that keep alignment_gated's fraction of tokens at each step: the proxies and a random
-# choice of that many (the control: sparsity alone, no selection).
-FRACTION_ARMS = PROXY_ARMS + ("random_fraction",)
+# Arms that keep alignment_gated's fraction of tokens at each step: the proxies and two random
+# choices of that many (the controls: sparsity alone, no selection; and the covered tokens'
+# positions without alignment's sign).
+FRACTION_ARMS = PROXY_ARMS + ("random_fraction", "covered_random")
 ARMS = DISTILL_ARMS + FRACTION_ARMS + ("reinforce",)
+# Arms that run the diagnostic on their own current student (the covered mask, and for
+# alignment_gated the alignment at each covered token's prefix node).
+DIAGNOSTIC_ARMS = ("alignment_gated", "covered_random")
 ARM_DOCS = {
     "all_tokens": "reverse KL at every generated token (GKD's default)",
     "incorrect_only": "reverse KL at the tokens of rollouts the verifier marks wrong",
@@ -51,6 +55,12 @@ ARM_DOCS = {
        for n, p in proxies.PROXIES.items()},
     "random_fraction": "reverse KL at uniformly random tokens of the batch, the same fraction "
                        "as alignment_gated kept at that step (sparsity without selection)",
+    "covered_random": "reverse KL at uniformly random *covered* tokens (prefix node scored and "
+                      "informative, the tokens alignment_gated chooses among), as many as "
+                      "alignment_gated's kept fraction of the batch's valid tokens at that step "
+                      "(all covered ones if fewer); runs its own diagnostic. The control for "
+                      "position/coverage: alignment_gated − covered_random is what the sign "
+                      "of alignment adds",
     "reinforce": "no distillation: policy gradient of the verifier's reward, per-question "
                  "mean baseline",
 }
@@ -61,23 +71,14 @@ ARM_DOCS = {
 
 
 def token_reverse_kl(student_logits, teacher_logits, vocab_mask=None) -> jax.Array:
-  """KL(p‖q) over the vocabulary at each position, the teacher a constant (no gradient).
+  """KL(p‖q) over the vocabulary at each position (``gradients.kl_pq``), the teacher a
+  constant (no gradient).
 
   student_logits, teacher_logits: f32[..., V] raw (temperature applied); vocab_mask: bool[V]
   or None. Returns f32[...]; ∂/∂z_student = −``gradients.reverse_kl_direction``.
   """
-  logp = masked_log_softmax(student_logits, vocab_mask)
-  logq = jax.lax.stop_gradient(masked_log_softmax(teacher_logits, vocab_mask))
-  real = logp > -1e29  # masked rows: p = 0 exactly, and their log ratio would be 0 · ∞
-  p = jnp.where(real, jnp.exp(logp), 0.0)
-  return jnp.sum(jnp.where(real, p * (logp - logq), 0.0), axis=-1)
-
-
-def token_logprob(student_logits, tokens, vocab_mask=None) -> jax.Array:
-  """log π(y) of each position's token: student_logits f32[..., V], tokens int[...] →
-  f32[...]."""
-  logp = masked_log_softmax(student_logits, vocab_mask)
-  return jnp.take_along_axis(logp, jnp.asarray(tokens, jnp.int32)[..., None], axis=-1)[..., 0]
+  return kl_pq(masked_log_softmax(student_logits, vocab_mask),
+               jax.lax.stop_gradient(masked_log_softmax(teacher_logits, vocab_mask)))
 
 
 def distill_loss(student_logits, teacher_logits, keep, num_valid, vocab_mask=None) -> jax.Array:
@@ -95,7 +96,7 @@ def reinforce_loss(student_logits, tokens, advantages, valid, num_valid,
   advantages: f32[...] each position's rollout advantage (reward − its question's mean),
   broadcast over the rollout's positions; valid: bool[...]. Its gradient w.r.t. the logits
   at a valid position is −A (e_y − π) / num_valid."""
-  logp = token_logprob(student_logits, tokens, vocab_mask)
+  logp = at_tokens(masked_log_softmax(student_logits, vocab_mask), tokens)
   return -jnp.sum(jnp.where(valid, advantages * logp, 0.0)) / jnp.maximum(num_valid, 1)
 
 
@@ -115,7 +116,7 @@ def question_advantages(rewards, question) -> np.ndarray:
 
 
 def gate_mask(arm: str, valid, correct, align_keep, scores: dict | None = None,
-              fraction=0.0, noise=None) -> jax.Array:
+              fraction=0.0, noise=None, covered=None) -> jax.Array:
   """bool[...]: the positions whose distillation loss ``arm`` keeps.
 
   valid: bool[B, W] generated positions (EOS included); correct: bool[B] the verifier's
@@ -123,8 +124,10 @@ def gate_mask(arm: str, valid, correct, align_keep, scores: dict | None = None,
   alignment > 0 (``alignment_keep``); scores: {proxy name: f32[B, W]}
   (``proxies.proxy_scores``), needed by the proxy arms; fraction: the share of valid
   positions a proxy arm keeps (``proxies.top_fraction``, over the whole batch); noise:
-  f32[B, W] i.i.d. uniform draws, ``random_fraction``'s scores. ``reinforce`` keeps no
-  distillation loss (all False).
+  f32[B, W] i.i.d. uniform draws, ``random_fraction``'s and ``covered_random``'s scores;
+  covered: bool[B, W] positions whose prefix node has an alignment estimate
+  (``alignment_keep``), needed by ``covered_random``, which keeps round(fraction · #valid)
+  of them (all if fewer). ``reinforce`` keeps no distillation loss (all False).
   """
   valid = jnp.asarray(valid, bool)
   if arm == "all_tokens":
@@ -141,6 +144,12 @@ def gate_mask(arm: str, valid, correct, align_keep, scores: dict | None = None,
     if noise is None:
       raise ValueError("arm 'random_fraction' needs noise: uniform draws shaped like valid")
     return proxies.top_fraction(noise, valid, fraction)
+  if arm == "covered_random":
+    if noise is None or covered is None:
+      raise ValueError("arm 'covered_random' needs noise and the covered mask "
+                       "(alignment_keep's second output), both shaped like valid")
+    count = jnp.round(fraction * jnp.sum(valid)).astype(jnp.int32)
+    return proxies.top_count(noise, valid & jnp.asarray(covered, bool), count)
   if arm == "reinforce":
     return jnp.zeros_like(valid)
   raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
@@ -219,10 +228,11 @@ def training_batch(prompts: Sequence[Sequence[int]], question: np.ndarray, gener
 
 def make_train_step(cfg, teacher_cfg, optimizer, vocab_mask=None):
   """The jitted step ``(params, opt_state, teacher_params, tokens, positions, generated, valid,
-  correct, align_keep, advantages, arm, fraction, noise) → (params, opt_state, stats)``.
+  correct, align_keep, covered, advantages, arm, fraction, noise) → (params, opt_state,
+  stats)``.
 
-  tokens int32[B, T], positions/generated int32[B, W], valid/align_keep bool[B, W] (Batch and
-  ``alignment_keep``), correct bool[B], advantages f32[B] (``question_advantages``), arm
+  tokens int32[B, T], positions/generated int32[B, W], valid/align_keep/covered bool[B, W]
+  (Batch and ``alignment_keep``), correct bool[B], advantages f32[B] (``question_advantages``), arm
   int32 (an index into ARMS), fraction f32 (FRACTION_ARMS' share of valid tokens), noise
   f32[B, W] (random_fraction's uniform draws).
   stats: {"loss", "kept" (positions kept), "valid"}. Params are arguments and the arm is
@@ -238,12 +248,12 @@ def make_train_step(cfg, teacher_cfg, optimizer, vocab_mask=None):
     return jnp.take_along_axis(logits, positions[..., None], axis=1)
 
   def loss_fn(params, teacher_logits, tokens, positions, generated, valid, correct, align_keep,
-              advantages, arm, fraction, noise):
+              covered, advantages, arm, fraction, noise):
     student = at_positions(qwen3.bind(cfg, params)(tokens)[0], positions)
     scores = proxies.proxy_scores(jax.lax.stop_gradient(student), teacher_logits, generated,
                                   mask)
-    gates = jnp.stack([gate_mask(a, valid, correct, align_keep, scores, fraction, noise)
-                       for a in ARMS])
+    gates = jnp.stack([gate_mask(a, valid, correct, align_keep, scores, fraction, noise,
+                                 covered) for a in ARMS])
     keep = gates[arm]
     num_valid = jnp.sum(valid)
     is_pg = (arm == ARMS.index("reinforce")).astype(jnp.float32)
@@ -253,17 +263,17 @@ def make_train_step(cfg, teacher_cfg, optimizer, vocab_mask=None):
 
   @jax.jit
   def step(params, opt_state, teacher_params, tokens, positions, generated, valid, correct,
-           align_keep, advantages, arm, fraction, noise):
+           align_keep, covered, advantages, arm, fraction, noise):
     teacher_logits = at_positions(qwen3.bind(teacher_cfg, teacher_params)(tokens)[0], positions)
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, jax.lax.stop_gradient(teacher_logits), tokens, positions, generated, valid,
-        correct, align_keep, advantages, arm, fraction, noise)
+        correct, align_keep, covered, advantages, arm, fraction, noise)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, dict(stats, loss=loss)
 
   return step
 
 
-__all__ = ["ARMS", "ARM_DOCS", "Batch", "DISTILL_ARMS", "FRACTION_ARMS", "PROXY_ARMS",
-           "alignment_keep", "distill_loss", "gate_mask", "make_train_step", "question_advantages",
-           "reinforce_loss", "token_logprob", "token_reverse_kl", "training_batch"]
+__all__ = ["ARMS", "ARM_DOCS", "Batch", "DIAGNOSTIC_ARMS", "DISTILL_ARMS", "FRACTION_ARMS",
+           "PROXY_ARMS", "alignment_keep", "distill_loss", "gate_mask", "make_train_step",
+           "question_advantages", "reinforce_loss", "token_reverse_kl", "training_batch"]

@@ -58,6 +58,23 @@ def masked_softmax(logits: jax.Array, vocab_mask: jax.Array | None = None) -> ja
                    jnp.exp(masked_log_softmax(logits, vocab_mask)), 0.0)
 
 
+def kl_pq(logp: jax.Array, logq: jax.Array) -> jax.Array:
+  """KL(p‖q) = Σ p (log p − log q) over the last axis, from log-probabilities f32[..., V]
+  (``masked_log_softmax``'s: a masked row is MASKED_LOGIT in both) → f32[...].
+
+  A row with p = 0 (masked, or underflowed) adds exactly 0, value and gradient: ``where``, not
+  a multiply, since its log ratio may be 0 · ∞. The one KL(p‖q) of the package (the
+  ``kl_pq`` covariate and the distillation loss)."""
+  p = jnp.exp(logp)
+  return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+
+
+def at_tokens(x: jax.Array, tokens) -> jax.Array:
+  """x[..., tokens[...]]: each position's entry of its token, x f32[..., V], tokens int[...]
+  → f32[...] (e.g. log p(t) of the sampled token t)."""
+  return jnp.take_along_axis(x, jnp.asarray(tokens, jnp.int32)[..., None], axis=-1)[..., 0]
+
+
 def _log_ratio(student_logits, teacher_logits, vocab_mask):
   """p, q and ℓ = log p − log q (0 on masked rows)."""
   mask = _mask_like(jnp.asarray(student_logits), vocab_mask)
@@ -251,7 +268,7 @@ def node_covariates(student_logits, teacher_logits, vocab_mask=None) -> dict[str
   ell = jnp.where(mask, logp - logq, 0.0)
   # p·logp with p = 0 is 0 (where, not multiply: logp may be MASKED_LOGIT).
   return {
-      "kl_pq": jnp.sum(jnp.where(p > 0, p * ell, 0.0), axis=-1),
+      "kl_pq": kl_pq(logp, logq),
       "kl_qp": jnp.sum(jnp.where(q > 0, -q * ell, 0.0), axis=-1),
       "l2_pq": jnp.sqrt(jnp.sum((p - q) ** 2, axis=-1)),
       "cos_pq": alignment(p, q),

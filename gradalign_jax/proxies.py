@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradalign_jax.gradients import masked_log_softmax, node_covariates
+from gradalign_jax.gradients import at_tokens, masked_log_softmax, node_covariates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,8 @@ def proxy_scores(student_logits: jax.Array, teacher_logits: jax.Array, tokens: j
   """
   logp = masked_log_softmax(student_logits, vocab_mask)
   logq = masked_log_softmax(teacher_logits, vocab_mask)
-  t = jnp.asarray(tokens)[..., None].astype(jnp.int32)
-  at = lambda x: jnp.take_along_axis(x, t, axis=-1)[..., 0]
-  return from_terms(node_covariates(student_logits, teacher_logits, vocab_mask), at(logp),
-                    at(logq))
+  return from_terms(node_covariates(student_logits, teacher_logits, vocab_mask),
+                    at_tokens(logp, tokens), at_tokens(logq, tokens))
 
 
 def node_proxies(edge_scores: dict[str, np.ndarray], visits: np.ndarray, groups: np.ndarray,
@@ -110,8 +108,14 @@ def top_fraction(scores: jax.Array, valid: jax.Array, fraction: float) -> jax.Ar
   Ties at the threshold are broken by position (the earlier kept), so exactly
   ``round(fraction · #valid)`` positions are kept. scores f32[...], valid bool[...].
   """
+  return top_count(scores, valid, jnp.round(fraction * jnp.sum(valid)).astype(jnp.int32))
+
+
+def top_count(scores: jax.Array, valid: jax.Array, keep_n) -> jax.Array:
+  """bool[...]: the ``keep_n`` valid positions with the highest scores (every valid one if
+  fewer), ties broken by position (the earlier kept). scores f32[...], valid bool[...],
+  keep_n int (traced or not)."""
   flat, ok = jnp.ravel(scores), jnp.ravel(valid)
-  keep_n = jnp.round(fraction * jnp.sum(ok)).astype(jnp.int32)
   # Invalid positions sort last; a stable argsort breaks ties by position.
   order = jnp.argsort(jnp.where(ok, -flat, jnp.inf), stable=True)
   rank = jnp.empty_like(order).at[order].set(jnp.arange(order.size))

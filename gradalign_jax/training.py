@@ -23,6 +23,8 @@ A token whose prefix node was never scored or is not informative (fewer than two
 children, or equal Q̂) has no estimate: ``uncovered_tokens`` = "drop" (default) does not
 keep it, "keep" keeps it. The proxy arms keep, at each step, the fraction of the batch's
 valid tokens that alignment_gated kept at that step of the same seed (``fractions``).
+``covered_random`` runs the same diagnostic on its own current student and keeps that many
+tokens drawn uniformly among its covered ones (the ones with an estimate).
 
 Held-out accuracy: ``eval_samples`` samples at T = 1 per held-out question, after steps 0,
 ``eval_every``, 2·``eval_every``, … and the last, with a sampler seed fixed per run seed.
@@ -74,8 +76,8 @@ class TrainConfig:
       raise ValueError(f"arms {list(self.arms)}: unknown or repeated {bad}; choose from "
                        f"{list(distill.ARMS)}")
     if set(self.arms) & set(distill.FRACTION_ARMS) and "alignment_gated" not in self.arms:
-      raise ValueError("the proxy and random_fraction arms keep the fraction of tokens "
-                       "alignment_gated kept: add alignment_gated to --arms")
+      raise ValueError("the proxy, random_fraction and covered_random arms keep the fraction of "
+                       "tokens alignment_gated kept: add alignment_gated to --arms")
     if min(self.seeds, self.steps, self.refresh_every, self.eval_every, self.eval_samples) < 1:
       raise ValueError("train_seeds, steps, refresh_every, eval_every and eval_samples must be "
                        f"≥ 1 (got {self.seeds}, {self.steps}, {self.refresh_every}, "
@@ -212,7 +214,7 @@ def train_arm(trainer: Trainer, arm: str, seed: int, fractions: Sequence[float] 
     compute["generated_tokens"] += int(np.sum(ro.lengths))
     valid = np.arange(width)[None] < ro.lengths[:, None]
     keep = covered = np.zeros_like(valid)
-    if arm == "alignment_gated":
+    if arm in distill.DIAGNOSTIC_ARMS:
       if s % cfg.refresh_every == 0:
         trees = _diagnose(trainer, run, group, task, config, compute)
       parts = [distill.alignment_keep(tree, cols, [ro.sequence(r) for r in
@@ -220,7 +222,7 @@ def train_arm(trainer: Trainer, arm: str, seed: int, fractions: Sequence[float] 
                for j, (tree, cols) in enumerate(trees)]
       keep = np.concatenate([k for k, _ in parts])
       covered = np.concatenate([c for _, c in parts])
-      if cfg.uncovered_tokens == "keep":
+      if arm == "alignment_gated" and cfg.uncovered_tokens == "keep":
         keep = keep | (valid & ~covered)
     batch = distill.training_batch(group.prompts, ro.question, ro.tokens, ro.lengths,
                                    trainer.student.pad_id, trainer.length)
@@ -228,7 +230,7 @@ def train_arm(trainer: Trainer, arm: str, seed: int, fractions: Sequence[float] 
     noise = np.random.default_rng([seed, s, 0x4E015E]).random(valid.shape, np.float32)
     params, opt_state, stats = trainer.step(
         params, opt_state, trainer.teacher.params, batch.tokens, batch.positions,
-        batch.generated, batch.valid, rewards > 0.5, keep,
+        batch.generated, batch.valid, rewards > 0.5, keep, covered,
         distill.question_advantages(rewards, ro.question), np.int32(distill.ARMS.index(arm)),
         np.float32(fraction), noise)
     compute["student_train_tokens"] += batch.sequence_tokens
@@ -237,7 +239,7 @@ def train_arm(trainer: Trainer, arm: str, seed: int, fractions: Sequence[float] 
     n_valid = float(stats["valid"])
     row = dict(step=s + 1, accuracy=np.nan, kept_fraction=float(stats["kept"]) / n_valid,
                covered_fraction=(float(np.sum(covered & valid)) / n_valid
-                                 if arm == "alignment_gated" else np.nan),
+                                 if arm in distill.DIAGNOSTIC_ARMS else np.nan),
                train_reward=float(rewards.mean()), loss=float(stats["loss"]))
     if s + 1 in evals:
       row["accuracy"] = trainer.evaluate(params, seed)

@@ -21,6 +21,11 @@ ALIGN = np.array([[1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 0, 1]], bool)  # (1, 2), (2
 SCORES = np.array([[0.1, 0.9, 0.3, 0.5], [0.8, 0.2, 9.0, 9.0], [0.7, 0.4, 0.6, 9.0]], np.float32)
 # 9 valid × 0.5 = 4.5, rounded half to even → 4 kept: scores 0.9, 0.8, 0.7, 0.6.
 TOP_HALF = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0]], bool)
+# Positions with an alignment estimate; (1, 2), (1, 3), (2, 3) covered but invalid. The six
+# valid covered ones score 0.1, 0.9, 0.5, 0.8, 0.4, 0.6: covered_random's 4 are 0.9, 0.8,
+# 0.6, 0.5 (0.7 at (2, 0) is not covered).
+COVERED = np.array([[1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]], bool)
+TOP_COVERED = np.array([[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 1, 0]], bool)
 
 EXPECTED = {
     "all_tokens": VALID,
@@ -28,14 +33,23 @@ EXPECTED = {
     "alignment_gated": np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]], bool),
     "reinforce": np.zeros_like(VALID),
     **{arm: TOP_HALF for arm in distill.FRACTION_ARMS},
+    "covered_random": TOP_COVERED,
 }
 
 
 @pytest.mark.parametrize("arm", distill.ARMS)
 def test_gate_masks_the_intended_tokens(arm):
   scores = {name: jnp.asarray(SCORES) for name in proxies.PROXIES}
-  got = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5, noise=jnp.asarray(SCORES))
+  got = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5, noise=jnp.asarray(SCORES),
+                          covered=COVERED)
   np.testing.assert_array_equal(np.asarray(got), EXPECTED[arm])
+
+
+def test_covered_random_keeps_every_covered_token_when_there_are_too_few():
+  # fraction 1 asks for all 9 valid positions; only 6 valid ones are covered.
+  got = distill.gate_mask("covered_random", VALID, CORRECT, ALIGN, fraction=1.0,
+                          noise=jnp.asarray(SCORES), covered=COVERED)
+  np.testing.assert_array_equal(np.asarray(got), VALID & COVERED)
 
 
 def test_each_proxy_arm_reads_its_own_score():
@@ -59,6 +73,8 @@ def test_unknown_arm_and_missing_scores_are_refused():
     distill.gate_mask("proxy_kl_pq", VALID, CORRECT, ALIGN)
   with pytest.raises(ValueError, match="needs noise"):
     distill.gate_mask("random_fraction", VALID, CORRECT, ALIGN)
+  with pytest.raises(ValueError, match="covered mask"):
+    distill.gate_mask("covered_random", VALID, CORRECT, ALIGN, noise=jnp.asarray(SCORES))
 
 
 def test_alignment_keep_looks_up_each_prefix():
@@ -97,7 +113,7 @@ def test_distillation_gradient_is_the_reverse_kl_direction_where_kept(arm):
   zs, zt = _logits(1)
   scores = proxies.proxy_scores(zs, zt, jnp.zeros((3, 4), jnp.int32), MASK)
   noise = jnp.asarray(np.random.default_rng(0).random((3, 4)), jnp.float32)
-  keep = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5, noise)
+  keep = distill.gate_mask(arm, VALID, CORRECT, ALIGN, scores, 0.5, noise, COVERED)
   n = int(VALID.sum())
   grad = jax.grad(lambda z: distill.distill_loss(z, zt, keep, n, MASK))(zs)
   want = -np.asarray(keep, np.float32)[..., None] / n * np.asarray(
@@ -180,13 +196,51 @@ def test_short_training_run_moves_the_params_reproducibly(trainer, arm):
   want = {"all_tokens": [1.0, 1.0], "reinforce": [0.0, 0.0]}.get(arm)
   if want is not None:
     assert kept == want
-  if arm in distill.FRACTION_ARMS:
+  if arm in distill.FRACTION_ARMS and arm != "covered_random":
     assert all(abs(k - 0.5) < 0.05 for k in kept)
-  if arm == "alignment_gated":
+  if arm in distill.DIAGNOSTIC_ARMS:
     assert all(0 < k < 1 for k in kept)
     assert all(r["covered_fraction"] >= r["kept_fraction"] for r in a.curve[1:])
-  assert (a.compute["targeted_rollouts"] > 0) == (arm == "alignment_gated")
+  if arm == "covered_random":  # 0.5 of the valid tokens, or every covered one if fewer
+    assert all(abs(k - min(0.5, r["covered_fraction"])) < 0.05 for k, r in zip(kept, a.curve[1:]))
+  assert (a.compute["targeted_rollouts"] > 0) == (arm in distill.DIAGNOSTIC_ARMS)
   assert a.compute["rollouts"] >= 2 * 2 * 4
+
+
+def test_the_steps_gate_rows_are_the_diagnostics_trees(trainer, monkeypatch):
+  # Row j·G + i of the step's batch must be on-policy rollout i of question j's tree: its
+  # tokens the tree path to that rollout's leaf, its verdict the leaf's reward, its keep mask
+  # align > 0 at each token's prefix node (the node at depth t on that path).
+  trees, calls = [], []
+  diagnose = training._diagnose
+  monkeypatch.setattr(training, "_diagnose",
+                      lambda *a, **k: trees.append(diagnose(*a, **k)) or trees[-1])
+  step = trainer.step
+  monkeypatch.setattr(trainer, "step", lambda *a: calls.append(a) or step(*a))
+  training.train_arm(trainer, "alignment_gated", seed=1, steps=1)
+  (pairs,), (args,) = trees, calls
+  generated, valid, correct, keep = (np.asarray(args[i]) for i in (5, 6, 7, 8))
+  g, width = trainer.diagnose.num_rollouts, trainer.diagnose.sampling.max_new_tokens
+  assert len(pairs) * g == len(keep)
+  want = np.zeros_like(keep)
+  for j, (tree, cols) in enumerate(pairs):
+    arrays = tree.arrays()
+    aligned = {int(n): bool(i) and a > 0 for n, i, a in
+               zip(cols["node_id"], cols["informative"], cols["align_reverse_kl"])}
+    for i, (leaf, reward, _) in enumerate(tree.rollouts[:g]):
+      row = j * g + i
+      nodes = [int(leaf)]
+      while nodes[-1] > 0:
+        nodes.append(int(arrays.parent[nodes[-1]]))
+      nodes = nodes[::-1][:-1]  # the prefix node of each token: depths 0 … L − 1
+      path = arrays.path(int(leaf))
+      n = int(valid[row].sum())
+      assert n == min(len(path), width)
+      np.testing.assert_array_equal(generated[row, :n], path[:n])
+      assert bool(correct[row]) == (reward > 0.5)
+      want[row, :n] = [aligned.get(node, False) for node in nodes[:n]]
+  np.testing.assert_array_equal(keep & valid, want)
+  assert want.any()
 
 
 def test_summary_intervals_and_paired_tests_by_hand():
@@ -287,6 +341,7 @@ def test_the_script_writes_its_outputs_and_resumes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides,message", [
     (dict(teachers=("teacher", "self")), "one student from one teacher"),
     (dict(teachers=("teacher:correct_demo",)), "without a context"),
+    (dict(teachers=("self",)), "pass a teacher model"),
     (dict(temperature=0.7), "T = 1 without truncation"),
 ])
 def test_the_script_refuses_what_it_cannot_train(tmp_path, overrides, message):

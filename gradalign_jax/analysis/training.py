@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from scipy import stats as sps
 
 from gradalign_jax import distill
+from gradalign_jax.analysis.markdown import _num
 
 BASELINE = "all_tokens"
 
@@ -139,10 +140,6 @@ def curves_figure(curves: pd.DataFrame) -> Figure:
   return fig
 
 
-def _f(x, digits=3) -> str:
-  return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
-
-
 def table_markdown(summary: dict) -> str:
   """The per-arm table: final accuracy [95% CI], paired difference and p vs all_tokens, the
   mean accuracy over the evaluated steps after 0 (paired t p vs all_tokens), kept fraction,
@@ -153,18 +150,19 @@ def table_markdown(summary: dict) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
   for arm, r in summary["arms"].items():
     if arm == BASELINE:
-      lines.append(f"| {arm} | {_f(r['final_accuracy'])} [{_f(r['ci_low'])}, "
-                   f"{_f(r['ci_high'])}] | (baseline) | | {_f(r['curve_accuracy'])} | "
-                   f"{_f(r['kept_fraction'])} | {r.get('rollouts', 0):,.0f} | "
-                   f"{r.get('forward_tokens', 0):,.0f} | {_f(r.get('seconds'), 0)} |")
+      lines.append(f"| {arm} | {_num(r['final_accuracy'])} [{_num(r['ci_low'])}, "
+                   f"{_num(r['ci_high'])}] | (baseline) | | {_num(r['curve_accuracy'])} | "
+                   f"{_num(r['kept_fraction'])} | {r.get('rollouts', 0):,.0f} | "
+                   f"{r.get('forward_tokens', 0):,.0f} | {_num(r.get('seconds'), 0)} |")
       continue
     lines.append(
-        f"| {arm} | {_f(r['final_accuracy'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
-        f"{_f(r.get('diff_vs_all_tokens'))} [{_f(r.get('diff_low'))}, {_f(r.get('diff_high'))}]"
-        f" | {_f(r.get('p_vs_all_tokens'))} / {_f(r.get('p_wilcoxon_vs_all_tokens'))} | "
-        f"{_f(r['curve_accuracy'])} ({_f(r.get('p_curve_vs_all_tokens'))}) | "
-        f"{_f(r['kept_fraction'])} | {r.get('rollouts', 0):,.0f}"
-        f" | {r.get('forward_tokens', 0):,.0f} | {_f(r.get('seconds'), 0)} |")
+        f"| {arm} | {_num(r['final_accuracy'])} [{_num(r['ci_low'])}, {_num(r['ci_high'])}] | "
+        f"{_num(r.get('diff_vs_all_tokens'))} [{_num(r.get('diff_low'))}, "
+        f"{_num(r.get('diff_high'))}]"
+        f" | {_num(r.get('p_vs_all_tokens'))} / {_num(r.get('p_wilcoxon_vs_all_tokens'))} | "
+        f"{_num(r['curve_accuracy'])} ({_num(r.get('p_curve_vs_all_tokens'))}) | "
+        f"{_num(r['kept_fraction'])} | {r.get('rollouts', 0):,.0f}"
+        f" | {r.get('forward_tokens', 0):,.0f} | {_num(r.get('seconds'), 0)} |")
   return "\n".join(lines)
 
 
@@ -182,18 +180,19 @@ def verdicts(summary: dict) -> list[str]:
     else:
       word = "not distinguishable: alignment gating neither beats nor loses to"
     out.append(f"**Does alignment gating beat all-token distillation?** {word} all-token "
-               f"distillation here — final accuracy {_f(g['final_accuracy'])} vs "
-               f"{_f(arms[BASELINE]['final_accuracy'])}, paired difference {_f(d)} "
-               f"[{_f(lo)}, {_f(hi)}], p = {_f(g['p_vs_all_tokens'])} (paired t over "
-               f"{g['num_seeds']} seeds), keeping {_f(g['kept_fraction'])} of the tokens "
-               f"(estimate available for {_f(g['covered_fraction'])}).")
+               f"distillation here — final accuracy {_num(g['final_accuracy'])} vs "
+               f"{_num(arms[BASELINE]['final_accuracy'])}, paired difference {_num(d)} "
+               f"[{_num(lo)}, {_num(hi)}], p = {_num(g['p_vs_all_tokens'])} (paired t over "
+               f"{g['num_seeds']} seeds), keeping {_num(g['kept_fraction'])} of the tokens "
+               f"(estimate available for {_num(g['covered_fraction'])}).")
   for arm, t in summary.get("vs_alignment_gated", {}).items():
     a = arms[arm]
-    out.append(f"**{arm}** (same kept fraction): final accuracy {_f(a['final_accuracy'])} "
-               f"[{_f(a['ci_low'])}, {_f(a['ci_high'])}]; − alignment_gated {_f(t['diff'])} "
-               f"[{_f(t['diff_low'])}, {_f(t['diff_high'])}], p = {_f(t['p_ttest'])}; "
-               f"− all_tokens {_f(a.get('diff_vs_all_tokens'))}, p = "
-               f"{_f(a.get('p_vs_all_tokens'))}.")
+    out.append(f"**{arm}** (same kept fraction): final accuracy {_num(a['final_accuracy'])} "
+               f"[{_num(a['ci_low'])}, {_num(a['ci_high'])}]; − alignment_gated "
+               f"{_num(t['diff'])} "
+               f"[{_num(t['diff_low'])}, {_num(t['diff_high'])}], p = {_num(t['p_ttest'])}; "
+               f"− all_tokens {_num(a.get('diff_vs_all_tokens'))}, p = "
+               f"{_num(a.get('p_vs_all_tokens'))}.")
   return out
 
 
@@ -206,7 +205,7 @@ def report_markdown(summary: dict, settings: dict, wall_seconds: float, load: st
            f"{settings['question_batch']} questions × {settings['num_rollouts']} rollouts per "
            f"step; held-out accuracy on the questions of `{settings['eval_data']}` × "
            f"{settings['eval_samples']} samples at T = 1. Initial accuracy "
-           f"{_f(summary['initial_accuracy'])}. Training time {summary['train_seconds'] / 60:.1f}"
+           f"{_num(summary['initial_accuracy'])}. Training time {summary['train_seconds'] / 60:.1f}"
            f" min summed over the (arm, seed) runs (a resumed run counts the earlier ones); "
            f"this invocation {wall_seconds / 60:.1f} min, load average at its end {load}.", "",
            table_markdown(summary), "", *[f"- {v}" for v in verdicts(summary)], "",
