@@ -9,7 +9,9 @@ it, else the same count; a 64-token question, a 320-token teacher prompt (256 of
 Stages, in order: sample G rollouts of up to L tokens (the tokenizer's EOS ends a row, but a
 random model almost never draws it), build the tree, targeted rollouts (the candidate pass of
 both models over the tree, then the branches), score the tree for one teacher (logits of both
-models and the final pass). Peak memory is the process's maximum RSS after each stage.
+models and the final pass). Peak memory is the process's maximum RSS after each stage; compile
+time is what jax reports for tracing, lowering and compiling during the stage (its
+``/jax/core/compile/*`` duration events), and the stage's time without it is the difference.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ def _mask() -> tuple[np.ndarray, str]:
   return models.vocab_mask(tok, CFG.vocab_size), "the Qwen3 tokenizer's"
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  if event in _COMPILE_EVENTS:
+    _compile_seconds[0] += seconds
+
+
 def _peak_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
 
@@ -55,6 +68,7 @@ def main():
   ap.add_argument("--budget", type=int, default=32, help="targeted rollouts")
   ap.add_argument("--chunk_nodes", type=int, default=256)
   a = ap.parse_args()
+  jax.monitoring.register_event_duration_secs_listener(_on_duration)
   mask, mask_from = _mask()
   rng = np.random.default_rng(0)
   question = rng.integers(0, TOKENIZER_IDS, 64).tolist()
@@ -68,12 +82,14 @@ def main():
                 stages=[])
 
   def stage(name, fn):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _compile_seconds[0]
     out = fn()
-    row = dict(stage=name, seconds=time.perf_counter() - t, peak_rss_gb=_peak_gb())
+    row = dict(stage=name, seconds=time.perf_counter() - t,
+               compile_seconds=_compile_seconds[0] - c, peak_rss_gb=_peak_gb(),
+               load_avg_1min=os.getloadavg()[0])
     result["stages"].append(row)
-    print(f"{name:>40}: {row['seconds']:8.1f} s, peak RSS {row['peak_rss_gb']:.2f} GiB",
-          flush=True)
+    print(f"{name:>40}: {row['seconds']:8.1f} s ({row['compile_seconds']:.1f} s compiling), "
+          f"peak RSS {row['peak_rss_gb']:.2f} GiB, load {row['load_avg_1min']:.2f}", flush=True)
     return out
 
   sc = sampling.SamplingConfig(max_new_tokens=a.length, eos_ids=(EOS,))
