@@ -382,13 +382,17 @@ def padded_chunks(arrays: TreeArrays, student: PromptedModel, teacher: PromptedM
 
 # On a CPU a consumer's [C, V] temporaries for 16 rows fit the cache (V = 151,936: 10 MB
 # each) and a whole chunk's do not: at C = 256 the final pass took 2.4x as long (BENCHMARKS.md,
-# "One question at real layer shapes"). An accelerator gets the whole chunk (block None).
+# "One question at real layer shapes"). A chunk under BLOCK_ABOVE elements (a toy vocabulary)
+# and an accelerator get one call: the same compiled program, and results, as before.
 ROW_BLOCK = 16
+BLOCK_ABOVE = 2**22
 
 
-def default_row_block() -> int | None:
-  """``row_blocks``' block on this backend: ROW_BLOCK on a CPU, None (one call) elsewhere."""
-  return ROW_BLOCK if jax.default_backend() == "cpu" else None
+def default_row_block(chunk_elements: int) -> int | None:
+  """``row_blocks``' block for a chunk of C × V elements: ROW_BLOCK on a CPU when the chunk
+  holds more than BLOCK_ABOVE, else None (one call)."""
+  cpu = jax.default_backend() == "cpu"
+  return ROW_BLOCK if cpu and chunk_elements > BLOCK_ABOVE else None
 
 
 def row_blocks(fn, arrays, rows, block: int | None = None):
@@ -402,11 +406,11 @@ def row_blocks(fn, arrays, rows, block: int | None = None):
   (out of range: a scatter with mode="drop" ignores it, a gather clipped to block − 1 reads
   the block's last row, as the whole chunk's clipped gather of a padding edge reads row C − 1).
   Returns per_row with leaves [C, ...] and per_edge with each edge's value from its own
-  block (a padding edge's from the last). block None: ``default_row_block()``; C not a
-  multiple of block, or block None there: one call.
+  block (a padding edge's from the last). block None: ``default_row_block`` of the first
+  array's size; C not a multiple of block, or no block: one call.
   """
   c = arrays[0].shape[0]
-  block = default_row_block() if block is None else block
+  block = default_row_block(arrays[0].size) if block is None else block
   if block is None or block >= c or c % block:
     return fn(*arrays, rows)
   nb = c // block
