@@ -32,7 +32,7 @@ import numpy as np
 from scipy import sparse
 
 from gradalign_jax import gradients, proxies, sampling
-from gradalign_jax.scoring import PromptedModel, ScoringStats, Shapes, padded_chunks
+from gradalign_jax.scoring import PromptedModel, ScoringStats, Shapes, padded_chunks, row_blocks
 from gradalign_jax.tree import PrefixTree, TreeArrays
 
 _ON_DEVICE = [name for name, d in gradients.DIRECTIONS.items() if d.at_node is not None]
@@ -83,7 +83,18 @@ class NonFiniteError(ValueError):
 @functools.partial(jax.jit, static_argnames=("topk", "policy"))
 def _chunk_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask, rows, toks,
                  visit_edge, jsd_beta, topk, policy):
-  """One chunk of the device half.
+  """One chunk of the device half (``_block_terms``, ``scoring.row_blocks`` of its rows)."""
+  def block(s, t, local_rows):
+    node, edge, finite = _block_terms(s, t, teacher_temperature, vocab_mask, local_rows, toks,
+                                      visit_edge, jsd_beta, topk, policy)
+    return (node, finite.T), edge
+  (node, finite), edge = row_blocks(block, (student_logits, teacher_logits), rows)
+  return node, edge, finite.T
+
+
+def _block_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask, rows, toks,
+                 visit_edge, jsd_beta, topk, policy):
+  """One chunk (or block of a chunk's rows) of the device half.
 
   student_logits, teacher_logits: f32[C, V] raw; the student's become its sampling policy's
   ``sampling.policy_logits`` (``policy``: temperature, top-p, top-k; π exactly 0 off the

@@ -378,3 +378,52 @@ def padded_chunks(arrays: TreeArrays, student: PromptedModel, teacher: PromptedM
                       None if chunk.teacher is None
                       else jnp.pad(chunk.teacher, ((0, extra), (0, 0))), rows, kids,
                       bucket(len(kids), 2 * chunk_nodes))
+
+
+# On a CPU a consumer's [C, V] temporaries for 16 rows fit the cache (V = 151,936: 10 MB
+# each) and a whole chunk's do not: at C = 256 the final pass took 2.4x as long (BENCHMARKS.md,
+# "One question at real layer shapes"). A chunk under BLOCK_ABOVE elements (a toy vocabulary)
+# and an accelerator get one call: the same compiled program, and results, as before.
+ROW_BLOCK = 16
+BLOCK_ABOVE = 2**22
+
+
+def default_row_block(chunk_elements: int) -> int | None:
+  """``row_blocks``' block for a chunk of C × V elements: ROW_BLOCK on a CPU when the chunk
+  holds more than BLOCK_ABOVE, else None (one call)."""
+  cpu = jax.default_backend() == "cpu"
+  return ROW_BLOCK if cpu and chunk_elements > BLOCK_ABOVE else None
+
+
+def row_blocks(fn, arrays, rows, block: int | None = None):
+  """``fn`` over blocks of ``block`` rows of a chunk, one after another (``lax.map``), for
+  consumers whose work is per row of [C, V] arrays: the same outputs as one call, with
+  [block, V] temporaries instead of [C, V]. Call inside jit.
+
+  fn(*arrays_block, local_rows) → (per_row, per_edge): pytrees with leaves [block, ...] and
+  [E, ...]; arrays: [C, ...] each; rows: int32[E] the row of each edge (≥ C: padding). In a
+  block, ``local_rows`` is rows − the block's start where the edge is in it, else ``block``
+  (out of range: a scatter with mode="drop" ignores it, a gather clipped to block − 1 reads
+  the block's last row, as the whole chunk's clipped gather of a padding edge reads row C − 1).
+  Returns per_row with leaves [C, ...] and per_edge with each edge's value from its own
+  block (a padding edge's from the last). block None: ``default_row_block`` of the first
+  array's size; C not a multiple of block, or no block: one call.
+  """
+  c = arrays[0].shape[0]
+  block = default_row_block(arrays[0].size) if block is None else block
+  if block is None or block >= c or c % block:
+    return fn(*arrays, rows)
+  nb = c // block
+
+  def one(args):
+    xs, start = args
+    local = rows - start
+    return fn(*xs, jnp.where((local >= 0) & (local < block), local, block))
+
+  per_row, per_edge = jax.lax.map(
+      one, (tuple(a.reshape((nb, block) + a.shape[1:]) for a in arrays),
+            jnp.arange(nb, dtype=rows.dtype) * block))
+  owner = jnp.clip(rows // block, 0, nb - 1)
+  edges = jnp.arange(rows.shape[0])
+  return (jax.tree.map(lambda x: x.reshape((c,) + x.shape[2:]), per_row),
+          jax.tree.map(lambda x: x[owner, edges], per_edge))

@@ -277,6 +277,19 @@ def _chunk_candidates(student_logits, teacher_logits, teacher_temperature, vocab
   ``"ideal_error"``. Returns (priority f32[C, Y], token int32[C, Y], trials int32[C, Y]),
   Y = k; priority −1 where no eligible token is left. Only tokens of the sampling policy's
   support are eligible (a forced token π can never sample would not estimate its Q)."""
+  def block(s, *t_and_rows):
+    *t, local_rows = t_and_rows
+    return _block_candidates(s, t[0] if t else None, teacher_temperature, vocab_mask,
+                             local_rows, toks, successes_edge, trials_edge, min_trials,
+                             tolerance, m, jsd_beta, kind, k, policy), ()
+  logits = (student_logits,) if teacher_logits is None else (student_logits, teacher_logits)
+  return scoring.row_blocks(block, logits, rows)[0]
+
+
+def _block_candidates(student_logits, teacher_logits, teacher_temperature, vocab_mask, rows,
+                      toks, successes_edge, trials_edge, min_trials, tolerance, m, jsd_beta,
+                      kind, k, policy):
+  """``_chunk_candidates`` on a chunk or a block of its rows (``scoring.row_blocks``)."""
   c, v = student_logits.shape
   zs = sampling.policy_logits(student_logits, policy, vocab_mask)
   support = sampling.in_support(zs) & vocab_mask

@@ -287,3 +287,53 @@ def test_tree_logits_equal_forward_of_each_path(name):
                                    (TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION, te)]:
     np.testing.assert_allclose(got, _full_node_logits(cfg, params, prompt, t, rollouts, ids),
                                rtol=1e-5, atol=1e-5)
+
+
+def _blocked(fn, logits, rows, block):
+  """fn(*logits, rows) → outputs, run by ``scoring.row_blocks`` (every output per row)."""
+  return scoring.row_blocks(lambda *a: (fn(*a), ()), logits, rows, block)[0]
+
+
+@pytest.mark.parametrize("c,block", [(12, 4), (12, 1), (12, 5), (8, None)],
+                         ids=["3 blocks", "a block a row", "not a multiple: one call", "default"])
+def test_row_blocks_give_the_whole_chunk_outputs(c, block):
+  """The final pass and the targeted candidates, run over blocks of a chunk's rows, equal one
+  call on the whole chunk (the reference), including padding edges (rows ≥ C) and edges of
+  rows in different blocks."""
+  from gradalign_jax import sampling, targeted
+  rng = np.random.default_rng(c)
+  s, t = (jnp.asarray(rng.normal(0, 3, (c, V)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(np.arange(V) < V - 5)
+  e = 2 * c
+  rows = jnp.asarray(np.sort(rng.integers(0, c + 3, e)), jnp.int32)
+  toks = jnp.asarray(rng.permutation(V - 5)[:e], jnp.int32)  # (row, token) pairs distinct
+  visits = jnp.asarray(rng.random(e), jnp.float32)
+  trials = jnp.asarray(rng.integers(0, 5, e), jnp.int32)
+  policy = sampling.SamplingConfig(temperature=0.8, top_k=20)
+
+  def terms(s_, t_, r):
+    node, edge, finite = alignment._block_terms(s_, t_, 1.3, mask, r, toks, visits, 0.5, 3,
+                                                policy)
+    return (node, finite.T), edge
+
+  def cands(kind):
+    return lambda s_, t_, r: targeted._block_candidates(
+        s_, t_, 1.3, mask, r, toks, visits, trials, 4, 0.0, 4, 0.5, kind, 6, policy)
+
+  close = lambda w, g, atol=1e-7: np.testing.assert_allclose(np.asarray(g), np.asarray(w),
+                                                             rtol=1e-5, atol=atol)
+  jax.tree.map(close, terms(s, t, rows), scoring.row_blocks(terms, (s, t), rows, block))
+  for kind in ("ideal_error", "prob_gap"):
+    want, got = cands(kind)(s, t, rows), _blocked(cands(kind), (s, t), rows, block)
+    # ideal_error's priorities of unobserved tokens at a node whose observed children hold
+    # nearly all of π (~1e-9 here) differ by ~1% between two compiled programs (a difference
+    # of nearly equal terms): priorities are compared, and ranked, on the chunk's scale.
+    val = np.asarray(want[0])
+    scale = 1e-5 * np.abs(val).max()
+    close(want[0], got[0], scale)
+    gap = np.abs(np.diff(val, axis=1)) > scale
+    separated = np.pad(gap, ((0, 0), (1, 0)), constant_values=True) & np.pad(
+        gap, ((0, 0), (0, 1)), constant_values=True)
+    assert separated.sum() >= 10  # not vacuous (ties: rows of no eligible or observed token)
+    for w, g in zip(want[1:], got[1:]):
+      np.testing.assert_array_equal(np.asarray(g)[separated], np.asarray(w)[separated])
