@@ -15,6 +15,7 @@ accepts it, and it is not a setting (results do not depend on the number of proc
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import time
 
@@ -272,6 +273,8 @@ def main_function(groups, run):
   too instead of waiting for it."""
 
   def main(argv):
+    # JAX logs each platform it probes and does not find (e.g. TPU) at INFO, which absl shows.
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     if len(argv) > 1:
       cli.fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     try:

@@ -16,6 +16,8 @@ from gradalign_jax.models.paths import CheckpointError, resolve_checkpoint_dir
 
 def load_tokenizer(path_or_hub_id: str):
   """A transformers tokenizer from a checkpoint directory (or hub id, when online)."""
+  # Only tokenizers and configs are used: transformers' advice that PyTorch is missing is noise.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   from transformers import AutoTokenizer
 
   ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
