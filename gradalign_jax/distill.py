@@ -171,10 +171,8 @@ def alignment_keep(tree, columns: dict, sequences: Sequence[Sequence[int]], widt
   covered = np.zeros((len(sequences), width), bool)
   for b, seq in enumerate(sequences):
     seq = [int(x) for x in seq][:width]
-    for t in range(len(seq)):
-      node = tree.find(seq[:t])
-      if node is None:  # the tree never saw this prefix, nor any longer one
-        break
+    # The prefix seq[:t] of every t the tree saw (it never saw a longer one past a gap).
+    for t, node in enumerate(tree.prefix_nodes(seq)[:len(seq)]):
       informative, value = align.get(node, (False, np.nan))
       covered[b, t] = informative and np.isfinite(value)
       keep[b, t] = covered[b, t] and value > 0

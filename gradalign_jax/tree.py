@@ -220,14 +220,21 @@ class PrefixTree:
     self.rollouts.append((node, reward, branch_depth))
     return node
 
+  def prefix_nodes(self, tokens: Sequence[int]) -> list[int]:
+    """Node ids of ``tokens[:0]``, ``tokens[:1]``, … as far as some rollout passed them
+    (one walk down the tree: O(len(tokens)))."""
+    out = [0]
+    for tok in tokens:
+      node = self._children[out[-1]].get(int(tok))
+      if node is None:
+        break
+      out.append(node)
+    return out
+
   def find(self, prefix: Sequence[int]) -> int | None:
     """The node id of ``prefix`` (tuple of generated ids), or None if no rollout passed it."""
-    node = 0
-    for tok in prefix:
-      node = self._children[node].get(int(tok))
-      if node is None:
-        return None
-    return node
+    nodes = self.prefix_nodes(prefix)
+    return nodes[-1] if len(nodes) == len(prefix) + 1 else None
 
   def outcomes(self, prefix: Sequence[int]) -> dict[int, tuple[float, int]]:
     """{token: (successes, trials)} over the children of ``prefix`` with trials > 0."""
