@@ -112,7 +112,12 @@ class Trainer:
     self.student, self.teacher, self.task = student, teacher, task
     self.pool, self.eval_examples = list(pool), list(eval_examples)
     self.config, self.diagnose = config, diagnose
-    self.spec = contexts.parse_spec("self" if teacher is student else "teacher")
+    if teacher is student:
+      # The loss would read the frozen initial student and the diagnostic the current one as
+      # its own teacher (d_reverse_kl ≡ 0: alignment_gated would silently keep nothing).
+      raise ValueError("gated distillation needs a teacher other than the student: pass a "
+                       "teacher model")
+    self.spec = contexts.parse_spec("teacher")
     prompts = [pipeline.student_prompt(student, task, ex, diagnose) for ex in self.pool]
     self.eval_prompts = [pipeline.student_prompt(student, task, ex, diagnose)
                          for ex in self.eval_examples]
@@ -143,9 +148,8 @@ class Trainer:
     """A pipeline Setup whose student holds ``params`` (the diagnostic on the current one)."""
     student = copy.copy(self.student)
     student.params = params
-    teacher = student if self.spec.is_self else self.teacher
-    return pipeline.Setup(self.student.ref, student, [self.spec], {self.spec.text: teacher},
-                          None)
+    return pipeline.Setup(self.student.ref, student, [self.spec],
+                          {self.spec.text: self.teacher}, None)
 
 
 @dataclasses.dataclass
