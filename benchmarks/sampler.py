@@ -219,7 +219,7 @@ def branch_memory(cfg, params, requests=(8, 16, 32, 64), m=4, horizon=512):
     prefix = lowered.out_info[1]
     rows.append(dict(requests=n, rows=n * m, temp_bytes=int(mem.temp_size_in_bytes),
                      output_bytes=int(mem.output_size_in_bytes),
-                     prefix_bytes=int(prefix.k.size + prefix.v.size) * 4,
+                     prefix_bytes=sum(int(x.size) for x in prefix.k + prefix.v) * 4,
                      new_token_kv_bytes=n * m * width * kv_slot,
                      per_request_copy_bytes=n * (src.state.prefix.valid.shape[1]
                                                  + src.state.gen.capacity) * kv_slot))

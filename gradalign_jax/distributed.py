@@ -260,7 +260,7 @@ DATA, MODEL = "data", "model"
 #   (shapes in benchmarks/) have K = 8, N ≥ 16, F and V divisible by 8: with model ≤ 8
 #   everything is split.
 #
-# KV caches ([L, B or J, S, K, H] keys and values, bool[B or J, S] validity, int32[B] or
+# KV caches (per layer [B or J, K, S, H] keys and values, bool[B or J, S] validity, int32[B] or
 # [J, P] positions): K over "model" when it divides (the attention of a head group then runs
 # where its query heads are), rows over "data" when they divide; otherwise that axis is
 # replicated (the sampler's row counts are powers of two, so for power-of-two meshes only a
@@ -365,16 +365,16 @@ def mesh_of(params) -> Mesh | None:
 
 
 def cache_spec(mesh: Mesh, shape: tuple) -> P:
-  """The PartitionSpec of one KV-cache array (rules above), known by its rank: [L, B, S, K, H]
+  """The PartitionSpec of one KV-cache array (rules above), known by its rank: [B, K, S, H]
   keys/values (K over "model", B over "data"); [B, ...] validity and positions (B over
   "data"); scalars (the write index) replicated."""
   if not shape:
     return P()
   data, model = _axis_size(mesh, DATA), _axis_size(mesh, MODEL)
-  if len(shape) == 5:
-    rows, heads = shape[1], shape[3]
-    return P(None, DATA if data > 1 and rows % data == 0 else None, None,
-             MODEL if model > 1 and heads % model == 0 else None, None)
+  if len(shape) == 4:
+    rows, heads = shape[0], shape[1]
+    return P(DATA if data > 1 and rows % data == 0 else None,
+             MODEL if model > 1 and heads % model == 0 else None, None, None)
   return P(DATA if data > 1 and shape[0] % data == 0 else None, *[None] * (len(shape) - 1))
 
 

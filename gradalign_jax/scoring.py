@@ -184,8 +184,9 @@ def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, 
   chunk_mask = jax.lax.dynamic_slice(attend, (0, 0, start), (1, c, c))
   logits, cache = models.bind(cfg, params)(tokens, positions, valid, cache, chunk_mask,
                                            attend_mask=attend)
-  move = lambda x: x.at[:, :, dest].set(jax.lax.dynamic_slice_in_dim(x, start, c, axis=2),
-                                        mode="drop")
+  move = lambda layers: tuple(  # each [1, K, S, H]
+      x.at[:, :, dest].set(jax.lax.dynamic_slice_in_dim(x, start, c, axis=2), mode="drop")
+      for x in layers)
   cache = models.KVCache(k=move(cache.k), v=move(cache.v),
                          valid=cache.valid.at[:, dest].set(True, mode="drop"), length=start)
   return logits[0], cache

@@ -222,11 +222,11 @@ def main() -> None:
       close(a.tokens, b.tokens, f"{dm} {name} tokens")
       close(a.lengths, b.lengths, f"{dm} {name} lengths")
       close(a.logprobs, b.logprobs, f"{dm} {name} log-probs")
-    k = ro.state.gen.k
+    k = ro.state.gen.k[0]
     kv_split = SIZES["num_key_value_heads"] % dm[1] == 0
-    rows_split = k.shape[1] % dm[0] == 0 and dm[0] > 1
-    want = (None, "data" if rows_split else None, None, "model" if kv_split else None, None)
-    got = tuple(k.sharding.spec) + (None,) * (5 - len(k.sharding.spec))
+    rows_split = k.shape[0] % dm[0] == 0 and dm[0] > 1
+    want = ("data" if rows_split else None, "model" if kv_split else None, None, None)
+    got = tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec))
     check(got == want, f"{dm} sampler KV cache spec {got}, expected {want}")
     for name, a, b in zip(("node ids", "student logits", "teacher logits"), logits, ref[2]):
       close(a, b, f"{dm} scoring {name}")

@@ -231,12 +231,12 @@ def test_requests_share_their_source_prefix(common):
   depths = [0, 1, 2, 3, 1, 0, ro.lengths[r2] - 1]
   forced = [4, 4, 4, 4, 7, 9, 2]
   br = sampling.branch(CFG, PARAMS, ro, rows, depths, forced, num_samples=2, seed=4)
-  assert br.state.prefix.k.shape[1] == 2  # two distinct sources, seven requests
+  assert br.state.prefix.k[0].shape[0] == 2  # two distinct sources, seven requests
   # Rows 6 and 9 were branched at depth 3 and 1: depth 1 is before one, at the other.
   rows2, forced2 = [0, 3, 3, 6, 9], [5, 5, 6, 5, 5]
   depths2 = np.minimum([0, 1, 2, 1, 1], br.lengths[rows2] - 1)
   deeper = sampling.branch(CFG, PARAMS, br, rows2, depths2, forced2, num_samples=2, seed=5)
-  assert deeper.state.prefix.k.shape[1] == 4  # four distinct sources
+  assert deeper.state.prefix.k[0].shape[0] == 4  # four distinct sources
   for whole, src, call_rows, call_depths, call_forced, seed in (
       (br, ro, rows, depths, forced, 4), (deeper, br, rows2, depths2, forced2, 5)):
     for i, req in enumerate(zip(call_rows, call_depths, call_forced)):

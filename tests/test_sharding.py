@@ -57,15 +57,15 @@ def test_every_parameter_has_a_rule():
   assert names - set(distributed._SPLIT_AXIS) == {"weight", "o_bias"}
 
 
-# (data, model), array shape -> expected spec: KV [L, B, S, K, H], validity/positions [B, S],
+# (data, model), array shape -> expected spec: KV (per layer) [B, K, S, H], validity/positions [B, S],
 # per-row [B], the write index []
 CACHE_RULES = {
-    "kv: rows over data, kv heads over model": ((2, 4), (28, 16, 64, 8, 128),
-                                                P(None, "data", None, "model", None)),
-    "kv: 8 kv heads over 16 → replicated heads": ((1, 16), (28, 16, 64, 8, 128),
-                                                   P(None, None, None, None, None)),
-    "kv: one row over data 2 → replicated rows": ((2, 4), (28, 1, 64, 8, 128),
-                                                  P(None, None, None, "model", None)),
+    "kv: rows over data, kv heads over model": ((2, 4), (16, 8, 64, 128),
+                                                P("data", "model", None, None)),
+    "kv: 8 kv heads over 16 → replicated heads": ((1, 16), (16, 8, 64, 128),
+                                                   P(None, None, None, None)),
+    "kv: one row over data 2 → replicated rows": ((2, 4), (1, 8, 64, 128),
+                                                  P(None, "model", None, None)),
     "validity: rows over data": ((2, 4), (16, 64), P("data", None)),
     "per-row positions over data": ((2, 4), (16,), P("data")),
     "odd rows → replicated": ((2, 4), (3,), P(None)),

@@ -16,11 +16,11 @@ rows without copying it per row: the sampler prefills a prompt once for its G sa
 
 A batch of rollouts (``RolloutState``) holds two KV segments:
 
-- a ``SharedPrefix`` [L, J, P, K, H]: the prompt (and, for branched rows, the source's
+- a ``SharedPrefix`` (L × [J, K, P, H]): the prompt (and, for branched rows, the source's
   generated prefix), written once and attended by the rows of its group: R consecutive rows
   each after ``sample``, or the rows a ``PrefixSlots`` table names after ``branch`` (every
   request on one source row, at any depth, shares that row's prefix);
-- a per-row ``KVCache`` [L, B, W, K, H] of the generated tokens: slot i of row b holds the
+- a per-row ``KVCache`` (L × [B, K, W, H]) of the generated tokens: slot i of row b holds the
   token at depth ``depth0[b] + i``, RoPE position ``base_pos[b] + i``.
 
 Every slot's RoPE position is known, so "the prefix of depth t" is a validity mask
@@ -48,7 +48,9 @@ if TYPE_CHECKING:  # qwen3 imports this module
 class KVCache:
   """Per-layer keys/values written at a shared slot index.
 
-  k, v:   [L, B, S, K, H] (model dtype), keys already rotated.
+  k, v:   L-tuples of [B, K, S, H] (model dtype), keys already rotated. One buffer per layer
+          (a layer writes its own in place and attends it whole: no slice of an all-layer
+          buffer materialised per step); head-major, so a head's slots are contiguous.
   valid:  bool[B, S], slot holds a real token of that row.
   length: int32[] slots written so far (the next write index, shared by all rows).
   """
@@ -59,7 +61,7 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[2]
 
 
 @jax.tree_util.register_dataclass
@@ -87,7 +89,7 @@ class SharedPrefix:
   """Keys/values of J prefixes, each attended by R = B // J consecutive rows of a batch, or
   by the rows ``slots`` names.
 
-  k, v:  [L, J, P, K, H] (model dtype), keys already rotated.
+  k, v:  L-tuples of [J, K, P, H] (model dtype), keys already rotated.
   valid: bool[J, P], slot holds a real token of that prefix (every row of the group sees it,
          up to its ``slots.cut``).
   """
@@ -111,8 +113,9 @@ def init_cache(cfg: Qwen3Config, batch: int, capacity: int, mesh=None) -> KVCach
   on it by ``distributed.cache_sharding`` (kv heads over "model", rows over "data"), inside
   jit or outside. None: as before, no sharding.
   """
-  shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  cache = KVCache(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
+  shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
+  cache = KVCache(k=zeros(), v=zeros(),
                   valid=jnp.zeros((batch, capacity), bool), length=jnp.zeros((), jnp.int32))
   return constrain(mesh, cache)
 
@@ -132,11 +135,11 @@ def constrain(mesh, tree):
 class RolloutState:
   """Device-side KV of a batch of rollouts (padding rows included; real rows come first).
 
-  prefix:     SharedPrefix, k/v [L, J, P, K, H], valid bool[J, P]: R = B // J consecutive
+  prefix:     SharedPrefix, k/v L × [J, K, P, H], valid bool[J, P]: R = B // J consecutive
               rows each after ``sample``; one per distinct source row, with ``PrefixSlots``
               naming its rows, after ``branch``.
   prefix_pos: int32[J, P] RoPE position of each prefix slot.
-  gen:        KVCache, k/v [L, B, W, K, H], valid bool[B, W] (slot written with a real token).
+  gen:        KVCache, k/v L × [B, K, W, H], valid bool[B, W] (slot written with a real token).
   base_pos:   int32[B] position of generated slot 0 (= prompt_len + depth0).
   prompt_len: int32[B] prompt tokens of the row's question (positions 0 … prompt_len - 1).
   """
@@ -154,7 +157,8 @@ class RolloutState:
 
 def gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
   """The cache restricted to ``rows`` (int32[B']), in that order (rows may repeat)."""
-  return KVCache(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
+  take = lambda layers: tuple(jnp.take(x, rows, axis=0) for x in layers)
+  return KVCache(k=take(cache.k), v=take(cache.v),
                  valid=jnp.take(cache.valid, rows, axis=0), length=cache.length)
 
 
@@ -217,7 +221,7 @@ def slot_layout(rows: np.ndarray, depths: np.ndarray, m: int, n_rows: int) -> Sl
 def branch_prefix(state: RolloutState, layout: SlotLayout):
   """One shared prefix per distinct source row, attended by every branch row on it.
 
-  layout: ``slot_layout`` of the requests. Returns (SharedPrefix [L, J', P + W, K, H] with
+  layout: ``slot_layout`` of the requests. Returns (SharedPrefix L × [J', K, P + W, H] with
   its ``PrefixSlots``, prefix_pos int32[J', P + W]): each source's view of its own prefix
   followed by its generated slots; a slot's row sees the ones at positions < prompt_len +
   its depth. The size depends on the distinct sources, not on the requests or their depths.
@@ -226,8 +230,10 @@ def branch_prefix(state: RolloutState, layout: SlotLayout):
   j, seen = row_prefix(state, sources)
   pre = state.prefix
   gen_pos = jnp.take(gen_positions(state), sources, axis=0)
-  k = jnp.concatenate([jnp.take(pre.k, j, axis=1), jnp.take(state.gen.k, sources, axis=1)], 2)
-  v = jnp.concatenate([jnp.take(pre.v, j, axis=1), jnp.take(state.gen.v, sources, axis=1)], 2)
+  join = lambda prompt, gen: tuple(  # per layer: [J', K, P + W, H]
+      jnp.concatenate([jnp.take(p, j, axis=0), jnp.take(g, sources, axis=0)], axis=2)
+      for p, g in zip(prompt, gen))
+  k, v = join(pre.k, state.gen.k), join(pre.v, state.gen.v)
   valid = jnp.concatenate([seen, jnp.take(state.gen.valid, sources, axis=0)], axis=1)
   pos = jnp.concatenate([jnp.take(state.prefix_pos, j, axis=0), gen_pos], axis=1)
   end = jnp.take(state.prompt_len, sources)[:, None] + slot_depth  # [J', R]

@@ -126,25 +126,28 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + rotated * sin
 
 
-def _einsum_by_reduction(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """``jnp.einsum(eq, a, b)`` as a broadcast multiply and a sum, in fp32.
+# Queries per (row, kv head) up to which attention is a fused multiply-reduce rather than a
+# dot: a decode step's few queries (A·T = 2-4) make B·K tiny matrix-vector products, which
+# XLA on CPU runs as that many dot calls, slower than one fused loop over the slots.
+_REDUCE_QUERIES = 8
 
-  For one query token the attention einsums are B·K tiny matrix-vector products, which XLA
-  on CPU runs as that many separate dot calls; a fused multiply-reduce is one loop.
-  """
-  ins, out = eq.split("->")
-  la, lb = ins.split(",")
-  letters = list(dict.fromkeys(la + lb))
 
-  def expand(x, labels):
-    order = [c for c in letters if c in labels]
-    x = jnp.transpose(x.astype(jnp.float32), [labels.index(c) for c in order])
-    return x.reshape([x.shape[order.index(c)] if c in labels else 1 for c in letters])
+def _scores(q: jax.Array, k: jax.Array, precision) -> jax.Array:
+  """q [X, K, M, H] · k [X, K, S, H] over H: f32[X, K, M, S] (X: rows or prefixes)."""
+  if q.shape[2] <= _REDUCE_QUERIES:
+    return jnp.sum(q.astype(jnp.float32)[:, :, :, None] * k.astype(jnp.float32)[:, :, None],
+                   axis=-1)
+  return jnp.einsum("XKMH,XKSH->XKMS", q, k, precision=precision,
+                    preferred_element_type=jnp.float32)
 
-  r = jnp.sum(expand(a, la) * expand(b, lb),
-              axis=tuple(i for i, c in enumerate(letters) if c not in out))
-  kept = [c for c in letters if c in out]
-  return jnp.transpose(r, [kept.index(c) for c in out])
+
+def _mix(probs: jax.Array, v: jax.Array, precision) -> jax.Array:
+  """probs [X, K, M, S] · v [X, K, S, H] over S: f32[X, K, M, H]."""
+  if probs.shape[2] <= _REDUCE_QUERIES:
+    return jnp.sum(probs.astype(jnp.float32)[..., None] * v.astype(jnp.float32)[:, :, None],
+                   axis=-2)
+  return jnp.einsum("XKMS,XKSH->XKMH", probs, v, precision=precision,
+                    preferred_element_type=jnp.float32)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -172,16 +175,17 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, mask, kv=None, write_at=None, prefix=None):
     """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, T, S].
 
-    Without a cache S == T. With ``kv = (k_cache, v_cache, layer)`` ([L, B, S, K, H] each)
-    the new keys/values are written in place at (``layer``, slot ``write_at``) and attention
-    runs over this layer's S slots. ``prefix = (k, v, shared)`` (this layer's [J, P, K, H]
-    keys/values of a ``SharedPrefix``) adds P slots that rows [j·R, (j+1)·R) all see,
-    R = B // J, or the rows ``shared.slots`` names, uncopied.
-    Returns (out [B, T, D], (k_cache, v_cache) or None).
+    Without a cache S == T. With ``kv = (k_cache, v_cache)``, this layer's [B, K, S, H]
+    buffers, the chunk's keys/values are written at slot ``write_at`` and attention runs over
+    the S slots. ``prefix = (k, v, shared)`` (this layer's [J, K, P, H] keys/values of a
+    ``SharedPrefix``) adds P slots that rows [j·R, (j+1)·R) all see, R = B // J, or the rows
+    ``shared.slots`` names, uncopied.
+    Returns (out [B, T, D], the updated (k_cache, v_cache), or the chunk's [B, K, T, H]).
     """
     cfg, prec = self.cfg, self.cfg.precision
     b, t, d = x.shape
     n, nkv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    a = n // nkv
     # Projections as 2-D matmuls over flattened heads (X = N·H or K·H; the reshapes of the
     # weights are free): with the head axes apart XLA on CPU re-lays a weight out every call.
     proj = lambda w, heads: jnp.einsum("BTD,XD->BTX", x, w.reshape(heads * h, d),
@@ -193,65 +197,54 @@ class Attention(nnx.Module):
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q = rope(self.q_norm(q), positions, cfg.rope_theta)
     k = rope(self.k_norm(k), positions, cfg.rope_theta)
+    # Keys and values head-major, [B, K, T, H] as in the cache: a head's slots are contiguous,
+    # so attention reads them with no transpose.
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if kv is not None:
-      k_all, v_all, layer = kv
-      # Writing into the all-layer buffer (not a per-layer copy re-stacked afterwards) lets
-      # XLA update the cache in place inside a decode loop.
-      at = (layer, 0, write_at, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-      kv = (k_all, v_all)
-      k, v = k_all[layer], v_all[layer]
-    a = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, a, h)
-    neg = jnp.finfo(jnp.float32).min
-    if t == 1:  # decode step: matrix-vector products, fused (see _einsum_by_reduction)
-      dot = _einsum_by_reduction
-    else:
-      dot = functools.partial(jnp.einsum, precision=prec, preferred_element_type=jnp.float32)
-    if prefix is None and t > 1:
-      # Batch axes leading (B, K) so XLA's CPU backend runs batched GEMMs instead of
-      # re-laying out operands per (row, head): 2-3x faster prefill and scoring at small H.
-      qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-      scores = dot("BKATH,BKSH->BKATS", qh, kh) * (h ** -0.5)
-      scores = jnp.where(mask[:, None, None], scores, neg)
+      # The layer's own buffer, updated in place (a decode loop carries it without a copy),
+      # then read whole: no slice of a shared all-layer buffer to materialise each step.
+      k_cache, v_cache = kv
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, write_at, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, write_at, 0))
+    # The A query heads of a kv head and the T tokens are its M = A·T queries: [B, K, M, H].
+    qh = q.reshape(b, t, nkv, a, h).transpose(0, 2, 3, 1, 4).reshape(b, nkv, a * t, h)
+    scale, neg = h ** -0.5, jnp.finfo(jnp.float32).min
+    scores = _scores(qh, k, prec).reshape(b, nkv, a, t, -1) * scale
+    scores = jnp.where(mask[:, None, None], scores, neg)  # [B, K, A, T, S]
+    if prefix is None:
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = dot("BKATS,BKSH->BKATH", probs, vh).transpose(0, 3, 1, 2, 4).astype(v.dtype)
-    elif prefix is None:
-      scores = dot("BTKAH,BSKH->BKATS", q, k) * (h ** -0.5)
-      scores = jnp.where(mask[:, None, None], scores, neg)
-      probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = dot("BKATS,BSKH->BTKAH", probs, v).astype(v.dtype)
+      out = _mix(probs.reshape(b, nkv, a * t, -1), v, prec)
     else:
-      scores = dot("BTKAH,BSKH->BKATS", q, k) * (h ** -0.5)
-      scores = jnp.where(mask[:, None, None], scores, neg)
       pk, pv, pre = prefix
       j, p = pre.valid.shape
-      # The rows of prefix j laid out as [J, R] (queries gathered when slots name them: the
-      # prefix KV is read in place, never copied per row), scores gathered back per row.
+      # The rows of prefix j gathered as [J, R] (when slots name them) and folded into its
+      # queries, [J, K, R·A·T, H]: the prefix KV is read in place, never copied per row.
       slots = pre.slots
-      q_groups = (q.reshape(j, b // j, *q.shape[1:]) if slots is None
-                  else jnp.take(q, slots.rows, axis=0))
-      pscores = dot("JRTKAH,JPKH->JRKATP", q_groups, pk) * (h ** -0.5)
+      groups = (qh.reshape(j, b // j, nkv, a * t, h) if slots is None
+                else jnp.take(qh, slots.rows, axis=0))
+      r = groups.shape[1]
+      fold = lambda x: x.transpose(0, 2, 1, 3, 4).reshape(j, nkv, r * a * t, x.shape[-1])
+      unfold = lambda x: x.reshape(j, nkv, r, a * t, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+      pscores = unfold(_scores(fold(groups), pk, prec) * scale).reshape(j, r, nkv, a, t, p)
       pscores = jnp.where(pre.visible()[:, :, None, None, None], pscores, neg)
-      pscores = pscores.reshape(-1, *pscores.shape[2:])
-      if slots is not None:
+      pscores = pscores.reshape(j * r, nkv, a, t, p)
+      if slots is not None:  # back to batch rows
         pscores = jnp.take(pscores, slots.slot, axis=0)
-      both = jnp.concatenate([pscores, scores], axis=-1)
-      probs = jax.nn.softmax(both, axis=-1).astype(v.dtype)
+      probs = jax.nn.softmax(jnp.concatenate([pscores, scores], axis=-1), axis=-1)
+      probs = probs.astype(v.dtype).reshape(b, nkv, a * t, -1)
       pprobs = probs[..., :p]
+      pprobs = (pprobs.reshape(j, r, nkv, a * t, p) if slots is None
+                else jnp.take(pprobs, slots.rows, axis=0))
+      out = unfold(_mix(fold(pprobs), pv, prec)).reshape(j * r, nkv, a * t, h)
       if slots is not None:
-        pprobs = jnp.take(pprobs, slots.rows.reshape(-1), axis=0)
-      pprobs = pprobs.reshape(j, -1, *pprobs.shape[1:])
-      pout = dot("JRKATP,JPKH->JRTKAH", pprobs, pv).reshape(-1, t, cfg.num_kv_heads, a, h)
-      if slots is not None:
-        pout = jnp.take(pout, slots.slot, axis=0)
-      out = (pout + dot("BKATS,BSKH->BTKAH", probs[..., p:], v)).astype(v.dtype)
+        out = jnp.take(out, slots.slot, axis=0)
+      out = out + _mix(probs[..., p:], v, prec)
+    out = out.astype(v.dtype).reshape(b, nkv, a, t, h).transpose(0, 3, 1, 2, 4)
     out = jnp.einsum("BTX,DX->BTD", out.reshape(b, t, n * h), self.o_proj[...].reshape(d, n * h),
                      precision=prec)
     if cfg.attention_bias:
       out = out + self.o_bias[...]
-    return out, kv
+    return out, (k, v)
 
 
 class MLP(nnx.Module):
@@ -280,9 +273,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, mask, kv=None, write_at=None, prefix=None):
-    attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, write_at, prefix)
+    attn, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, write_at, prefix)
     x = x + attn
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+    return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
 class Qwen3(nnx.Module):
@@ -298,14 +291,18 @@ class Qwen3(nnx.Module):
 
   def hidden(self, tokens, positions, mask, cache: KVCache | None = None,
              prefix: SharedPrefix | None = None):
-    """Final-normed hidden states [B, T, D] (and the updated cache's (k, v), if any)."""
+    """Final-normed hidden states [B, T, D] and each layer's (k, v): its updated cache
+    buffers [B, K, S, H] (with a cache) or the chunk's [B, K, T, H]."""
     x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-    kv = None if cache is None else (cache.k, cache.v)
+    new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
+      layer_kv = None if cache is None else (cache.k[i], cache.v[i])
       layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], prefix)
-      x, kv = layer(x, positions, mask, None if kv is None else (*kv, i),
-                    None if cache is None else cache.length, layer_prefix)
-    return self.norm(x), kv
+      x, (k, v) = layer(x, positions, mask, layer_kv, None if cache is None else cache.length,
+                        layer_prefix)
+      new_k.append(k)
+      new_v.append(v)
+    return self.norm(x), (tuple(new_k), tuple(new_v))
 
   def logits(self, h: jax.Array) -> jax.Array:
     """fp32 logits [..., V] from hidden states [..., D]."""

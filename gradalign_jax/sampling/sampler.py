@@ -253,7 +253,7 @@ class _Decoding:
   """The decode loop's carry. Buffer slot i of row b holds its token at depth depth0[b] + i.
 
   step int32[]: slots written − 1; tokens int32[B, W] and logprobs f32[B, W] (W = the call's
-  slots); count int32[B]; finished bool[B]; gen: KVCache [L, B, W', K, H], W' the stage's width.
+  slots); count int32[B]; finished bool[B]; gen: KVCache, L × [B, K, W', H], W' the stage's width.
   """
   step: jax.Array
   tokens: jax.Array
@@ -315,7 +315,8 @@ def _decode(model, sampling, vocab_mask, prefix, base_pos, limit, keys, depth0,
 def _grow_program(cfg, sampling, width, mesh, params, prefix, base_pos, limit, keys, depth0, carry,
                   vocab_mask):
   """The next stage: the generated KV padded to ``width`` slots, then decode on."""
-  pad = lambda x: jnp.pad(x, [(0, 0)] * 2 + [(0, width - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
+  pad = lambda layers: tuple(jnp.pad(x, ((0, 0), (0, 0), (0, width - x.shape[2]), (0, 0)))
+                            for x in layers)  # each [B, K, W, H]
   gen = carry.gen
   gen = cache_lib.constrain(mesh, cache_lib.KVCache(
       k=pad(gen.k), v=pad(gen.v), length=gen.length,
