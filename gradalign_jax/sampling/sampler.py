@@ -500,7 +500,7 @@ def branch(cfg: qwen3.Qwen3Config, params, source: Rollouts, rows: Sequence[int]
                        f"instead (same seed, same request → same rows)")
     seen.add((r, t, k))
   n_slots = min(sampling.max_new_tokens, max_branch_tokens or sampling.max_new_tokens)
-  nb = bucket(n, 8)  # request counts share a few compiled programs
+  nb = bucket(n)  # request counts share a few compiled programs (powers of two)
   pad = nb - n
   rows_b = np.concatenate([rows, np.zeros(pad, np.int64)]).astype(np.int32)
   depths_b = np.concatenate([depths, np.zeros(pad, np.int64)]).astype(np.int32)
