@@ -131,7 +131,7 @@ def _block_terms(student_logits, teacher_logits, teacher_temperature, vocab_mask
   logp = gradients.masked_log_softmax(zs, vocab_mask)
   logq = gradients.masked_log_softmax(zt, vocab_mask)
   p = gradients.masked_softmax(zs, vocab_mask)
-  mode = jnp.argmax(p, axis=-1)
+  mode = gradients.mode_index(p)[:, 0]
   unvisited = mask & (w <= 0)
   node.update(
       lse=jax.nn.logsumexp(jnp.where(mask, zs, gradients.MASKED_LOGIT), axis=-1),

@@ -429,3 +429,16 @@ def test_near_deterministic_node_matches_fp64(eps, teacher):
   for name, d in got.items():
     want = _cos64(g, ref[name])
     assert abs(_cos64(got_g, np.asarray(d, np.float64)) - want) < 1e-3, (name, want)
+
+
+def test_mode_index_is_numpy_argmax_with_ties():
+  """The first index of the maximum, as numpy's argmax: ties (repeated values drawn from a
+  few levels), a row of equal entries, −inf and masked rows."""
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 4, size=(64, 37)).astype(np.float32)  # many ties
+  x[0] = 2.0
+  x[1] = -np.inf
+  x[2, :5] = G.MASKED_LOGIT
+  got = np.asarray(G.mode_index(jnp.asarray(x)))
+  assert got.shape == (64, 1) and got.dtype == np.int32
+  np.testing.assert_array_equal(got[:, 0], np.argmax(x, axis=-1))
