@@ -126,8 +126,10 @@ class Processes:
 
   def barrier(self, name: str, timeout_s: float | None = None) -> None:
     """Waits until every process has reached ``barrier(name)``; raises ProcessFailed as soon
-    as any process reported a failure, TimeoutError after ``timeout_s`` (None: no limit; a
-    process that dies without reporting is caught by JAX's heartbeats, which end the job).
+    as any process reported a failure while some are still missing, TimeoutError after
+    ``timeout_s`` (None: no limit; a process that dies without reporting is caught by JAX's
+    heartbeats, which end the job). Once all have arrived the barrier is passed: a failure
+    reported after that (by a process already past it) is heard at the next barrier.
     Each name is used once per job."""
     if self.count == 1:
       return
@@ -141,14 +143,15 @@ class Processes:
       for i in sorted(waiting):
         if _try_get(client, f"{_PREFIX}/barrier/{name}/{i}") is not None:
           waiting.discard(i)
+      if not waiting:  # everyone arrived: a failure reported since is for the next barrier
+        return
       failed = _try_get(client, _FAILED)
       if failed is not None:
         raise ProcessFailed(f"{failed} (process {self.index} stopped at barrier {name!r})")
-      if waiting:
-        if deadline is not None and time.monotonic() > deadline:
-          raise TimeoutError(f"barrier {name!r}: processes {sorted(waiting)} did not arrive "
-                             f"within {timeout_s} s")
-        time.sleep(_POLL_S)
+      if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"barrier {name!r}: processes {sorted(waiting)} did not arrive "
+                           f"within {timeout_s} s")
+      time.sleep(_POLL_S)
 
   def report_failure(self, message: str) -> None:
     """Tells every process waiting at a barrier that this one failed (the first report

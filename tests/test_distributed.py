@@ -72,6 +72,53 @@ def test_initialize_refuses_incomplete_or_bad_arguments(monkeypatch, kwargs, env
     distributed.initialize(**kwargs)
 
 
+class _FakeCoordinator:
+  """The coordination service's key-value store, with a hook run after each read: another
+  process's writes landing between this process's reads, at a chosen point."""
+
+  def __init__(self, after_read=None):
+    self.store, self.after_read = {}, after_read
+
+  def key_value_set(self, key, value):
+    self.store[key] = value
+
+  def key_value_try_get(self, key):
+    if key not in self.store:
+      raise RuntimeError(f"NOT_FOUND: {key}")
+    value = self.store[key]
+    if self.after_read:
+      self.after_read(self, key)
+    return value
+
+
+def test_barrier_passed_by_all_is_not_failed_by_a_later_report(monkeypatch):
+  # Process 1 arrived, passed, and reported a failure just after process 0 read its arrival
+  # (the interleaving that failed CI once): process 0 must pass this barrier, and hear of the
+  # failure at its next one.
+  def report_after_arrival_read(client, key):
+    if key.endswith("/barrier/start/1"):
+      client.store[distributed._FAILED] = "process 1 failed: ValueError: a bad checkpoint"
+
+  fake = _FakeCoordinator(report_after_arrival_read)
+  fake.store[f"{distributed._PREFIX}/barrier/start/1"] = "1"
+  monkeypatch.setattr(distributed, "_client", lambda: fake)
+  procs = distributed.Processes(0, 2)
+  procs.barrier("start", timeout_s=5)
+  with pytest.raises(distributed.ProcessFailed, match="stopped at barrier 'next'"):
+    procs.barrier("next", timeout_s=5)
+
+
+def test_barrier_with_a_missing_process_times_out_or_hears_a_failure(monkeypatch):
+  fake = _FakeCoordinator()
+  monkeypatch.setattr(distributed, "_client", lambda: fake)
+  monkeypatch.setattr(distributed, "_POLL_S", 0.01)
+  with pytest.raises(TimeoutError, match=r"processes \[1\] did not arrive"):
+    distributed.Processes(0, 2).barrier("a", timeout_s=0.05)
+  fake.store[distributed._FAILED] = "process 1 failed: OSError"
+  with pytest.raises(distributed.ProcessFailed, match="process 1 failed: OSError"):
+    distributed.Processes(0, 2).barrier("b", timeout_s=5)
+
+
 # Two real processes (jax.distributed over loopback, started from the environment variables):
 # a barrier, a reported failure seen by the other at its next barrier, initialize idempotent.
 BARRIER_SCRIPT = """
