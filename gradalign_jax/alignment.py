@@ -395,15 +395,9 @@ def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
   edge: dict[str, np.ndarray] = {}
   stats: list = []
   scored = []
-  for chunk in padded_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
-    rows, kids, _, _, w_e = arrays.child_stats(chunk.node_ids)
-    n_out, e_out, finite = _chunk_terms(
-        chunk.student, chunk.teacher, teacher_temperature, mask,
-        chunk.pad_edges(rows.astype(np.int32), chunk_nodes),
-        chunk.pad_edges(arrays.token[kids], 0), chunk.pad_edges(w_e, 0), jsd_beta, topk=topk,
-        policy=sampling.as_policy(policy))
-    keep = chunk.node_ids >= 0
-    ids = chunk.node_ids[keep]
+
+  def gather(ids, keep, kids, n_out, e_out, finite):
+    """Brings one chunk's results to the host (waits for its final pass)."""
     bad = ~np.asarray(finite)[:, keep]
     if bad.any():
       what = [w for w, b in zip(("student logits", "teacher logits", "directions"),
@@ -416,6 +410,24 @@ def tree_terms(tree: PrefixTree, student: PromptedModel, teacher: PromptedModel,
       node.setdefault(k, np.zeros((u,) + x.shape[1:], x.dtype))[ids] = x[keep]
     for k, x in e_out.items():
       edge.setdefault(k, np.zeros(u, np.float32))[kids] = np.asarray(x)[:len(kids)]
+
+  # One chunk in flight: chunk i's results are read while chunk i + 1's logits and final
+  # pass run (dispatch is asynchronous), so the device does not wait on the host's
+  # bookkeeping between chunks.
+  pending = None
+  for chunk in padded_chunks(arrays, student, teacher, chunk_nodes, stats, shapes):
+    rows, kids, _, _, w_e = arrays.child_stats(chunk.node_ids)
+    out = _chunk_terms(
+        chunk.student, chunk.teacher, teacher_temperature, mask,
+        chunk.pad_edges(rows.astype(np.int32), chunk_nodes),
+        chunk.pad_edges(arrays.token[kids], 0), chunk.pad_edges(w_e, 0), jsd_beta, topk=topk,
+        policy=sampling.as_policy(policy))
+    keep = chunk.node_ids >= 0
+    if pending is not None:
+      gather(*pending)
+    pending = (chunk.node_ids[keep], keep, kids) + tuple(out)
+  if pending is not None:
+    gather(*pending)
   _finish_minillm(tree, arrays, paths, node, edge)
   return TreeTerms(arrays, np.concatenate(scored), node, edge), stats[0]
 
