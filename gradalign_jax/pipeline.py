@@ -280,9 +280,12 @@ def scoring_shapes(config: DiagnoseConfig) -> scoring.Shapes:
   """Padding for every scoring pass of a run, fixed by the settings (so results never depend
   on which questions came first): prompts padded to ≥ 64 tokens, the stack of ancestor slots
   to the horizon (no scored node is deeper) and full chunks, so each model compiles one
-  scoring program per prompt bucket (on small models compilation is most of the run time)."""
-  return scoring.Shapes(min_prompt=64, min_capacity=bucket(config.sampling.max_new_tokens),
-                        full_chunks=True)
+  scoring program per prompt bucket and stack window (on small models compilation is most of
+  the run time). Windows start at a quarter of the stack and at 256 slots: three programs at
+  most, and one (the whole stack) under a horizon of 256 tokens or less."""
+  capacity = bucket(config.sampling.max_new_tokens)
+  return scoring.Shapes(min_prompt=64, min_capacity=capacity,
+                        min_window=max(256, capacity // 4), full_chunks=True)
 
 
 def _students(run: Setup, group: Group) -> list[scoring.PromptedModel]:

@@ -22,18 +22,23 @@ ancestors):
      each node's KV moves to the stack slot of its depth (the last node of each depth wins),
      and when the next chunk starts, stack slot d < depth(a) holds a's ancestor at depth d
      (the last node written at depth d before a: anything at depth d after that ancestor
-     would lie in its subtree, hence deeper). A chunk attends to the prompt, stack slots
-     d < depth(a) that are its node's ancestors (``lo``/``hi`` again) and its own nodes
-     (the tree mask within the chunk). Nothing of nodes × vocab is kept beyond one chunk:
-     consumers get f32[C, V] per chunk (``node_logit_chunks``, ``padded_chunks``).
+     would lie in its subtree, hence deeper). A chunk attends to the prompt, the stack slots
+     d < depth(a) that are its node's ancestors (``lo``/``hi`` again) and its own nodes (the
+     tree mask within the chunk). Deeper stack slots are hidden, so a chunk runs on
+     [prompt | the stack's first W slots | itself], W ≥ depth(a) a power of two
+     (``Shapes.min_window``; W = S' runs it in the cache itself). Nothing of nodes × vocab
+     is kept beyond one chunk: consumers get f32[C, V] per chunk (``node_logit_chunks``,
+     ``padded_chunks``).
 
 Params on a mesh (``distributed.param_sharding``): the cache is laid out on the params' mesh
 (kv heads over "model"); the chunk programs are unchanged and XLA partitions them.
 
-Cost and memory: each chunk attends over P + S' + C slots (S' = the deepest node's depth + 1,
-to a power of two), so a tree of U scored nodes costs U × (P + S' + C) attention entries, the
-same as one causal forward of every rollout (Σ_r L_r × (P + L_r)) up to the chunk, and the
-cache holds P + S' + C slots whatever the tree's size. Before the stack, every chunk attended
+Cost and memory: each chunk attends over P + W + C slots (W the window above, at most S' = the
+deepest node's depth + 1 to a power of two), so a tree of U scored nodes costs at most
+U × (P + S' + C) attention entries, the same as one causal forward of every rollout
+(Σ_r L_r × (P + L_r)) up to the chunk, and the cache holds P + S' + C slots (plus, with a
+window short of the stack, a copy of the chunk's [prompt | window | chunk]) whatever the
+tree's size. Before the stack, every chunk attended
 over the whole tree (P + U slots): 11-29× one forward of the rollouts at G = 16 (issue 13).
 
 Why this and not the alternatives (measured by ``ScoringStats``; see tests/test_scoring.py
@@ -89,14 +94,18 @@ class Shapes:
   """How a scoring pass pads, i.e. how many programs a sweep compiles.
 
   min_prompt: the prompt is prefilled padded to a power of two ≥ this. min_capacity: the
-  stack of ancestor slots (one per depth) holds a power of two ≥ this many. full_chunks: pad
-  the last chunk of nodes to the full chunk size (one chunk program) instead of a power of
-  two (less padding). A sweep sets min_capacity to its horizon (no node is deeper) and
-  full_chunks, so that it compiles one chunk program per model: on small models
-  compilation, not compute, dominates.
+  stack of ancestor slots (one per depth) holds a power of two ≥ this many. min_window: a
+  chunk attends to the stack's first W slots, W the smallest power of two ≥ this and ≥ the
+  depth of the chunk's first node (its ancestors outside the chunk are shallower), capped at
+  the stack: shallow chunks skip the deep slots they cannot see, at one compiled program per
+  W (None: the whole stack, one program). full_chunks: pad the last chunk of nodes to the
+  full chunk size (one chunk program) instead of a power of two (less padding). A sweep sets
+  min_capacity to its horizon (no node is deeper) and full_chunks, so that it compiles one
+  chunk program per model and window: on small models compilation, not compute, dominates.
   """
   min_prompt: int = 16
   min_capacity: int = 64
+  min_window: int | None = 64
   full_chunks: bool = False
 
 
@@ -166,29 +175,43 @@ def plan_tree(arrays: TreeArrays, chunk_nodes: int, full_chunks: bool = False) -
                   chunks=tuple(chunks))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=9)
-def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, dest, cache):
+@functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=9)
+def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, dest, cache,
+                keep):
   """One chunk of tree nodes: attends to the prompt, its ancestors' stack slots and itself.
 
-  tokens, positions, order: int32[1, C] (order = the node's preorder index); valid: bool[1, C];
-  slot_lo, slot_hi: int32[S] (slot s is seen by node i iff slot_lo[s] <= order[i] <
-  slot_hi[s]); dest: int32[C] the stack slot each node's KV moves to afterwards (≥ S: it does
-  not). The chunk is written at the scratch slots [cache.length, cache.length + C) and then
-  moved to its stack slots, so ``cache.length`` (prompt + stack) is the same after the call.
-  Returns (logits f32[C, V], cache).
+  cache: [prompt | stack | scratch] (S slots, ``cache.length`` the first scratch slot);
+  keep: static, None to run the chunk in the cache itself (at the scratch slots, seeing the
+  whole stack), or the leading slots it may see (the prompt and the stack's window), to run
+  it on a copy of [those slots | C empty ones]. tokens, positions, order: int32[1, C] (order =
+  the node's preorder index); valid: bool[1, C]; slot_lo, slot_hi: int32 over the slots the
+  chunk runs on (S, or keep + C): slot s is seen by node i iff slot_lo[s] <= order[i] <
+  slot_hi[s]; dest: int32[C] the stack slot each node's KV moves to afterwards (≥ S: it
+  does not). The cache keeps its S slots and its length. Returns (logits f32[C, V], cache).
   """
-  attend = ((slot_lo[None, None, :] <= order[:, :, None])
-            & (order[:, :, None] < slot_hi[None, None, :]))  # [1, C, S]
   c = tokens.shape[1]
-  start = cache.length
-  chunk_mask = jax.lax.dynamic_slice(attend, (0, 0, start), (1, c, c))
-  logits, cache = models.bind(cfg, params)(tokens, positions, valid, cache, chunk_mask,
-                                           attend_mask=attend)
-  move = lambda layers: tuple(  # each [1, K, S, H]
-      x.at[:, :, dest].set(jax.lax.dynamic_slice_in_dim(x, start, c, axis=2), mode="drop")
-      for x in layers)
-  cache = models.KVCache(k=move(cache.k), v=move(cache.v),
-                         valid=cache.valid.at[:, dest].set(True, mode="drop"), length=start)
+  if keep is None:
+    window, at = cache, cache.length
+  else:
+    view = lambda x: jnp.concatenate(
+        [x[:, :, :keep], jnp.zeros(x.shape[:2] + (c,) + x.shape[3:], x.dtype)], axis=2)
+    window = models.KVCache(
+        k=tuple(map(view, cache.k)), v=tuple(map(view, cache.v)),
+        valid=jnp.concatenate([cache.valid[:, :keep], jnp.zeros((1, c), bool)], axis=1),
+        length=jnp.asarray(keep, jnp.int32))
+    at = keep
+  attend = ((slot_lo[None, None, :] <= order[:, :, None])
+            & (order[:, :, None] < slot_hi[None, None, :]))  # [1, C, slots]
+  chunk_mask = jax.lax.dynamic_slice(attend, (0, 0, at), (1, c, c))
+  logits, window = models.bind(cfg, params)(tokens, positions, valid, window, chunk_mask,
+                                            attend_mask=attend)
+  base = window if keep is None else cache  # the cache itself was written in place
+  move = lambda full, new: tuple(  # each [1, K, S, H]
+      x.at[:, :, dest].set(jax.lax.dynamic_slice_in_dim(y, at, c, axis=2), mode="drop")
+      for x, y in zip(full, new))
+  cache = models.KVCache(k=move(base.k, window.k), v=move(base.v, window.v),
+                         valid=base.valid.at[:, dest].set(True, mode="drop"),
+                         length=cache.length)
   return logits[0], cache
 
 
@@ -247,17 +270,26 @@ def _logit_stream(model: PromptedModel, plan: TreePlan, counter: _Counter,
   tokens[0] = prompt[-1]  # the root (order 0) is the prompt's last token
   for start, c in plan.chunks:
     sl = slice(start, start + c)
-    top = plan.depth[start]
+    top = int(plan.depth[start])
     slot_hi[stack_at:scratch] = np.where(np.arange(depth_slots) < top, stack_hi, 0)
-    slot_lo[scratch:] = 1
-    slot_hi[scratch:] = 0
-    slot_lo[scratch:scratch + c], slot_hi[scratch:scratch + c] = plan.lo[sl], plan.hi[sl]
+    window = (depth_slots if shapes.min_window is None
+              else min(depth_slots, bucket(top, shapes.min_window)))
+    if window == depth_slots:  # the whole stack: the chunk runs at the cache's scratch slots
+      keep = None
+      slot_lo[scratch:] = 1
+      slot_hi[scratch:] = 0
+      slot_lo[scratch:scratch + c], slot_hi[scratch:scratch + c] = plan.lo[sl], plan.hi[sl]
+      lo, hi = slot_lo.copy(), slot_hi.copy()
+    else:  # the prompt and the stack's first `window` slots, then the chunk
+      keep = stack_at + window
+      lo = np.concatenate([slot_lo[:keep], plan.lo[sl]])
+      hi = np.concatenate([slot_hi[:keep], plan.hi[sl]])
     dest = _stack_moves(plan, start, c, stack_at, cache.capacity)
     order = np.arange(start, start + c, dtype=np.int32)
     # numpy arguments go to the device with the call (no eager op per array)
     logits, cache = _tree_chunk(model.cfg, model.params, tokens[None, sl],
                                 (base + plan.depth[sl])[None], (plan.node_ids[sl] >= 0)[None],
-                                order[None], slot_lo.copy(), slot_hi.copy(), dest, cache)
+                                order[None], lo, hi, dest, cache, keep)
     moved = dest < cache.capacity
     stack_hi[dest[moved] - stack_at] = plan.hi[sl][moved]
     counter.positions += c
@@ -332,11 +364,12 @@ def node_logit_chunks(tree: PrefixTree | TreeArrays, student: PromptedModel, tea
         teacher_prompt_padding=t_count.prompt_padding))
 
 
-def node_logits(tree, student: PromptedModel, teacher: PromptedModel, chunk_nodes: int = 256):
+def node_logits(tree, student: PromptedModel, teacher: PromptedModel, chunk_nodes: int = 256,
+                shapes: Shapes = Shapes()):
   """All scored nodes at once (small trees, tests): (node_ids int32[U], f32[U, V] × 2, stats)."""
   stats: list = []
   ids, s, t = [], [], []
-  for chunk in node_logit_chunks(tree, student, teacher, chunk_nodes, stats):
+  for chunk in node_logit_chunks(tree, student, teacher, chunk_nodes, stats, shapes):
     keep = chunk.node_ids >= 0
     ids.append(chunk.node_ids[keep])
     s.append(np.asarray(chunk.student)[keep])

@@ -269,17 +269,20 @@ TREES = {  # name → (rollouts, chunk_nodes)
 }
 
 
+@pytest.mark.parametrize("min_window", [64, 8, None], ids=["window>=64", "window>=8", "whole stack"])
 @pytest.mark.parametrize("name", list(TREES))
-def test_tree_logits_equal_forward_of_each_path(name):
+def test_tree_logits_equal_forward_of_each_path(name, min_window):
   """Every scored node's logits equal a plain forward of its path, whatever the tree's shape:
-  each node sees exactly its ancestors (through the stack of ancestor slots) and nothing else."""
+  each node sees exactly its ancestors (through the stack of ancestor slots) and nothing else,
+  whichever window of the stack a chunk attends (``Shapes.min_window``)."""
   rollouts, chunk = TREES[name]
   t = tree.PrefixTree()
   for r in rollouts:
     t.add(r, 1)
   student = scoring.PromptedModel(STUDENT_CFG, S_PARAMS, QUESTION)
   teacher = scoring.PromptedModel(TEACHER_CFG, T_PARAMS, CONTEXT + QUESTION)
-  ids, s, te, stats = scoring.node_logits(t, student, teacher, chunk)
+  ids, s, te, stats = scoring.node_logits(t, student, teacher, chunk,
+                                          scoring.Shapes(min_window=min_window))
   a = t.arrays()
   assert sorted(ids.tolist()) == np.flatnonzero((a.child_count > 0) | (np.arange(a.num_nodes) == 0)
                                                 ).tolist()
