@@ -193,10 +193,14 @@ def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, 
   if keep is None:
     window, at = cache, cache.length
   else:
-    view = lambda x: jnp.concatenate(
-        [x[:, :, :keep], jnp.zeros(x.shape[:2] + (c,) + x.shape[3:], x.dtype)], axis=2)
+    def view(x, axis):  # the first keep slots, then c empty ones
+      empty = list(x.shape)
+      empty[axis] = c
+      return jnp.concatenate([jax.lax.slice_in_dim(x, 0, keep, axis=axis),
+                              jnp.zeros(empty, x.dtype)], axis=axis)
+    k, v = models.cache.map_kv(view, cache.k, cache.v)
     window = models.KVCache(
-        k=tuple(map(view, cache.k)), v=tuple(map(view, cache.v)),
+        k=k, v=v,
         valid=jnp.concatenate([cache.valid[:, :keep], jnp.zeros((1, c), bool)], axis=1),
         length=jnp.asarray(keep, jnp.int32))
     at = keep
@@ -206,10 +210,12 @@ def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, 
   logits, window = models.bind(cfg, params)(tokens, positions, valid, window, chunk_mask,
                                             attend_mask=attend)
   base = window if keep is None else cache  # the cache itself was written in place
-  move = lambda full, new: tuple(  # each [1, K, S, H]
-      x.at[:, :, dest].set(jax.lax.dynamic_slice_in_dim(y, at, c, axis=2), mode="drop")
-      for x, y in zip(full, new))
-  cache = models.KVCache(k=move(base.k, window.k), v=move(base.v, window.v),
+  def move(full, new, axis):  # the chunk's c slots of new to the dest slots of full
+    put = (slice(None),) * axis + (dest,)
+    return tuple(x.at[put].set(jax.lax.dynamic_slice_in_dim(y, at, c, axis=axis), mode="drop")
+                 for x, y in zip(full, new))
+  cache = models.KVCache(k=move(base.k, window.k, models.cache.K_SLOTS),
+                         v=move(base.v, window.v, models.cache.V_SLOTS),
                          valid=base.valid.at[:, dest].set(True, mode="drop"),
                          length=cache.length)
   return logits[0], cache

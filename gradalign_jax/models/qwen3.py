@@ -133,11 +133,12 @@ _REDUCE_QUERIES = 8
 
 
 def _scores(q: jax.Array, k: jax.Array, precision) -> jax.Array:
-  """q [X, K, M, H] · k [X, K, S, H] over H: f32[X, K, M, S] (X: rows or prefixes)."""
+  """q [X, K, M, H] · k [X, K, H, S] over H: f32[X, K, M, S] (X: rows or prefixes; keys
+  slot-minor, ``cache.K_SLOTS``, so the multiply-reduce runs across slots)."""
   if q.shape[2] <= _REDUCE_QUERIES:
-    return jnp.sum(q.astype(jnp.float32)[:, :, :, None] * k.astype(jnp.float32)[:, :, None],
-                   axis=-1)
-  return jnp.einsum("XKMH,XKSH->XKMS", q, k, precision=precision,
+    return jnp.sum(q.astype(jnp.float32)[..., None] * k.astype(jnp.float32)[:, :, None],
+                   axis=-2)
+  return jnp.einsum("XKMH,XKHS->XKMS", q, k, precision=precision,
                     preferred_element_type=jnp.float32)
 
 
@@ -175,12 +176,13 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, mask, kv=None, write_at=None, prefix=None):
     """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, T, S].
 
-    Without a cache S == T. With ``kv = (k_cache, v_cache)``, this layer's [B, K, S, H]
-    buffers, the chunk's keys/values are written at slot ``write_at`` and attention runs over
-    the S slots. ``prefix = (k, v, shared)`` (this layer's [J, K, P, H] keys/values of a
-    ``SharedPrefix``) adds P slots that rows [j·R, (j+1)·R) all see, R = B // J, or the rows
-    ``shared.slots`` names, uncopied.
-    Returns (out [B, T, D], the updated (k_cache, v_cache), or the chunk's [B, K, T, H]).
+    Without a cache S == T. With ``kv = (k_cache, v_cache)``, this layer's buffers (keys
+    [B, K, H, S], values [B, K, S, H]: ``cache.K_SLOTS``), the chunk's keys/values are written
+    at slot ``write_at`` and attention runs over the S slots. ``prefix = (k, v, shared)``
+    (this layer's keys [J, K, H, P] and values [J, K, P, H] of a ``SharedPrefix``) adds P
+    slots that rows [j·R, (j+1)·R) all see, R = B // J, or the rows ``shared.slots`` names,
+    uncopied. Returns (out [B, T, D], the updated (k_cache, v_cache), or the chunk's keys
+    [B, K, H, T] and values [B, K, T, H]).
     """
     cfg, prec = self.cfg, self.cfg.precision
     b, t, d = x.shape
@@ -197,14 +199,14 @@ class Attention(nnx.Module):
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q = rope(self.q_norm(q), positions, cfg.rope_theta)
     k = rope(self.k_norm(k), positions, cfg.rope_theta)
-    # Keys and values head-major, [B, K, T, H] as in the cache: a head's slots are contiguous,
-    # so attention reads them with no transpose.
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    # Keys and values head-major as in the cache, keys [B, K, H, T] and values [B, K, T, H]:
+    # attention reads them with no transpose.
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     if kv is not None:
       # The layer's own buffer, updated in place (a decode loop carries it without a copy),
       # then read whole: no slice of a shared all-layer buffer to materialise each step.
       k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, write_at, 0))
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, write_at))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, write_at, 0))
     # The A query heads of a kv head and the T tokens are its M = A·T queries: [B, K, M, H].
     qh = q.reshape(b, t, nkv, a, h).transpose(0, 2, 3, 1, 4).reshape(b, nkv, a * t, h)

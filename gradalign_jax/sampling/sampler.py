@@ -315,11 +315,14 @@ def _decode(model, sampling, vocab_mask, prefix, base_pos, limit, keys, depth0,
 def _grow_program(cfg, sampling, width, mesh, params, prefix, base_pos, limit, keys, depth0, carry,
                   vocab_mask):
   """The next stage: the generated KV padded to ``width`` slots, then decode on."""
-  pad = lambda layers: tuple(jnp.pad(x, ((0, 0), (0, 0), (0, width - x.shape[2]), (0, 0)))
-                            for x in layers)  # each [B, K, W, H]
+  def pad(x, axis):  # the slot axis to width
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, width - x.shape[axis])
+    return jnp.pad(x, widths)
   gen = carry.gen
+  k, v = cache_lib.map_kv(pad, gen.k, gen.v)
   gen = cache_lib.constrain(mesh, cache_lib.KVCache(
-      k=pad(gen.k), v=pad(gen.v), length=gen.length,
+      k=k, v=v, length=gen.length,
       valid=jnp.pad(gen.valid, ((0, 0), (0, width - gen.capacity)))))
   return _decode(qwen3.bind(cfg, params), sampling, vocab_mask, prefix, base_pos, limit, keys,
                  depth0, dataclasses.replace(carry, gen=gen))
