@@ -269,7 +269,8 @@ TREES = {  # name → (rollouts, chunk_nodes)
 }
 
 
-@pytest.mark.parametrize("min_window", [64, 8, None], ids=["window>=64", "window>=8", "whole stack"])
+@pytest.mark.parametrize("min_window", [64, 8, None],
+                         ids=["window>=64", "window>=8", "whole stack"])
 @pytest.mark.parametrize("name", list(TREES))
 def test_tree_logits_equal_forward_of_each_path(name, min_window):
   """Every scored node's logits equal a plain forward of its path, whatever the tree's shape:

@@ -16,12 +16,13 @@ rows without copying it per row: the sampler prefills a prompt once for its G sa
 
 A batch of rollouts (``RolloutState``) holds two KV segments:
 
-- a ``SharedPrefix`` (L × keys [J, K, H, P], values [J, K, P, H]): the prompt (and, for branched rows, the source's
-  generated prefix), written once and attended by the rows of its group: R consecutive rows
-  each after ``sample``, or the rows a ``PrefixSlots`` table names after ``branch`` (every
-  request on one source row, at any depth, shares that row's prefix);
-- a per-row ``KVCache`` (L × keys [B, K, H, W], values [B, K, W, H]) of the generated tokens: slot i of row b holds the
-  token at depth ``depth0[b] + i``, RoPE position ``base_pos[b] + i``.
+- a ``SharedPrefix`` (L × keys [J, K, H, P], values [J, K, P, H]): the prompt (and, for
+  branched rows, the source's generated prefix), written once and attended by the rows of its
+  group: R consecutive rows each after ``sample``, or the rows a ``PrefixSlots`` table names
+  after ``branch`` (every request on one source row, at any depth, shares that row's prefix);
+- a per-row ``KVCache`` (L × keys [B, K, H, W], values [B, K, W, H]) of the generated tokens:
+  slot i of row b holds the token at depth ``depth0[b] + i``, RoPE position
+  ``base_pos[b] + i``.
 
 Every slot's RoPE position is known, so "the prefix of depth t" is a validity mask
 (position < prompt_len + t) over the same buffers: branching at any depth copies the same
@@ -39,6 +40,9 @@ import numpy as np
 
 from gradalign_jax.shapes import bucket
 
+if TYPE_CHECKING:  # qwen3 imports this module
+  from gradalign_jax.models.qwen3 import Qwen3Config
+
 # The slot axis of a key buffer and of a value buffer. Keys are slot-minor, [B, K, H, S]: a
 # decode step's q·k reduces over H with the slots innermost, vectorised across slots (over
 # [B, K, S, H] XLA's CPU backend reduces each slot's H alone: 2.6x slower at S = 128, 14x at
@@ -49,9 +53,6 @@ K_SLOTS, V_SLOTS = 3, 2
 def map_kv(fn, k_layers, v_layers):
   """``fn(buffer, slot_axis)`` over every layer's key and value buffers: (keys, values)."""
   return (tuple(fn(x, K_SLOTS) for x in k_layers), tuple(fn(x, V_SLOTS) for x in v_layers))
-
-if TYPE_CHECKING:  # qwen3 imports this module
-  from gradalign_jax.models.qwen3 import Qwen3Config
 
 
 @jax.tree_util.register_dataclass
@@ -148,11 +149,12 @@ def constrain(mesh, tree):
 class RolloutState:
   """Device-side KV of a batch of rollouts (padding rows included; real rows come first).
 
-  prefix:     SharedPrefix, k/v L × [J, K, H, P] / [J, K, P, H], valid bool[J, P]: R = B // J consecutive
-              rows each after ``sample``; one per distinct source row, with ``PrefixSlots``
-              naming its rows, after ``branch``.
+  prefix:     SharedPrefix, k/v L × [J, K, H, P] / [J, K, P, H], valid bool[J, P]:
+              R = B // J consecutive rows each after ``sample``; one per distinct source row,
+              with ``PrefixSlots`` naming its rows, after ``branch``.
   prefix_pos: int32[J, P] RoPE position of each prefix slot.
-  gen:        KVCache, k/v L × [B, K, H, W] / [B, K, W, H], valid bool[B, W] (slot written with a real token).
+  gen:        KVCache, k/v L × [B, K, H, W] / [B, K, W, H], valid bool[B, W] (slot written
+              with a real token).
   base_pos:   int32[B] position of generated slot 0 (= prompt_len + depth0).
   prompt_len: int32[B] prompt tokens of the row's question (positions 0 … prompt_len - 1).
   """
@@ -235,10 +237,9 @@ def branch_prefix(state: RolloutState, layout: SlotLayout):
   """One shared prefix per distinct source row, attended by every branch row on it.
 
   layout: ``slot_layout`` of the requests. Returns (SharedPrefix L × [J', K, ·, ·] over P + W
-  slots with
-  its ``PrefixSlots``, prefix_pos int32[J', P + W]): each source's view of its own prefix
-  followed by its generated slots; a slot's row sees the ones at positions < prompt_len +
-  its depth. The size depends on the distinct sources, not on the requests or their depths.
+  slots with its ``PrefixSlots``, prefix_pos int32[J', P + W]): each source's view of its own
+  prefix followed by its generated slots; a slot's row sees the ones at positions
+  < prompt_len + its depth. The size depends on the distinct sources, not on the requests or their depths.
   """
   sources, slot_rows, slot_depth, row_slot = layout
   j, seen = row_prefix(state, sources)
