@@ -263,11 +263,11 @@ DATA, MODEL = "data", "model"
 #   (shapes in benchmarks/) have K = 8, N ≥ 16, F and V divisible by 8: with model ≤ 8
 #   everything is split.
 #
-# KV caches (per layer [B or J, K, S, H] keys and values, bool[B or J, S] validity, int32[B] or
-# [J, P] positions): K over "model" when it divides (the attention of a head group then runs
-# where its query heads are), rows over "data" when they divide; otherwise that axis is
-# replicated (the sampler's row counts are powers of two, so for power-of-two meshes only a
-# batch smaller than the data axis falls back).
+# KV caches (per layer keys [B or J, K, H, S] and values [B or J, K, S, H], bool[B or J, S]
+# validity, int32[B] or [J, P] positions): K over "model" when it divides (the attention of a
+# head group then runs where its query heads are), rows over "data" when they divide;
+# otherwise that axis is replicated (the sampler's row counts are powers of two, so for
+# power-of-two meshes only a batch smaller than the data axis falls back).
 
 # the axis of each weight split over "model" (by the last part of its path); absent: replicated
 _SPLIT_AXIS = {
@@ -368,8 +368,8 @@ def mesh_of(params) -> Mesh | None:
 
 
 def cache_spec(mesh: Mesh, shape: tuple) -> P:
-  """The PartitionSpec of one KV-cache array (rules above), known by its rank: [B, K, S, H]
-  keys/values (K over "model", B over "data"); [B, ...] validity and positions (B over
+  """The PartitionSpec of one KV-cache array (rules above), known by its rank: keys
+  [B, K, H, S] and values [B, K, S, H] (K over "model", B over "data"); [B, ...] validity and positions (B over
   "data"); scalars (the write index) replicated."""
   if not shape:
     return P()

@@ -210,6 +210,7 @@ def _tree_chunk(cfg, params, tokens, positions, valid, order, slot_lo, slot_hi, 
   logits, window = models.bind(cfg, params)(tokens, positions, valid, window, chunk_mask,
                                             attend_mask=attend)
   base = window if keep is None else cache  # the cache itself was written in place
+
   def move(full, new, axis):  # the chunk's c slots of new to the dest slots of full
     put = (slice(None),) * axis + (dest,)
     return tuple(x.at[put].set(jax.lax.dynamic_slice_in_dim(y, at, c, axis=axis), mode="drop")

@@ -57,8 +57,8 @@ def test_every_parameter_has_a_rule():
   assert names - set(distributed._SPLIT_AXIS) == {"weight", "o_bias"}
 
 
-# (data, model), array shape -> expected spec: KV (per layer) [B, K, S, H], validity/positions [B, S],
-# per-row [B], the write index []
+# (data, model), array shape -> expected spec: KV per layer (keys [B, K, H, S], values
+# [B, K, S, H]: the same rule), validity/positions [B, S], per-row [B], the write index []
 CACHE_RULES = {
     "kv: rows over data, kv heads over model": ((2, 4), (16, 8, 64, 128),
                                                 P("data", "model", None, None)),

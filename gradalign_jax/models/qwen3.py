@@ -294,7 +294,7 @@ class Qwen3(nnx.Module):
   def hidden(self, tokens, positions, mask, cache: KVCache | None = None,
              prefix: SharedPrefix | None = None):
     """Final-normed hidden states [B, T, D] and each layer's (k, v): its updated cache
-    buffers [B, K, S, H] (with a cache) or the chunk's [B, K, T, H]."""
+    buffers (keys [B, K, H, S], values [B, K, S, H]) with a cache, else the chunk's."""
     x = jnp.take(self.embed_tokens[...], tokens, axis=0)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
